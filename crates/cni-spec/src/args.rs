@@ -30,9 +30,16 @@ impl CniArgs {
             })?;
             pairs.push((k.to_string(), v.to_string()));
         }
-        let args = CniArgs { raw: raw.to_string(), pairs };
+        let args = CniArgs {
+            raw: raw.to_string(),
+            pairs,
+        };
         if !args.ignore_unknown() {
-            if let Some((k, _)) = args.pairs.iter().find(|(k, _)| !KNOWN_KEYS.contains(&k.as_str())) {
+            if let Some((k, _)) = args
+                .pairs
+                .iter()
+                .find(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
+            {
                 return Err(CniError::new(
                     ErrorCode::InvalidEnvironment,
                     format!("CNI_ARGS has unknown key {k:?}"),
@@ -47,7 +54,10 @@ impl CniArgs {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn ignore_unknown(&self) -> bool {
@@ -67,7 +77,9 @@ mod tests {
         assert_eq!(a.get("FOO"), Some("bar"));
         let e = CniArgs::parse("FOO=bar").unwrap_err();
         assert!(e.is(ErrorCode::InvalidEnvironment) && e.msg.contains("FOO"));
-        assert!(CniArgs::parse("IP").unwrap_err().is(ErrorCode::InvalidEnvironment));
+        assert!(CniArgs::parse("IP")
+            .unwrap_err()
+            .is(ErrorCode::InvalidEnvironment));
         assert_eq!(CniArgs::parse("").unwrap().pairs.len(), 0);
     }
 }

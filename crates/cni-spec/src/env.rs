@@ -85,12 +85,19 @@ impl Invocation {
         };
         let attach = command.targets_attachment();
         let container_id = required("CNI_CONTAINERID", attach);
-        let netns = required("CNI_NETNS", matches!(command, Command::Add | Command::Check));
+        let netns = required(
+            "CNI_NETNS",
+            matches!(command, Command::Add | Command::Check),
+        );
         let ifname = required("CNI_IFNAME", attach);
         if !missing.is_empty() {
             return Err(CniError::new(
                 ErrorCode::InvalidEnvironment,
-                format!("required environment variables missing for {}: {}", command.as_str(), missing.join(", ")),
+                format!(
+                    "required environment variables missing for {}: {}",
+                    command.as_str(),
+                    missing.join(", ")
+                ),
             ));
         }
         if attach {
@@ -139,7 +146,10 @@ pub fn is_valid_name(s: &str) -> bool {
 
 pub fn validate_container_id(id: &str) -> Result<(), CniError> {
     if id.is_empty() {
-        return Err(CniError::new(ErrorCode::UnknownContainer, "CNI_CONTAINERID is empty"));
+        return Err(CniError::new(
+            ErrorCode::UnknownContainer,
+            "CNI_CONTAINERID is empty",
+        ));
     }
     if !is_valid_name(id) {
         return Err(CniError::new(
@@ -162,14 +172,19 @@ pub fn validate_ifname(name: &str) -> Result<(), CniError> {
         Some("is longer than 15 characters")
     } else if name == "." || name == ".." {
         Some("may not be \".\" or \"..\"")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         Some("may not contain '/', ':' or whitespace")
     } else {
         None
     };
     match problem {
-        Some(p) => Err(CniError::new(ErrorCode::InvalidEnvironment, format!("CNI_IFNAME {p}"))
-            .with_details(format!("got {name:?}"))),
+        Some(p) => Err(
+            CniError::new(ErrorCode::InvalidEnvironment, format!("CNI_IFNAME {p}"))
+                .with_details(format!("got {name:?}")),
+        ),
         None => Ok(()),
     }
 }
@@ -179,14 +194,22 @@ mod tests {
     use super::*;
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
     fn add_needs_its_variables() {
         let e = Invocation::from_env(env(&[("CNI_COMMAND", "ADD")])).unwrap_err();
         assert!(e.is(ErrorCode::InvalidEnvironment));
-        assert!(e.msg.contains("CNI_CONTAINERID") && e.msg.contains("CNI_NETNS") && e.msg.contains("CNI_IFNAME"));
+        assert!(
+            e.msg.contains("CNI_CONTAINERID")
+                && e.msg.contains("CNI_NETNS")
+                && e.msg.contains("CNI_IFNAME")
+        );
     }
 
     #[test]
@@ -210,8 +233,22 @@ mod tests {
 
     #[test]
     fn ifname_rules() {
-        for bad in ["", ".", "..", "a/b", "a:b", "a b", "eth\t", "sixteen-chars-xx"] {
-            assert!(validate_ifname(bad).unwrap_err().is(ErrorCode::InvalidEnvironment), "{bad:?}");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "eth\t",
+            "sixteen-chars-xx",
+        ] {
+            assert!(
+                validate_ifname(bad)
+                    .unwrap_err()
+                    .is(ErrorCode::InvalidEnvironment),
+                "{bad:?}"
+            );
         }
         for good in ["eth0", "net1", "a.b", "fifteen-chars-x"] {
             validate_ifname(good).unwrap();
@@ -220,9 +257,16 @@ mod tests {
 
     #[test]
     fn container_id_rules() {
-        assert!(validate_container_id("").unwrap_err().is(ErrorCode::UnknownContainer));
+        assert!(validate_container_id("")
+            .unwrap_err()
+            .is(ErrorCode::UnknownContainer));
         for bad in ["../etc", "-x", "a/b", "a b", ".hidden"] {
-            assert!(validate_container_id(bad).unwrap_err().is(ErrorCode::InvalidEnvironment), "{bad}");
+            assert!(
+                validate_container_id(bad)
+                    .unwrap_err()
+                    .is(ErrorCode::InvalidEnvironment),
+                "{bad}"
+            );
         }
         validate_container_id("0123abc_def.g-h").unwrap();
     }

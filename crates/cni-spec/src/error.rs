@@ -44,7 +44,11 @@ struct Wire<'a> {
 
 impl CniError {
     pub fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
-        CniError { code: code as u32, msg: msg.into(), details: String::new() }
+        CniError {
+            code: code as u32,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 
     pub fn with_details(mut self, details: impl Into<String>) -> Self {
@@ -63,7 +67,12 @@ impl CniError {
     }
 
     pub fn to_json(&self, cni_version: &str) -> String {
-        let wire = Wire { cni_version, code: self.code, msg: &self.msg, details: &self.details };
+        let wire = Wire {
+            cni_version,
+            code: self.code,
+            msg: &self.msg,
+            details: &self.details,
+        };
         serde_json::to_string(&wire).expect("error object serializes")
     }
 
@@ -71,8 +80,16 @@ impl CniError {
     pub fn from_json(text: &str) -> Option<CniError> {
         let v: serde_json::Value = serde_json::from_str(text).ok()?;
         let code = v.get("code")?.as_u64()? as u32;
-        let msg = v.get("msg").and_then(|m| m.as_str()).unwrap_or_default().to_string();
-        let details = v.get("details").and_then(|m| m.as_str()).unwrap_or_default().to_string();
+        let msg = v
+            .get("msg")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let details = v
+            .get("details")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_string();
         Some(CniError { code, msg, details })
     }
 }
@@ -92,9 +109,15 @@ mod tests {
     #[test]
     fn wire_format_matches_spec() {
         let e = CniError::new(ErrorCode::InvalidConfig, "bad").with_details("why");
-        assert_eq!(e.to_json("1.1.0"), r#"{"cniVersion":"1.1.0","code":7,"msg":"bad","details":"why"}"#);
+        assert_eq!(
+            e.to_json("1.1.0"),
+            r#"{"cniVersion":"1.1.0","code":7,"msg":"bad","details":"why"}"#
+        );
         let e = CniError::new(ErrorCode::Decode, "x");
-        assert_eq!(e.to_json("0.4.0"), r#"{"cniVersion":"0.4.0","code":6,"msg":"x"}"#);
+        assert_eq!(
+            e.to_json("0.4.0"),
+            r#"{"cniVersion":"0.4.0","code":6,"msg":"x"}"#
+        );
         assert_eq!(CniError::from_json(&e.to_json("0.4.0")), Some(e));
     }
 }

@@ -14,5 +14,5 @@ pub mod version;
 pub use args::CniArgs;
 pub use env::{Command, Invocation};
 pub use error::{CniError, ErrorCode};
-pub use result::{Dns, Interface, IpConfig, Route, CniResult};
+pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::Version;

@@ -31,7 +31,11 @@ pub struct Interface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
     /// 1.1.0 and later.
-    #[serde(rename = "socketPath", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "socketPath",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub socket_path: Option<String>,
     /// 1.1.0 and later.
     #[serde(rename = "pciID", default, skip_serializing_if = "Option::is_none")]
@@ -71,7 +75,15 @@ pub struct Route {
 
 impl Route {
     pub fn new(dst: IpNet, gw: Option<IpAddr>) -> Route {
-        Route { dst, gw, mtu: None, adv_mss: None, priority: None, table: None, scope: None }
+        Route {
+            dst,
+            gw,
+            mtu: None,
+            adv_mss: None,
+            priority: None,
+            table: None,
+            scope: None,
+        }
     }
 }
 
@@ -114,7 +126,10 @@ impl CniResult {
     /// Reads a result of any supported version (a prevResult, or a delegate's stdout).
     pub fn from_value(v: &serde_json::Value) -> Result<CniResult, CniError> {
         let mut r: CniResult = serde_json::from_value(v.clone()).map_err(|e| {
-            CniError::new(ErrorCode::Decode, format!("result does not follow the CNI result schema: {e}"))
+            CniError::new(
+                ErrorCode::Decode,
+                format!("result does not follow the CNI result schema: {e}"),
+            )
         })?;
         for ip in &mut r.ips {
             ip.version = None;
@@ -128,9 +143,14 @@ impl CniResult {
         let mut r = self.clone();
         r.cni_version = version.as_str().to_string();
         for ip in &mut r.ips {
-            ip.version = version
-                .ips_carry_family()
-                .then(|| if ip.address.addr().is_ipv4() { "4" } else { "6" }.to_string());
+            ip.version = version.ips_carry_family().then(|| {
+                if ip.address.addr().is_ipv4() {
+                    "4"
+                } else {
+                    "6"
+                }
+                .to_string()
+            });
         }
         if version < Version::V1_1_0 {
             for i in &mut r.interfaces {
@@ -147,7 +167,9 @@ impl CniResult {
 
     /// The index of the interface with `name` inside `sandbox` (the container side), if listed.
     pub fn sandbox_interface(&self, name: &str) -> Option<usize> {
-        self.interfaces.iter().position(|i| i.name == name && i.sandbox.is_some())
+        self.interfaces
+            .iter()
+            .position(|i| i.name == name && i.sandbox.is_some())
     }
 }
 
@@ -180,7 +202,10 @@ mod tests {
                     interface: Some(0),
                 },
             ],
-            routes: vec![Route { mtu: Some(1400), ..Route::new("0.0.0.0/0".parse().unwrap(), None) }],
+            routes: vec![Route {
+                mtu: Some(1400),
+                ..Route::new("0.0.0.0/0".parse().unwrap(), None)
+            }],
             dns: Dns::default(),
         }
     }

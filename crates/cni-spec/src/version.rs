@@ -14,8 +14,13 @@ pub enum Version {
 }
 
 impl Version {
-    pub const ALL: [Version; 5] =
-        [Version::V0_3_0, Version::V0_3_1, Version::V0_4_0, Version::V1_0_0, Version::V1_1_0];
+    pub const ALL: [Version; 5] = [
+        Version::V0_3_0,
+        Version::V0_3_1,
+        Version::V0_4_0,
+        Version::V1_0_0,
+        Version::V1_1_0,
+    ];
     pub const LATEST: Version = Version::V1_1_0;
 
     pub fn as_str(self) -> &'static str {
@@ -71,10 +76,12 @@ impl Version {
 
 pub fn incompatible(given: &str) -> CniError {
     let supported: Vec<&str> = Version::ALL.iter().map(|v| v.as_str()).collect();
-    CniError::new(ErrorCode::IncompatibleVersion, "incompatible CNI versions").with_details(format!(
-        "field cniVersion is \"{given}\" (absent means 0.1.0); flatnet supports {}",
-        supported.join(", ")
-    ))
+    CniError::new(ErrorCode::IncompatibleVersion, "incompatible CNI versions").with_details(
+        format!(
+            "field cniVersion is \"{given}\" (absent means 0.1.0); flatnet supports {}",
+            supported.join(", ")
+        ),
+    )
 }
 
 impl fmt::Display for Version {
@@ -90,7 +97,10 @@ mod tests {
 
     #[test]
     fn reads_versions_and_rejects_others() {
-        assert_eq!(Version::from_config(&json!({"cniVersion": "0.4.0"})), Ok(Version::V0_4_0));
+        assert_eq!(
+            Version::from_config(&json!({"cniVersion": "0.4.0"})),
+            Ok(Version::V0_4_0)
+        );
         let e = Version::from_config(&json!({})).unwrap_err();
         assert!(e.is(ErrorCode::IncompatibleVersion) && e.details.contains("0.1.0"));
         let e = Version::from_config(&json!({"cniVersion": "2.0.0"})).unwrap_err();

@@ -50,40 +50,62 @@ struct RawRange {
 /// Sorts a serde complaint into the spec's codes: unknown fields are 2, the rest 7.
 pub fn decode_error(section: &str, e: serde_json::Error) -> CniError {
     let text = e.to_string();
-    let code = if text.starts_with("unknown field") { ErrorCode::UnsupportedField } else { ErrorCode::InvalidConfig };
+    let code = if text.starts_with("unknown field") {
+        ErrorCode::UnsupportedField
+    } else {
+        ErrorCode::InvalidConfig
+    };
     CniError::new(code, format!("{section}: {text}"))
 }
 
 impl IpamConfig {
     /// `ipam` is the config's `ipam` object; `ip_ranges` the runtime's `ipRanges` capability, which
     /// replaces the configured ranges when given.
-    pub fn parse(network: &str, ipam: &serde_json::Value, ip_ranges: Option<&serde_json::Value>) -> Result<IpamConfig, CniError> {
+    pub fn parse(
+        network: &str,
+        ipam: &serde_json::Value,
+        ip_ranges: Option<&serde_json::Value>,
+    ) -> Result<IpamConfig, CniError> {
         let raw: Raw = serde_json::from_value(ipam.clone()).map_err(|e| decode_error("ipam", e))?;
         let mut raw_sets = raw.ranges;
         if let Some(subnet) = raw.subnet {
             raw_sets.insert(
                 0,
-                vec![RawRange { subnet, range_start: raw.range_start, range_end: raw.range_end, gateway: raw.gateway }],
+                vec![RawRange {
+                    subnet,
+                    range_start: raw.range_start,
+                    range_end: raw.range_end,
+                    gateway: raw.gateway,
+                }],
             );
         }
         let mut field = "ipam.ranges";
         if let Some(v) = ip_ranges {
-            raw_sets = serde_json::from_value(v.clone()).map_err(|e| decode_error("runtimeConfig.ipRanges", e))?;
+            raw_sets = serde_json::from_value(v.clone())
+                .map_err(|e| decode_error("runtimeConfig.ipRanges", e))?;
             field = "runtimeConfig.ipRanges";
         }
         if raw_sets.is_empty() {
-            return Err(CniError::new(ErrorCode::InvalidConfig, "ipam: no address ranges")
-                .with_details("set ipam.ranges (e.g. [[{\"subnet\": \"10.244.1.0/24\"}]]) or ipam.subnet"));
+            return Err(
+                CniError::new(ErrorCode::InvalidConfig, "ipam: no address ranges").with_details(
+                    "set ipam.ranges (e.g. [[{\"subnet\": \"10.244.1.0/24\"}]]) or ipam.subnet",
+                ),
+            );
         }
         let mut ranges: Vec<RangeSet> = Vec::new();
         for (i, set) in raw_sets.into_iter().enumerate() {
-            let built: Result<Vec<Range>, String> =
-                set.into_iter().map(|r| Range::new(r.subnet, r.range_start, r.range_end, r.gateway)).collect();
-            let set = built
-                .and_then(RangeSet::new)
-                .map_err(|e| CniError::new(ErrorCode::InvalidConfig, format!("{field}[{i}]: {e}")))?;
+            let built: Result<Vec<Range>, String> = set
+                .into_iter()
+                .map(|r| Range::new(r.subnet, r.range_start, r.range_end, r.gateway))
+                .collect();
+            let set = built.and_then(RangeSet::new).map_err(|e| {
+                CniError::new(ErrorCode::InvalidConfig, format!("{field}[{i}]: {e}"))
+            })?;
             if let Some(j) = ranges.iter().position(|o| o.overlaps(&set)) {
-                return Err(CniError::new(ErrorCode::InvalidConfig, format!("{field}[{i}] overlaps {field}[{j}]")));
+                return Err(CniError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("{field}[{i}] overlaps {field}[{j}]"),
+                ));
             }
             ranges.push(set);
         }
@@ -91,13 +113,19 @@ impl IpamConfig {
             network: network.to_string(),
             ranges,
             routes: raw.routes,
-            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             resolv_conf: raw.resolv_conf,
         })
     }
 
     pub fn describe_ranges(&self) -> String {
-        self.ranges.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; ")
+        self.ranges
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// DNS settings from `resolvConf`, if configured.
@@ -142,13 +170,24 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = IpamConfig::parse("n", &json!({"type": "flatnet", "rangestart": "1"}), None).unwrap_err();
-        assert!(e.is(ErrorCode::UnsupportedField) && e.msg.contains("rangestart"), "{e}");
+        let e = IpamConfig::parse("n", &json!({"type": "flatnet", "rangestart": "1"}), None)
+            .unwrap_err();
+        assert!(
+            e.is(ErrorCode::UnsupportedField) && e.msg.contains("rangestart"),
+            "{e}"
+        );
         let e = IpamConfig::parse("n", &json!({"type": "flatnet"}), None).unwrap_err();
         assert!(e.is(ErrorCode::InvalidConfig) && e.msg.contains("no address ranges"));
-        let e = IpamConfig::parse("n", &json!({"type": "flatnet", "ranges": [[{"subnet": "10.0.0.1/24"}]]}), None)
-            .unwrap_err();
-        assert!(e.msg.contains("ipam.ranges[0]") && e.msg.contains("host bits"), "{e}");
+        let e = IpamConfig::parse(
+            "n",
+            &json!({"type": "flatnet", "ranges": [[{"subnet": "10.0.0.1/24"}]]}),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.msg.contains("ipam.ranges[0]") && e.msg.contains("host bits"),
+            "{e}"
+        );
         let e = IpamConfig::parse(
             "n",
             &json!({"type": "flatnet", "ranges": [[{"subnet": "10.0.0.0/16"}], [{"subnet": "10.0.1.0/24"}]]}),

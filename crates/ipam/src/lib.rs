@@ -48,21 +48,37 @@ pub fn allocate(cfg: &IpamConfig, req: &Request) -> Result<CniResult, CniError> 
     let result = (|| {
         let mut ips = Vec::new();
         for (idx, set) in cfg.ranges.iter().enumerate() {
-            if let Some(ip) = store.find(&req.container_id, &req.ifname)?.into_iter().find(|ip| set.contains(*ip)) {
+            if let Some(ip) = store
+                .find(&req.container_id, &req.ifname)?
+                .into_iter()
+                .find(|ip| set.contains(*ip))
+            {
                 return Err(CniError::new(
                     ErrorCode::InvalidConfig,
-                    format!("{} already holds {ip} in network {:?}", attachment(req), cfg.network),
+                    format!(
+                        "{} already holds {ip} in network {:?}",
+                        attachment(req),
+                        cfg.network
+                    ),
                 )
                 .with_details("a second ADD needs a DEL first"));
             }
-            let wanted = requested.iter().position(|ip| set.contains(*ip)).map(|i| requested.remove(i));
+            let wanted = requested
+                .iter()
+                .position(|ip| set.contains(*ip))
+                .map(|i| requested.remove(i));
             let (ip, range) = match wanted {
                 Some(ip) => {
                     let range = set.range_of(ip).expect("contained");
-                    if range.gateway == Some(ip) || !store.reserve(ip, &req.container_id, &req.ifname)? {
+                    if range.gateway == Some(ip)
+                        || !store.reserve(ip, &req.container_id, &req.ifname)?
+                    {
                         return Err(CniError::new(
                             ErrorCode::InvalidConfig,
-                            format!("requested address {ip} is not available in network {:?}", cfg.network),
+                            format!(
+                                "requested address {ip} is not available in network {:?}",
+                                cfg.network
+                            ),
                         ));
                     }
                     (ip, range)
@@ -79,7 +95,10 @@ pub fn allocate(cfg: &IpamConfig, req: &Request) -> Result<CniResult, CniError> 
                     found.ok_or_else(|| {
                         CniError::new(
                             ErrorCode::RangeFull,
-                            format!("no free address left in range set {idx} ({set}) of network {:?}", cfg.network),
+                            format!(
+                                "no free address left in range set {idx} ({set}) of network {:?}",
+                                cfg.network
+                            ),
                         )
                     })?
                 }
@@ -97,11 +116,20 @@ pub fn allocate(cfg: &IpamConfig, req: &Request) -> Result<CniResult, CniError> 
             let list: Vec<String> = requested.iter().map(|ip| ip.to_string()).collect();
             return Err(CniError::new(
                 ErrorCode::InvalidConfig,
-                format!("requested addresses {} are in no range of network {:?}", list.join(", "), cfg.network),
+                format!(
+                    "requested addresses {} are in no range of network {:?}",
+                    list.join(", "),
+                    cfg.network
+                ),
             )
             .with_details(format!("ranges: {}", cfg.describe_ranges())));
         }
-        Ok(CniResult { ips, routes: cfg.routes.clone(), dns: cfg.dns()?, ..Default::default() })
+        Ok(CniResult {
+            ips,
+            routes: cfg.routes.clone(),
+            dns: cfg.dns()?,
+            ..Default::default()
+        })
     })();
     if result.is_err() {
         for ip in reserved {
@@ -112,7 +140,11 @@ pub fn allocate(cfg: &IpamConfig, req: &Request) -> Result<CniResult, CniError> 
 }
 
 /// Frees every address the attachment holds. Nothing held is not an error (DEL is idempotent).
-pub fn release(cfg: &IpamConfig, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
+pub fn release(
+    cfg: &IpamConfig,
+    container_id: &str,
+    ifname: &str,
+) -> Result<Vec<IpAddr>, CniError> {
     let store = Store::open(&cfg.data_dir, &cfg.network)?;
     let _lock = store.lock()?;
     let ips = store.find(container_id, ifname)?;
@@ -135,9 +167,9 @@ pub fn gc(cfg: &IpamConfig, valid: &[(String, String)]) -> Result<Vec<Lease>, Cn
     let _lock = store.lock()?;
     let mut freed = Vec::new();
     for lease in store.leases()? {
-        let keep = valid
-            .iter()
-            .any(|(id, ifname)| lease.container_id == *id && lease.ifname.as_deref().is_none_or(|n| n == ifname));
+        let keep = valid.iter().any(|(id, ifname)| {
+            lease.container_id == *id && lease.ifname.as_deref().is_none_or(|n| n == ifname)
+        });
         if !keep {
             store.release_ip(lease.ip)?;
             freed.push(lease);
@@ -150,7 +182,9 @@ pub fn gc(cfg: &IpamConfig, valid: &[(String, String)]) -> Result<Vec<Lease>, Cn
 pub fn status(cfg: &IpamConfig) -> Result<(), CniError> {
     let store = Store::open(&cfg.data_dir, &cfg.network)
         .map_err(|e| CniError::new(ErrorCode::NotAvailable, e.to_string()))?;
-    let _lock = store.lock().map_err(|e| CniError::new(ErrorCode::NotAvailable, e.to_string()))?;
+    let _lock = store
+        .lock()
+        .map_err(|e| CniError::new(ErrorCode::NotAvailable, e.to_string()))?;
     for (idx, set) in cfg.ranges.iter().enumerate() {
         let mut free = false;
         for (ip, _) in set.iter_from(None) {
@@ -162,7 +196,10 @@ pub fn status(cfg: &IpamConfig) -> Result<(), CniError> {
         if !free {
             return Err(CniError::new(
                 ErrorCode::NotAvailable,
-                format!("range set {idx} ({set}) of network {:?} is full", cfg.network),
+                format!(
+                    "range set {idx} ({set}) of network {:?} is full",
+                    cfg.network
+                ),
             ));
         }
     }
@@ -170,7 +207,10 @@ pub fn status(cfg: &IpamConfig) -> Result<(), CniError> {
 }
 
 fn attachment(req: &Request) -> String {
-    format!("container {:?} interface {:?}", req.container_id, req.ifname)
+    format!(
+        "container {:?} interface {:?}",
+        req.container_id, req.ifname
+    )
 }
 
 pub(crate) fn io(what: impl std::fmt::Display, err: std::io::Error) -> CniError {

@@ -39,12 +39,17 @@ impl Range {
         gateway: Option<IpAddr>,
     ) -> Result<Range, String> {
         if subnet.network() != subnet.addr() {
-            return Err(format!("subnet {subnet} has host bits set; did you mean {}?", subnet.trunc()));
+            return Err(format!(
+                "subnet {subnet} has host bits set; did you mean {}?",
+                subnet.trunc()
+            ));
         }
         let v4 = subnet.addr().is_ipv4();
         let host_bits = subnet.max_prefix_len() - subnet.prefix_len();
         if host_bits < 2 {
-            return Err(format!("subnet {subnet} is too small: it needs at least 2 host bits (a /30 or /126)"));
+            return Err(format!(
+                "subnet {subnet} is too small: it needs at least 2 host bits (a /30 or /126)"
+            ));
         }
         let first = to_u128(subnet.network()) + 1;
         let last = to_u128(subnet.broadcast()) - u128::from(v4);
@@ -69,12 +74,19 @@ impl Range {
                 return Err(format!("gateway {gw} is outside subnet {subnet}"));
             }
         }
-        Ok(Range { subnet, start, end, gateway })
+        Ok(Range {
+            subnet,
+            start,
+            end,
+            gateway,
+        })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         let n = to_u128(ip);
-        ip.is_ipv4() == self.subnet.addr().is_ipv4() && n >= to_u128(self.start) && n <= to_u128(self.end)
+        ip.is_ipv4() == self.subnet.addr().is_ipv4()
+            && n >= to_u128(self.start)
+            && n <= to_u128(self.end)
     }
 
     fn overlaps(&self, other: &Range) -> bool {
@@ -96,7 +108,10 @@ impl RangeSet {
         let v4 = first.subnet.addr().is_ipv4();
         for (i, r) in ranges.iter().enumerate() {
             if r.subnet.addr().is_ipv4() != v4 {
-                return Err(format!("range {} ({}) mixes IPv4 and IPv6 in one range set", i, r.subnet));
+                return Err(format!(
+                    "range {} ({}) mixes IPv4 and IPv6 in one range set",
+                    i, r.subnet
+                ));
             }
             if let Some(o) = ranges[..i].iter().find(|o| o.overlaps(r)) {
                 return Err(format!("ranges {} and {} overlap", o.subnet, r.subnet));
@@ -121,10 +136,11 @@ impl RangeSet {
     /// around through all ranges; gateways are skipped.
     pub fn iter_from(&self, last: Option<IpAddr>) -> impl Iterator<Item = (IpAddr, &Range)> + '_ {
         let n = self.0.len();
-        let (start_range, start_at) = match last.and_then(|ip| self.0.iter().position(|r| r.contains(ip)).map(|i| (i, ip))) {
-            Some((i, ip)) => (i, Some(to_u128(ip) + 1)),
-            None => (0, None),
-        };
+        let (start_range, start_at) =
+            match last.and_then(|ip| self.0.iter().position(|r| r.contains(ip)).map(|i| (i, ip))) {
+                Some((i, ip)) => (i, Some(to_u128(ip) + 1)),
+                None => (0, None),
+            };
         // Walk: the rest of the starting range, the other ranges, then the head of the starting range.
         let order = (0..=n).map(move |k| (start_range + k) % n);
         order.enumerate().flat_map(move |(k, i)| {
@@ -149,7 +165,11 @@ impl RangeSet {
 
 impl fmt::Display for RangeSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|r| format!("{}-{}", r.start, r.end))
+            .collect();
         f.write_str(&parts.join(","))
     }
 }
@@ -170,7 +190,10 @@ mod tests {
     #[test]
     fn defaults_match_host_local() {
         let x = r("10.1.2.0/24");
-        assert_eq!((x.start, x.end, x.gateway), (ip("10.1.2.1"), ip("10.1.2.254"), Some(ip("10.1.2.1"))));
+        assert_eq!(
+            (x.start, x.end, x.gateway),
+            (ip("10.1.2.1"), ip("10.1.2.254"), Some(ip("10.1.2.1")))
+        );
         let y = r("fd00::/120");
         assert_eq!((y.start, y.end), (ip("fd00::1"), ip("fd00::ff")));
     }
@@ -178,15 +201,36 @@ mod tests {
     #[test]
     fn rejects_bad_ranges() {
         let net = |s: &str| s.parse::<IpNet>().unwrap();
-        assert!(Range::new(net("10.1.2.3/24"), None, None, None).unwrap_err().contains("host bits"));
-        assert!(Range::new(net("10.1.2.0/31"), None, None, None).unwrap_err().contains("too small"));
-        assert!(Range::new(net("10.1.2.0/24"), Some(ip("10.1.3.1")), None, None).unwrap_err().contains("rangeStart"));
-        assert!(Range::new(net("10.1.2.0/24"), Some(ip("10.1.2.9")), Some(ip("10.1.2.5")), None)
+        assert!(Range::new(net("10.1.2.3/24"), None, None, None)
             .unwrap_err()
-            .contains("after"));
-        assert!(Range::new(net("10.1.2.0/24"), None, None, Some(ip("10.9.9.9"))).unwrap_err().contains("gateway"));
-        assert!(RangeSet::new(vec![r("10.0.0.0/24"), r("fd00::/64")]).unwrap_err().contains("mixes"));
-        assert!(RangeSet::new(vec![r("10.0.0.0/16"), r("10.0.1.0/24")]).unwrap_err().contains("overlap"));
+            .contains("host bits"));
+        assert!(Range::new(net("10.1.2.0/31"), None, None, None)
+            .unwrap_err()
+            .contains("too small"));
+        assert!(
+            Range::new(net("10.1.2.0/24"), Some(ip("10.1.3.1")), None, None)
+                .unwrap_err()
+                .contains("rangeStart")
+        );
+        assert!(Range::new(
+            net("10.1.2.0/24"),
+            Some(ip("10.1.2.9")),
+            Some(ip("10.1.2.5")),
+            None
+        )
+        .unwrap_err()
+        .contains("after"));
+        assert!(
+            Range::new(net("10.1.2.0/24"), None, None, Some(ip("10.9.9.9")))
+                .unwrap_err()
+                .contains("gateway")
+        );
+        assert!(RangeSet::new(vec![r("10.0.0.0/24"), r("fd00::/64")])
+            .unwrap_err()
+            .contains("mixes"));
+        assert!(RangeSet::new(vec![r("10.0.0.0/16"), r("10.0.1.0/24")])
+            .unwrap_err()
+            .contains("overlap"));
     }
 
     #[test]
@@ -194,7 +238,10 @@ mod tests {
         let set = RangeSet::new(vec![r("10.0.0.0/29"), r("10.0.1.0/29")]).unwrap();
         let first: Vec<IpAddr> = set.iter_from(None).map(|(ip, _)| ip).take(3).collect();
         assert_eq!(first, vec![ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")]);
-        let after: Vec<IpAddr> = set.iter_from(Some(ip("10.0.0.6"))).map(|(ip, _)| ip).collect();
+        let after: Vec<IpAddr> = set
+            .iter_from(Some(ip("10.0.0.6")))
+            .map(|(ip, _)| ip)
+            .collect();
         assert_eq!(after[0], ip("10.0.1.2"));
         assert_eq!(*after.last().unwrap(), ip("10.0.0.6"));
         assert_eq!(after.len(), 10, "every candidate exactly once: {after:?}");

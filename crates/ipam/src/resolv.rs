@@ -5,7 +5,8 @@ use cni_spec::Dns;
 use std::path::Path;
 
 pub fn read(path: &Path) -> Result<Dns, CniError> {
-    let text = std::fs::read_to_string(path).map_err(|e| crate::io(format!("ipam.resolvConf {}", path.display()), e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::io(format!("ipam.resolvConf {}", path.display()), e))?;
     Ok(parse(&text))
 }
 
@@ -29,7 +30,8 @@ pub fn parse(text: &str) -> Dns {
 mod tests {
     #[test]
     fn parses_the_usual_lines() {
-        let d = super::parse("# c\nnameserver 10.96.0.10\nsearch a.svc b\noptions ndots:5\ndomain x\n");
+        let d =
+            super::parse("# c\nnameserver 10.96.0.10\nsearch a.svc b\noptions ndots:5\ndomain x\n");
         assert_eq!(d.nameservers, vec!["10.96.0.10"]);
         assert_eq!(d.search, vec!["a.svc", "b"]);
         assert_eq!(d.options, vec!["ndots:5"]);

@@ -27,7 +27,8 @@ impl Store {
     pub fn open(data_dir: &Path, network: &str) -> Result<Store, CniError> {
         debug_assert!(cni_spec::env::is_valid_name(network));
         let dir = data_dir.join(network);
-        fs::create_dir_all(&dir).map_err(|e| io(format!("creating lease directory {}", dir.display()), e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| io(format!("creating lease directory {}", dir.display()), e))?;
         Ok(Store { dir })
     }
 
@@ -65,7 +66,11 @@ impl Store {
         }
         let tmp = self.dir.join(format!(".tmp-{ip}-{}", std::process::id()));
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
             f.write_all(format!("{container_id}\r\n{ifname}").as_bytes())
         };
         write().map_err(|e| io(format!("writing lease {}", tmp.display()), e))?;
@@ -80,14 +85,17 @@ impl Store {
 
     pub fn release_ip(&self, ip: IpAddr) -> Result<(), CniError> {
         match fs::remove_file(self.lease_path(ip)) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(io(format!("removing lease for {ip}"), e)),
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(io(format!("removing lease for {ip}"), e))
+            }
             _ => Ok(()),
         }
     }
 
     /// Every lease in the directory (stray temporary files are removed on the way).
     pub fn leases(&self) -> Result<Vec<Lease>, CniError> {
-        let entries = fs::read_dir(&self.dir).map_err(|e| io(format!("listing {}", self.dir.display()), e))?;
+        let entries = fs::read_dir(&self.dir)
+            .map_err(|e| io(format!("listing {}", self.dir.display()), e))?;
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -96,12 +104,20 @@ impl Store {
                 let _ = fs::remove_file(entry.path());
                 continue;
             }
-            let Ok(ip) = name.parse::<IpAddr>() else { continue };
-            let Ok(text) = fs::read_to_string(entry.path()) else { continue };
+            let Ok(ip) = name.parse::<IpAddr>() else {
+                continue;
+            };
+            let Ok(text) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
             let mut lines = text.lines().map(str::trim);
             let container_id = lines.next().unwrap_or_default().to_string();
             let ifname = lines.next().filter(|s| !s.is_empty()).map(str::to_string);
-            out.push(Lease { ip, container_id, ifname });
+            out.push(Lease {
+                ip,
+                container_id,
+                ifname,
+            });
         }
         Ok(out)
     }
@@ -111,7 +127,9 @@ impl Store {
         Ok(self
             .leases()?
             .into_iter()
-            .filter(|l| l.container_id == container_id && l.ifname.as_deref().is_none_or(|n| n == ifname))
+            .filter(|l| {
+                l.container_id == container_id && l.ifname.as_deref().is_none_or(|n| n == ifname)
+            })
             .map(|l| l.ip)
             .collect())
     }
@@ -126,7 +144,9 @@ impl Store {
 
     pub fn set_last_reserved(&self, set: usize, ip: IpAddr) -> Result<(), CniError> {
         let path = self.dir.join(format!("last_reserved_ip.{set}"));
-        let tmp = self.dir.join(format!(".tmp-last-{set}-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".tmp-last-{set}-{}", std::process::id()));
         fs::write(&tmp, ip.to_string())
             .and_then(|()| fs::rename(&tmp, &path))
             .map_err(|e| io(format!("writing {}", path.display()), e))

@@ -7,24 +7,39 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 fn config(dir: &std::path::Path, ranges: serde_json::Value) -> IpamConfig {
-    IpamConfig::parse("testnet", &json!({"type": "flatnet", "ranges": ranges, "dataDir": dir}), None).unwrap()
+    IpamConfig::parse(
+        "testnet",
+        &json!({"type": "flatnet", "ranges": ranges, "dataDir": dir}),
+        None,
+    )
+    .unwrap()
 }
 
 fn req(id: &str) -> Request {
-    Request { container_id: id.into(), ifname: "eth0".into(), requested: vec![] }
+    Request {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        requested: vec![],
+    }
 }
 
 #[test]
 fn dual_stack_one_address_per_set_and_host_local_layout() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), json!([[{"subnet": "10.5.0.0/24"}], [{"subnet": "fd05::/64"}]]));
+    let cfg = config(
+        tmp.path(),
+        json!([[{"subnet": "10.5.0.0/24"}], [{"subnet": "fd05::/64"}]]),
+    );
     let r = allocate(&cfg, &req("c1")).unwrap();
     let addrs: Vec<String> = r.ips.iter().map(|i| i.address.to_string()).collect();
     assert_eq!(addrs, vec!["10.5.0.2/24", "fd05::2/64"]);
     assert_eq!(r.ips[0].gateway, Some("10.5.0.1".parse().unwrap()));
     let lease = std::fs::read_to_string(tmp.path().join("testnet/10.5.0.2")).unwrap();
     assert_eq!(lease, "c1\r\neth0");
-    assert_eq!(std::fs::read_to_string(tmp.path().join("testnet/last_reserved_ip.0")).unwrap(), "10.5.0.2");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("testnet/last_reserved_ip.0")).unwrap(),
+        "10.5.0.2"
+    );
 }
 
 #[test]
@@ -58,18 +73,28 @@ fn exhaustion_and_release() {
     assert!(e.is(ErrorCode::RangeFull), "{e}");
     assert!(ipam::status(&cfg).unwrap_err().is(ErrorCode::NotAvailable));
     assert_eq!(release(&cfg, "c3", "eth0").unwrap().len(), 1);
-    assert_eq!(release(&cfg, "c3", "eth0").unwrap().len(), 0, "release is idempotent");
+    assert_eq!(
+        release(&cfg, "c3", "eth0").unwrap().len(),
+        0,
+        "release is idempotent"
+    );
     allocate(&cfg, &req("c5")).unwrap();
 }
 
 #[test]
 fn requested_addresses_and_rollback() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), json!([[{"subnet": "10.5.0.0/24"}], [{"subnet": "fd05::/64"}]]));
+    let cfg = config(
+        tmp.path(),
+        json!([[{"subnet": "10.5.0.0/24"}], [{"subnet": "fd05::/64"}]]),
+    );
     let mut r = req("s");
     r.requested = vec!["10.5.0.77".parse().unwrap()];
     let res = allocate(&cfg, &r).unwrap();
-    assert_eq!(res.ips[0].address.addr(), "10.5.0.77".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        res.ips[0].address.addr(),
+        "10.5.0.77".parse::<IpAddr>().unwrap()
+    );
     // A requested address outside every set fails and leaves nothing behind.
     let mut bad = req("t");
     bad.requested = vec!["192.168.1.1".parse().unwrap()];
@@ -79,7 +104,10 @@ fn requested_addresses_and_rollback() {
     // A taken one fails too.
     let mut dup = req("u");
     dup.requested = vec!["10.5.0.77".parse().unwrap()];
-    assert!(allocate(&cfg, &dup).unwrap_err().msg.contains("not available"));
+    assert!(allocate(&cfg, &dup)
+        .unwrap_err()
+        .msg
+        .contains("not available"));
 }
 
 #[test]
@@ -100,8 +128,16 @@ fn concurrent_allocations_never_collide() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), json!([[{"subnet": "10.5.0.0/24"}]]));
     let ips: Vec<IpAddr> = std::thread::scope(|s| {
-        let handles: Vec<_> =
-            (0..64).map(|i| { let cfg = &cfg; s.spawn(move || allocate(cfg, &req(&format!("c{i}"))).unwrap().ips[0].address.addr()) }).collect();
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let cfg = &cfg;
+                s.spawn(move || {
+                    allocate(cfg, &req(&format!("c{i}"))).unwrap().ips[0]
+                        .address
+                        .addr()
+                })
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let unique: HashSet<_> = ips.iter().collect();

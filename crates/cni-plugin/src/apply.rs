@@ -1,0 +1,328 @@
+//! The applier: makes the kernel match a [`Plan`] over rtnetlink, and takes it apart again.
+//! It touches only what flatnet made: the bridge it was told to use, and veths carrying its alias.
+
+use crate::naming;
+use crate::plan::Plan;
+use cni_spec::error::{invalid_config, CniError, ErrorCode};
+use cni_spec::CniResult;
+use ipnet::IpNet;
+use netlink::{LinkInfo, Netlink, NlError, RouteSpec, VethEnd};
+use netns::NetNs;
+use std::path::Path;
+
+pub fn kernel(e: NlError) -> CniError {
+    let hint = if e.is(netlink::EEXIST) && e.op.starts_with("creating veth") {
+        " (is this container already attached? DEL it first)"
+    } else {
+        ""
+    };
+    CniError::new(ErrorCode::Kernel, format!("{e}{hint}"))
+}
+
+fn io(what: &str, e: std::io::Error) -> CniError {
+    cni_spec::error::io_error(what, e)
+}
+
+/// Opens the pod's namespace; a path that is not one is the spec's "unknown container".
+pub fn open_netns(path: &Path) -> Result<NetNs, CniError> {
+    let ns = NetNs::open(path).map_err(|e| {
+        CniError::new(
+            ErrorCode::UnknownContainer,
+            format!("CNI_NETNS {}: {e}", path.display()),
+        )
+    })?;
+    ns.run(|| ()).map_err(|e| {
+        CniError::new(
+            ErrorCode::UnknownContainer,
+            format!(
+                "CNI_NETNS {} is not a network namespace: {e}",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(ns)
+}
+
+/// Writes a sysctl under /proc/sys/net of the calling thread's namespace, skipping the write
+/// when it already holds the value.
+pub fn sysctl(path: &str, value: &str) -> Result<(), CniError> {
+    let full = format!("/proc/sys/net/{path}");
+    match std::fs::read_to_string(&full) {
+        Ok(cur) if cur.trim() == value => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()), // family disabled in this kernel
+        _ => std::fs::write(&full, value).map_err(|e| io(&full, e)),
+    }
+}
+
+/// Creates the attachment; on any failure after the veth pair exists, removes it again.
+/// Returns the bridge's MAC for the result.
+pub async fn add(plan: &Plan, pod_ns: &NetNs) -> Result<Option<[u8; 6]>, CniError> {
+    let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
+    let pod =
+        Netlink::connect_in(pod_ns).map_err(|e| io("opening netlink in the pod namespace", e))?;
+    let mut bridge = None;
+    if let Some(b) = &plan.bridge {
+        let (link, _) = host.ensure_bridge(&b.name, b.mtu).await.map_err(kernel)?;
+        let idx = link.index();
+        if !link.is_up() {
+            host.set_up(idx, &b.name).await.map_err(kernel)?;
+        }
+        if b.promisc {
+            host.set_promisc(idx, &b.name, true).await.map_err(kernel)?;
+        }
+        if !b.gateway_addrs.is_empty() {
+            let existing = host.addresses(idx).await.map_err(kernel)?;
+            for gw in &b.gateway_addrs {
+                let clash = existing
+                    .iter()
+                    .find(|a| a.trunc() == gw.trunc() && a.addr() != gw.addr());
+                if let Some(old) = clash {
+                    if !b.force_address {
+                        return Err(invalid_config(format!(
+                            "bridge {} already has address {old}, not the gateway {gw}; set forceAddress to replace it",
+                            b.name
+                        )));
+                    }
+                    host.delete_address(idx, *old).await.map_err(kernel)?;
+                }
+                host.add_address(idx, *gw, true).await.map_err(kernel)?;
+            }
+        }
+        bridge = Some((idx, link.mac()));
+    }
+    let host_end = VethEnd {
+        name: plan.host.name.clone(),
+        mac: plan.host.mac,
+        mtu: plan.pod.mtu,
+        netns_fd: None,
+        master: bridge.map(|(i, _)| i),
+        up: true,
+    };
+    let pod_end = VethEnd {
+        name: plan.pod.ifname.clone(),
+        mac: plan.pod.mac,
+        mtu: plan.pod.mtu,
+        netns_fd: Some(pod_ns.fd()),
+        master: None,
+        up: false,
+    };
+    host.create_veth(&host_end, &pod_end)
+        .await
+        .map_err(kernel)?;
+    let host_idx = match host.link_by_name(&plan.host.name).await.map_err(kernel)? {
+        Some(l) => l.index(),
+        None => {
+            return Err(CniError::new(
+                ErrorCode::Kernel,
+                format!("veth {} vanished after creation", plan.host.name),
+            ))
+        }
+    };
+    let configured = configure(plan, &host, &pod, pod_ns, host_idx, bridge.is_some()).await;
+    if let Err(e) = configured {
+        let _ = host.delete_link(host_idx, &plan.host.name).await;
+        return Err(e);
+    }
+    Ok(bridge.and_then(|(_, mac)| mac))
+}
+
+async fn configure(
+    plan: &Plan,
+    host: &Netlink,
+    pod: &Netlink,
+    pod_ns: &NetNs,
+    host_idx: u32,
+    bridged: bool,
+) -> Result<(), CniError> {
+    host.set_alias(host_idx, &plan.host.alias)
+        .await
+        .map_err(kernel)?;
+    if let Some(b) = plan
+        .bridge
+        .as_ref()
+        .filter(|b| bridged && (b.hairpin || b.isolated))
+    {
+        host.set_bridge_port(host_idx, &plan.host.name, b.hairpin, b.isolated)
+            .await
+            .map_err(kernel)?;
+    }
+    for a in &plan.host.addrs {
+        host.add_address(host_idx, *a, true).await.map_err(kernel)?;
+    }
+    for r in &plan.host.routes {
+        let mut spec = RouteSpec::new(*r, None, host_idx);
+        spec.scope_link = true;
+        host.add_route(&spec).await.map_err(kernel)?;
+    }
+    let has_v6 = plan.pod.addrs.iter().any(|a| a.addr().is_ipv6());
+    if plan.pod.nodad && has_v6 {
+        // Also the link-local address, which IPv6 neighbour discovery starts from.
+        let key = format!("ipv6/conf/{}/accept_dad", plan.pod.ifname);
+        pod_ns
+            .run(|| sysctl(&key, "0"))
+            .map_err(|e| io("entering the pod namespace", e))??;
+    }
+    let pod_idx = match pod.link_by_name(&plan.pod.ifname).await.map_err(kernel)? {
+        Some(l) => l.index(),
+        None => {
+            return Err(CniError::new(
+                ErrorCode::Kernel,
+                format!("{} did not appear in the pod namespace", plan.pod.ifname),
+            ))
+        }
+    };
+    for a in &plan.pod.addrs {
+        pod.add_address(pod_idx, *a, plan.pod.nodad)
+            .await
+            .map_err(kernel)?;
+    }
+    pod.set_up(1, "lo").await.map_err(kernel)?;
+    if plan.pod.up {
+        pod.set_up(pod_idx, &plan.pod.ifname)
+            .await
+            .map_err(kernel)?;
+        for r in &plan.pod.routes {
+            let mut spec = RouteSpec::new(r.route.dst, r.route.gw, pod_idx);
+            spec.scope_link = r.scope_link;
+            spec.mtu = r.route.mtu;
+            spec.adv_mss = r.route.adv_mss;
+            spec.priority = r.route.priority;
+            spec.table = r.route.table;
+            pod.add_route(&spec).await.map_err(kernel)?;
+        }
+    }
+    if plan.forward_v4 {
+        sysctl("ipv4/ip_forward", "1")?;
+    }
+    if plan.forward_v6 {
+        sysctl("ipv6/conf/all/forwarding", "1")?;
+    }
+    if let Some(script) = &plan.masquerade {
+        nft::apply(script).map_err(|e| CniError::new(ErrorCode::Kernel, format!("ipMasq: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Removes the attachment's veth pair through its host end, found by the derived name (so no pod
+/// namespace is needed) and confirmed by flatnet's alias. Deleting one end removes both; anything
+/// already gone is fine; a device that is not flatnet's is left alone.
+pub async fn del(network: &str, container_id: &str, ifname: &str) -> Result<(), CniError> {
+    let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
+    let name = naming::host_veth(network, container_id, ifname);
+    match host.link_by_name(&name).await.map_err(kernel)? {
+        Some(link)
+            if link.alias() == Some(naming::alias(network, container_id, ifname).as_str()) =>
+        {
+            delete_gone_ok(&host, link.index(), &name).await
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn delete_gone_ok(nl: &Netlink, index: u32, name: &str) -> Result<(), CniError> {
+    match nl.delete_link(index, name).await {
+        Err(e) if !e.is(netlink::ENODEV) => Err(kernel(e)),
+        _ => Ok(()),
+    }
+}
+
+/// CHECK: the pod interface, its MAC, addresses and routes, and the host end, as `prev` says.
+pub async fn check(
+    network: &str,
+    container_id: &str,
+    ifname: &str,
+    bridge: Option<&str>,
+    netns: &NetNs,
+    prev: &CniResult,
+) -> Result<(), CniError> {
+    let fail = |msg: String| CniError::new(ErrorCode::CheckFailed, msg);
+    let idx = prev.sandbox_interface(ifname).ok_or_else(|| {
+        fail(format!(
+            "prevResult lists no interface {ifname} inside a sandbox"
+        ))
+    })?;
+    let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
+    let pod =
+        Netlink::connect_in(netns).map_err(|e| io("opening netlink in the pod namespace", e))?;
+    let link = pod
+        .link_by_name(ifname)
+        .await
+        .map_err(kernel)?
+        .ok_or_else(|| {
+            fail(format!(
+                "interface {ifname} is missing from the pod namespace"
+            ))
+        })?;
+    if let Some(want) = &prev.interfaces[idx].mac {
+        let have = link.mac().map(netlink::format_mac).unwrap_or_default();
+        if !have.eq_ignore_ascii_case(want) {
+            return Err(fail(format!(
+                "interface {ifname} has MAC {have}, prevResult says {want}"
+            )));
+        }
+    }
+    let addrs = pod.addresses(link.index()).await.map_err(kernel)?;
+    for ip in prev.ips.iter().filter(|i| i.interface == Some(idx)) {
+        if !addrs.iter().any(|a| a.addr() == ip.address.addr()) {
+            return Err(fail(format!(
+                "interface {ifname} lacks address {}",
+                ip.address
+            )));
+        }
+    }
+    for v4 in [true, false] {
+        let want: Vec<&IpNet> = prev
+            .routes
+            .iter()
+            .map(|r| &r.dst)
+            .filter(|d| d.addr().is_ipv4() == v4)
+            .collect();
+        if want.is_empty() {
+            continue;
+        }
+        let have = pod.routes(v4).await.map_err(kernel)?;
+        for dst in want {
+            if !have.iter().any(|(d, _, _)| d == dst) {
+                return Err(fail(format!("the pod has no route to {dst}")));
+            }
+        }
+    }
+    let name = naming::host_veth(network, container_id, ifname);
+    let host_link = host
+        .link_by_name(&name)
+        .await
+        .map_err(kernel)?
+        .ok_or_else(|| fail(format!("host interface {name} is missing")))?;
+    if let Some(bridge) = bridge {
+        let b = host
+            .link_by_name(bridge)
+            .await
+            .map_err(kernel)?
+            .ok_or_else(|| fail(format!("bridge {bridge} is missing")))?;
+        if host_link.master() != Some(b.index()) {
+            return Err(fail(format!(
+                "host interface {name} is not attached to bridge {bridge}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// GC: removes every flatnet veth of `network` whose attachment is not in `valid`.
+pub async fn gc(network: &str, valid: &[(String, String)]) -> Result<usize, CniError> {
+    let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
+    let mut removed = 0;
+    for link in host.links().await.map_err(kernel)? {
+        let Some((id, ifname)) = link.alias().and_then(|a| naming::parse_alias(network, a)) else {
+            continue;
+        };
+        if !valid
+            .iter()
+            .any(|(v_id, v_if)| v_id == id && v_if == ifname)
+        {
+            delete_gone_ok(&host, link.index(), link.name().unwrap_or("?")).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,46 @@
+//! The one flatnet binary. With `CNI_COMMAND` set it is a CNI plugin (how runtimes call
+//! `/opt/cni/bin/flatnet`); otherwise it is the command line. This file only dispatches.
+
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "flatnet",
+    version,
+    about = "The Kubernetes network model on the real Linux dataplane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// CNI tools: conformance suite and benchmark for any CNI plugin binary.
+    Cni {
+        #[command(subcommand)]
+        tool: cni_harness::cli::Tool,
+    },
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return cni_main();
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Cni { tool } => cni_harness::cli::run(tool),
+    }
+}
+
+fn cni_main() -> ExitCode {
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let out = cni_plugin::run(|k| std::env::var(k).ok(), &stdin);
+    let mut so = std::io::stdout().lock();
+    let _ = so.write_all(out.stdout.as_bytes());
+    let _ = so.flush();
+    ExitCode::from(out.exit_code as u8)
+}

@@ -1,0 +1,62 @@
+//! The nftables transaction writer: a whole script goes to one `nft -f -`, which the kernel applies
+//! as a single atomic transaction — either every change lands or none does. One process per sync,
+//! never one per rule.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+pub const NFT: &str = "nft";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftError(pub String);
+
+impl std::fmt::Display for NftError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NftError {}
+
+/// Applies `script` in the calling thread's network namespace.
+pub fn apply(script: &str) -> Result<(), NftError> {
+    let mut child = Command::new(NFT)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NftError(format!("running {NFT} (install the nftables package): {e}")))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| NftError(format!("writing to {NFT}: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| NftError(format!("waiting for {NFT}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NftError(format!(
+            "{NFT} rejected the ruleset: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Whether the `nft` program can be run at all.
+pub fn available() -> bool {
+    Command::new(NFT)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Quotes a string for use as an nftables identifier or comment.
+pub fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace(['"', '\\'], "_"))
+}
