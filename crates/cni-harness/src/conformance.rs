@@ -194,6 +194,10 @@ impl<'a> Suite<'a> {
                     .map_err(|e| e.to_string())?;
                 ensure(!link_exists(&pod, "eth0"), || {
                     "eth0 still exists in the pod after DEL".into()
+                })?;
+                // Removal may finish asynchronously, but must finish: nothing but lo within a second.
+                wait_until(|| pod_links(&pod).iter().all(|l| l == "lo")).map_err(|_| {
+                    format!("a second after DEL the pod still has {:?}", pod_links(&pod))
                 })
             },
         );
@@ -446,6 +450,33 @@ fn link_exists(pod: &TempNetNs, ifname: &str) -> bool {
         Box::pin(async move { nl.link_by_name(&name).await.ok().flatten().is_some() })
     })
     .unwrap_or(false)
+}
+
+/// Polls `done` for up to a second.
+pub fn wait_until(mut done: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return Err(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn pod_links(pod: &TempNetNs) -> Vec<String> {
+    in_pod(pod, |nl| {
+        Box::pin(async move {
+            use netlink::LinkInfo;
+            nl.links()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|l| l.name().map(str::to_string))
+                .collect()
+        })
+    })
+    .unwrap_or_default()
 }
 
 /// The pod namespace holds `ifname` with every address the result gives it.

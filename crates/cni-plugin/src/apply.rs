@@ -203,19 +203,90 @@ async fn configure(
     Ok(())
 }
 
-/// Removes the attachment's veth pair through its host end, found by the derived name (so no pod
-/// namespace is needed) and confirmed by flatnet's alias. Deleting one end removes both; anything
-/// already gone is fine; a device that is not flatnet's is left alone.
-pub async fn del(network: &str, container_id: &str, ifname: &str) -> Result<(), CniError> {
+/// Removes the attachment's veth pair, found through its host end by the derived name (so no pod
+/// namespace is needed) and confirmed by flatnet's alias; a device not flatnet's is left alone.
+///
+/// The kernel's unregister of a veth waits out RCU grace periods (15-30 ms here, the bulk of the
+/// reference plugin's DEL). So DEL only *detaches* synchronously — both ends down (no packet moves
+/// from here on) and renamed (the pod's interface name and the host name are free for a new ADD at
+/// once) — and a detached reaper process performs the unregister. GC sweeps any a reaper missed.
+pub async fn del(
+    network: &str,
+    container_id: &str,
+    ifname: &str,
+    pod_ns: Option<&NetNs>,
+) -> Result<(), CniError> {
     let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
     let name = naming::host_veth(network, container_id, ifname);
-    match host.link_by_name(&name).await.map_err(kernel)? {
-        Some(link)
-            if link.alias() == Some(naming::alias(network, container_id, ifname).as_str()) =>
-        {
-            delete_gone_ok(&host, link.index(), &name).await
+    let link = match host.link_by_name(&name).await.map_err(kernel)? {
+        Some(l) if l.alias() == Some(naming::alias(network, container_id, ifname).as_str()) => l,
+        _ => return Ok(()),
+    };
+    let gone = naming::detached_alias(network);
+    if let Some(pod) = pod_ns.and_then(|ns| Netlink::connect_in(ns).ok()) {
+        if let Some(peer) = pod.link_by_name(ifname).await.map_err(kernel)? {
+            // Only the peer of our host end: a veth's IFLA_LINK names its peer's index.
+            if peer_index(&peer) == Some(link.index()) {
+                pod.detach(peer.index(), &naming::detached_name(peer.index()), &gone)
+                    .await
+                    .map_err(kernel)?;
+            }
         }
-        _ => Ok(()),
+    }
+    let detached = naming::detached_name(link.index());
+    host.detach(link.index(), &detached, &gone)
+        .await
+        .map_err(kernel)?;
+    reap_in_background(detached);
+    Ok(())
+}
+
+fn peer_index(link: &netlink::netlink_packet_route::link::LinkMessage) -> Option<u32> {
+    use netlink::netlink_packet_route::link::LinkAttribute;
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Link(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// Deletes `name` (in the calling thread's namespace) from a grandchild process with its stdio on
+/// /dev/null, so neither this process nor the runtime reading our stdout waits for it.
+fn reap_in_background(name: String) {
+    use nix::unistd::{fork, ForkResult};
+    // SAFETY: the plugin is single-threaded here (current-thread runtime, no blocking pool); the
+    // children only make syscalls and start a fresh runtime on a new thread before _exit.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            let _ = nix::sys::wait::waitpid(child, None);
+        }
+        Ok(ForkResult::Child) => {
+            if let Ok(ForkResult::Child) = unsafe { fork() } {
+                let _ = nix::unistd::setsid();
+                if let Ok(null) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
+                    let _ = nix::unistd::dup2_stdin(&null);
+                    let _ = nix::unistd::dup2_stdout(&null);
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .ok()?;
+                    rt.block_on(async {
+                        let nl = Netlink::connect().ok()?;
+                        let link = nl.link_by_name(&name).await.ok()??;
+                        nl.delete_link(link.index(), &name).await.ok()
+                    })
+                })
+                .join();
+            }
+            unsafe { nix::libc::_exit(0) };
+        }
+        Err(_) => {} // the link stays detached; GC removes it
     }
 }
 

@@ -241,7 +241,17 @@ mod network {
             Command::Add => add(inv, common, conf, raw, &ipam).await.map(Some),
             Command::Del => {
                 // Devices first, then addresses: an address is never free while a pod still uses it.
-                apply::del(&common.name, &inv.container_id, &inv.ifname).await?;
+                let pod_ns = inv
+                    .netns
+                    .as_deref()
+                    .and_then(|p| netns::NetNs::open(p).ok());
+                apply::del(
+                    &common.name,
+                    &inv.container_id,
+                    &inv.ifname,
+                    pod_ns.as_ref(),
+                )
+                .await?;
                 ipam.call(inv, common, raw, Command::Del)?;
                 Ok(None)
             }

@@ -39,6 +39,16 @@ pub fn parse_alias<'a>(network: &str, alias: &'a str) -> Option<(&'a str, &'a st
     alias.strip_prefix(&alias_prefix(network))?.rsplit_once('/')
 }
 
+/// The alias of a veth that DEL detached and a reaper is deleting; GC removes any left over.
+pub fn detached_alias(network: &str) -> String {
+    format!("flatnet-detached:{network}")
+}
+
+/// A free name for a detached link: the ifindex is unique among live links of a namespace.
+pub fn detached_name(index: u32) -> String {
+    format!("fnd{index}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,6 +261,22 @@ impl Netlink {
             .map_err(|e| NlError::new(format!("setting alias of link {index}"), e))
     }
 
+    /// Takes a link out of service in one request: down, renamed (freeing its name at once) and
+    /// re-tagged, ahead of a slow unregister.
+    pub async fn detach(&self, index: u32, new_name: &str, alias: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index)
+            .down()
+            .name(new_name.to_string())
+            .alias(alias.to_string())
+            .build();
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(|e| NlError::new(format!("detaching link {index}"), e))
+    }
+
     pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
         self.handle
