@@ -222,10 +222,21 @@ pub fn concurrent(c: &Contender, n: usize, data_dir: &Path) -> Result<String, St
     let del_wall = start.elapsed();
     dels.into_iter().collect::<Result<Vec<()>, String>>()?;
     let leases_after = lease_count(&leases_dir);
-    let veths_after = in_node_links(&node)?
-        .into_iter()
-        .filter(|l| l.starts_with("fn") || l.starts_with("veth"))
-        .count();
+    // Unregistering veths finishes asynchronously (see the plugin's DEL) and the kernel does it one
+    // at a time under its rtnl lock, ~15 ms each: allow for all of them. A dump racing many
+    // changes can come back short, so emptiness must be seen twice.
+    let pod_veths = || {
+        in_node_links(&node)
+            .map(|ls| {
+                ls.iter()
+                    .filter(|l| l.starts_with("fn") || l.starts_with("veth"))
+                    .count()
+            })
+            .unwrap_or(usize::MAX)
+    };
+    let limit = Duration::from_millis(50 * n as u64 + 1000);
+    crate::conformance::wait_until(limit, || pod_veths() == 0 && pod_veths() == 0);
+    let veths_after = pod_veths();
     if leases_after != 0 || veths_after != 0 {
         return Err(format!(
             "after {n} DELs: {leases_after} leases and {veths_after} veths remain"

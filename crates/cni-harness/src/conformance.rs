@@ -196,7 +196,10 @@ impl<'a> Suite<'a> {
                     "eth0 still exists in the pod after DEL".into()
                 })?;
                 // Removal may finish asynchronously, but must finish: nothing but lo within a second.
-                wait_until(|| pod_links(&pod).iter().all(|l| l == "lo")).map_err(|_| {
+                let empty = wait_until(std::time::Duration::from_secs(1), || {
+                    pod_links(&pod).iter().all(|l| l == "lo")
+                });
+                ensure(empty, || {
                     format!("a second after DEL the pod still has {:?}", pod_links(&pod))
                 })
             },
@@ -452,16 +455,16 @@ fn link_exists(pod: &TempNetNs, ifname: &str) -> bool {
     .unwrap_or(false)
 }
 
-/// Polls `done` for up to a second.
-pub fn wait_until(mut done: impl FnMut() -> bool) -> Result<(), ()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+/// Polls `done` until it holds or `limit` passes.
+pub fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
     while !done() {
         if std::time::Instant::now() > deadline {
-            return Err(());
+            return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
+    true
 }
 
 fn pod_links(pod: &TempNetNs) -> Vec<String> {
