@@ -226,7 +226,7 @@ pub fn concurrent(c: &Contender, n: usize, data_dir: &Path) -> Result<String, St
     // at a time under its rtnl lock, ~15 ms each: allow for all of them. A dump racing many
     // changes can come back short, so emptiness must be seen twice.
     let pod_veths = || {
-        in_node_links(&node)
+        crate::conformance::link_names(&node)
             .map(|ls| {
                 ls.iter()
                     .filter(|l| l.starts_with("fn") || l.starts_with("veth"))
@@ -248,20 +248,4 @@ pub fn concurrent(c: &Contender, n: usize, data_dir: &Path) -> Result<String, St
         ms(add_wall),
         ms(del_wall)
     ))
-}
-
-fn in_node_links(node: &TempNetNs) -> Result<Vec<String>, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        use netlink::LinkInfo;
-        let nl = netlink::Netlink::connect_in(node.ns()).map_err(|e| e.to_string())?;
-        let links = nl.links().await.map_err(|e| e.to_string())?;
-        Ok(links
-            .iter()
-            .filter_map(|l| l.name().map(str::to_string))
-            .collect())
-    })
 }

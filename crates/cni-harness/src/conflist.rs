@@ -152,20 +152,19 @@ impl Runtime<'_> {
             &self.bin_dirs,
         );
         call.args = att.args.clone();
-        let reply = exec::run(
-            &self.find(&plugin),
-            &call,
-            conf.to_string().as_bytes(),
-            self.node,
-        )
-        .map_err(|e| StepError {
-            plugin: plugin.clone(),
-            reply: io_reply(e),
-        })?;
-        if reply.ok() {
-            Ok(reply)
-        } else {
-            Err(StepError { plugin, reply })
+        self.exec(plugin, &call, &conf)
+    }
+
+    /// Runs `plugin` with `conf` on stdin; a failed start or a non-zero exit is a [`StepError`].
+    fn exec(&self, plugin: String, call: &Call, conf: &Value) -> Result<Reply, StepError> {
+        let bin = self.find(&plugin);
+        match exec::run(&bin, call, conf.to_string().as_bytes(), self.node) {
+            Ok(reply) if reply.ok() => Ok(reply),
+            Ok(reply) => Err(StepError { plugin, reply }),
+            Err(e) => Err(StepError {
+                plugin,
+                reply: io_reply(e),
+            }),
         }
     }
 
@@ -229,19 +228,7 @@ impl Runtime<'_> {
                 path: self.bin_dirs.clone(),
                 ..Default::default()
             };
-            let reply = exec::run(
-                &self.find(&plugin),
-                &call,
-                conf.to_string().as_bytes(),
-                self.node,
-            )
-            .map_err(|e| StepError {
-                plugin: plugin.clone(),
-                reply: io_reply(e),
-            })?;
-            if !reply.ok() {
-                return Err(StepError { plugin, reply });
-            }
+            self.exec(plugin, &call, &conf)?;
         }
         Ok(())
     }

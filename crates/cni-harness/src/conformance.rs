@@ -197,10 +197,13 @@ impl<'a> Suite<'a> {
                 })?;
                 // Removal may finish asynchronously, but must finish: nothing but lo within a second.
                 let empty = wait_until(std::time::Duration::from_secs(1), || {
-                    pod_links(&pod).iter().all(|l| l == "lo")
+                    link_names(&pod).is_ok_and(|ls| ls.iter().all(|l| l == "lo"))
                 });
                 ensure(empty, || {
-                    format!("a second after DEL the pod still has {:?}", pod_links(&pod))
+                    format!(
+                        "a second after DEL the pod still has {:?}",
+                        link_names(&pod).unwrap_or_default()
+                    )
                 })
             },
         );
@@ -467,19 +470,18 @@ pub fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) ->
     true
 }
 
-fn pod_links(pod: &TempNetNs) -> Vec<String> {
-    in_pod(pod, |nl| {
+/// The names of every link in `ns`.
+pub fn link_names(ns: &TempNetNs) -> Result<Vec<String>, String> {
+    in_pod(ns, |nl| {
         Box::pin(async move {
             use netlink::LinkInfo;
-            nl.links()
-                .await
-                .unwrap_or_default()
+            let links = nl.links().await.map_err(|e| e.to_string())?;
+            Ok(links
                 .iter()
                 .filter_map(|l| l.name().map(str::to_string))
-                .collect()
+                .collect())
         })
-    })
-    .unwrap_or_default()
+    })?
 }
 
 /// The pod namespace holds `ifname` with every address the result gives it.

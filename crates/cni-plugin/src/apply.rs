@@ -290,13 +290,6 @@ fn reap_in_background(name: String) {
     }
 }
 
-async fn delete_gone_ok(nl: &Netlink, index: u32, name: &str) -> Result<(), CniError> {
-    match nl.delete_link(index, name).await {
-        Err(e) if !e.is(netlink::ENODEV) => Err(kernel(e)),
-        _ => Ok(()),
-    }
-}
-
 /// CHECK: the pod interface, its MAC, addresses and routes, and the host end, as `prev` says.
 pub async fn check(
     network: &str,
@@ -391,7 +384,9 @@ pub async fn gc(network: &str, valid: &[(String, String)]) -> Result<usize, CniE
             .iter()
             .any(|(v_id, v_if)| v_id == id && v_if == ifname)
         {
-            delete_gone_ok(&host, link.index(), link.name().unwrap_or("?")).await?;
+            host.delete_link(link.index(), link.name().unwrap_or("?"))
+                .await
+                .map_err(kernel)?;
             removed += 1;
         }
     }

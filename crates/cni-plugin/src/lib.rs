@@ -146,29 +146,43 @@ fn request(inv: &Invocation, common: &Common) -> ipam::Request {
 
 /// flatnet as another plugin's IPAM: addresses only.
 fn ipam_only(inv: &Invocation, common: &Common) -> Result<Option<CniResult>, CniError> {
-    let cfg = builtin_ipam(common)?;
-    match inv.command {
+    builtin_call(&builtin_ipam(common)?, inv, common, inv.command)
+}
+
+/// One command of the built-in IPAM, for either role.
+fn builtin_call(
+    cfg: &ipam::IpamConfig,
+    inv: &Invocation,
+    common: &Common,
+    cmd: Command,
+) -> Result<Option<CniResult>, CniError> {
+    match cmd {
         Command::Add => {
-            let mut r = ipam::allocate(&cfg, &request(inv, common))?;
+            let mut r = ipam::allocate(cfg, &request(inv, common))?;
             r.dns = common.dns.clone().or(&r.dns);
             Ok(Some(r))
         }
-        Command::Del => ipam::release(&cfg, &inv.container_id, &inv.ifname).map(|_| None),
+        Command::Del => ipam::release(cfg, &inv.container_id, &inv.ifname).map(|_| None),
+        Command::Gc => ipam::gc(cfg, &common.valid_attachments).map(|_| None),
+        Command::Status => ipam::status(cfg).map(|_| None),
         Command::Check => {
-            let held = ipam::held(&cfg, &inv.container_id, &inv.ifname)?;
+            let held = ipam::held(cfg, &inv.container_id, &inv.ifname)?;
+            let fail = |msg: String| Err(CniError::new(ErrorCode::CheckFailed, msg));
             if held.is_empty() {
-                return Err(CniError::new(
-                    ErrorCode::CheckFailed,
-                    format!(
-                        "container {:?} interface {:?} holds no address in network {:?}",
-                        inv.container_id, inv.ifname, common.name
-                    ),
+                return fail(format!(
+                    "container {:?} interface {:?} holds no address in network {:?}",
+                    inv.container_id, inv.ifname, common.name
                 ));
             }
-            Ok(None)
+            let prev = common.prev_result.iter().flat_map(|p| &p.ips);
+            match prev.into_iter().find(|i| !held.contains(&i.address.addr())) {
+                Some(i) => fail(format!(
+                    "address {} is not leased to this container",
+                    i.address
+                )),
+                None => Ok(None),
+            }
         }
-        Command::Gc => ipam::gc(&cfg, &common.valid_attachments).map(|_| None),
-        Command::Status => ipam::status(&cfg).map(|_| None),
         Command::Version => unreachable!("answered before"),
     }
 }
@@ -201,30 +215,7 @@ mod network {
             cmd: Command,
         ) -> Result<Option<CniResult>, CniError> {
             match self {
-                Ipam::Builtin(cfg) => match cmd {
-                    Command::Add => ipam::allocate(cfg, &request(inv, common)).map(Some),
-                    Command::Del => {
-                        ipam::release(cfg, &inv.container_id, &inv.ifname).map(|_| None)
-                    }
-                    Command::Gc => ipam::gc(cfg, &common.valid_attachments).map(|_| None),
-                    Command::Status => ipam::status(cfg).map(|_| None),
-                    Command::Check => {
-                        let held = ipam::held(cfg, &inv.container_id, &inv.ifname)?;
-                        let prev = common.prev_result.as_ref();
-                        let missing = prev
-                            .into_iter()
-                            .flat_map(|p| &p.ips)
-                            .find(|i| !held.contains(&i.address.addr()));
-                        match missing {
-                            Some(i) => Err(CniError::new(
-                                ErrorCode::CheckFailed,
-                                format!("address {} is not leased to this container", i.address),
-                            )),
-                            None => Ok(None),
-                        }
-                    }
-                    Command::Version => Ok(None),
-                },
+                Ipam::Builtin(cfg) => builtin_call(cfg, inv, common, cmd),
                 Ipam::Delegated(ty) => delegate::call(ty, inv, cmd, raw),
             }
         }

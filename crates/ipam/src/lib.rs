@@ -47,12 +47,9 @@ pub fn allocate(cfg: &IpamConfig, req: &Request) -> Result<CniResult, CniError> 
     let mut reserved: Vec<IpAddr> = Vec::new();
     let result = (|| {
         let mut ips = Vec::new();
+        let already = store.find(&req.container_id, &req.ifname)?;
         for (idx, set) in cfg.ranges.iter().enumerate() {
-            if let Some(ip) = store
-                .find(&req.container_id, &req.ifname)?
-                .into_iter()
-                .find(|ip| set.contains(*ip))
-            {
+            if let Some(ip) = already.iter().find(|ip| set.contains(**ip)) {
                 return Err(CniError::new(
                     ErrorCode::InvalidConfig,
                     format!(

@@ -32,10 +32,6 @@ impl Store {
         Ok(Store { dir })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Holds the directory's exclusive lock until dropped.
     pub fn lock(&self) -> Result<Flock<File>, CniError> {
         let path = self.dir.join("lock");

@@ -39,9 +39,6 @@ impl std::error::Error for NlError {}
 
 pub const EEXIST: i32 = 17;
 pub const ENODEV: i32 = 19;
-pub const ENOENT: i32 = 2;
-pub const ESRCH: i32 = 3;
-pub const EADDRNOTAVAIL: i32 = 99;
 
 impl NlError {
     fn new(op: impl Into<String>, e: rtnetlink::Error) -> NlError {
@@ -66,6 +63,26 @@ impl NlError {
 }
 
 pub type Result<T> = std::result::Result<T, NlError>;
+
+/// A request's outcome, where the listed errnos mean "nothing to do" (already there on add,
+/// already gone on delete or lookup): `Ok(None)` for those, `Ok(Some(value))` on success.
+fn tolerate<T>(
+    r: std::result::Result<T, rtnetlink::Error>,
+    op: impl FnOnce() -> String,
+    fine: &[i32],
+) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            let e = NlError::new(op(), e);
+            if fine.iter().any(|&n| e.is(n)) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
 
 /// One rtnetlink connection, bound to the namespace it was opened in.
 #[derive(Clone)]
@@ -131,6 +148,7 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
+    /// The link called `name`, or `None` if there is none.
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut req = self
             .handle
@@ -138,32 +156,12 @@ impl Netlink {
             .get()
             .match_name(name.to_string())
             .execute();
-        match req.try_next().await {
-            Ok(link) => Ok(link),
-            Err(e) => {
-                let e = NlError::new(format!("looking up link {name}"), e);
-                if e.is(ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-
-    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>> {
-        let mut req = self.handle.link().get().match_index(index).execute();
-        match req.try_next().await {
-            Ok(link) => Ok(link),
-            Err(e) => {
-                let e = NlError::new(format!("looking up link {index}"), e);
-                if e.is(ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        tolerate(
+            req.try_next().await,
+            || format!("looking up link {name}"),
+            &[ENODEV],
+        )
+        .map(Option::flatten)
     }
 
     pub async fn links(&self) -> Result<Vec<LinkMessage>> {
@@ -186,16 +184,8 @@ impl Netlink {
         if let Some(mtu) = mtu {
             b = b.mtu(mtu);
         }
-        let created = match self.handle.link().add(b.build()).execute().await {
-            Ok(()) => true,
-            Err(e) => {
-                let e = NlError::new(format!("creating bridge {name}"), e);
-                if !e.is(EEXIST) {
-                    return Err(e);
-                }
-                false
-            }
-        };
+        let added = self.handle.link().add(b.build()).execute().await;
+        let created = tolerate(added, || format!("creating bridge {name}"), &[EEXIST])?.is_some();
         let link = self.link_by_name(name).await?.ok_or_else(|| NlError {
             op: format!("creating bridge {name}"),
             errno: None,
@@ -318,13 +308,10 @@ impl Netlink {
             .map_err(|e| NlError::new(format!("setting bridge port flags on {name}"), e))
     }
 
+    /// Deletes a link; one already gone is not an error.
     pub async fn delete_link(&self, index: u32, name: &str) -> Result<()> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("deleting link {name}"), e))
+        let deleted = self.handle.link().del(index).execute().await;
+        tolerate(deleted, || format!("deleting link {name}"), &[ENODEV]).map(drop)
     }
 
     /// Adds an address; `nodad` skips IPv6 duplicate address detection so the address works at once.
@@ -339,17 +326,12 @@ impl Netlink {
                 .attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        match req.execute().await {
-            Err(e) => {
-                let e = NlError::new(format!("adding address {addr}"), e);
-                if e.is(EEXIST) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-            Ok(()) => Ok(()),
-        }
+        tolerate(
+            req.execute().await,
+            || format!("adding address {addr}"),
+            &[EEXIST],
+        )
+        .map(drop)
     }
 
     pub async fn delete_address(&self, index: u32, addr: IpNet) -> Result<()> {
@@ -388,33 +370,10 @@ impl Netlink {
             .collect())
     }
 
+    /// Adds a route; one already present is not an error.
     pub async fn add_route(&self, r: &RouteSpec) -> Result<()> {
-        let msg = route_message(r);
-        match self.handle.route().add(msg).execute().await {
-            Err(e) => {
-                let e = NlError::new(format!("adding route {}", describe(r)), e);
-                if e.is(EEXIST) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-            Ok(()) => Ok(()),
-        }
-    }
-
-    pub async fn delete_route(&self, r: &RouteSpec) -> Result<()> {
-        match self.handle.route().del(route_message(r)).execute().await {
-            Err(e) => {
-                let e = NlError::new(format!("deleting route {}", describe(r)), e);
-                if e.is(ESRCH) || e.is(ENOENT) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-            Ok(()) => Ok(()),
-        }
+        let added = self.handle.route().add(route_message(r)).execute().await;
+        tolerate(added, || format!("adding route {}", describe(r)), &[EEXIST]).map(drop)
     }
 
     /// Routes of one family in the main table, as (dst, gateway, output interface).

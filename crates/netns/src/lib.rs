@@ -57,11 +57,6 @@ impl NetNs {
             .expect("returning to the original network namespace");
         Ok(out)
     }
-
-    /// Whether `path` is a network namespace at all (and not, say, a regular file).
-    pub fn is_netns(path: &Path) -> bool {
-        NetNs::open(path).and_then(|ns| ns.run(|| ())).is_ok()
-    }
 }
 
 /// `/run/netns/<name>`.
