@@ -238,17 +238,23 @@ impl Netlink {
         })
     }
 
-    /// Sets the interface alias (the kernel ignores it at creation, so it is its own request).
-    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index)
-            .alias(alias.to_string())
-            .build();
+    /// Applies a change to an existing link (`ip link set`).
+    async fn change(&self, msg: LinkMessage, op: impl FnOnce() -> String) -> Result<()> {
         self.handle
             .link()
             .change(msg)
             .execute()
             .await
-            .map_err(|e| NlError::new(format!("setting alias of link {index}"), e))
+            .map_err(|e| NlError::new(op(), e))
+    }
+
+    /// Sets the interface alias (the kernel ignores it at creation, so it is its own request).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index)
+            .alias(alias.to_string())
+            .build();
+        self.change(msg, || format!("setting alias of link {index}"))
+            .await
     }
 
     /// Takes a link out of service in one request: down, renamed (freeing its name at once) and
@@ -259,32 +265,18 @@ impl Netlink {
             .name(new_name.to_string())
             .alias(alias.to_string())
             .build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("detaching link {index}"), e))
+        self.change(msg, || format!("detaching link {index}")).await
     }
 
     pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("bringing {name} up"), e))
+        self.change(msg, || format!("bringing {name} up")).await
     }
 
     pub async fn set_promisc(&self, index: u32, name: &str, on: bool) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).promiscuous(on).build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
+        self.change(msg, || format!("setting promisc on {name}"))
             .await
-            .map_err(|e| NlError::new(format!("setting promisc on {name}"), e))
     }
 
     /// Bridge port flags of an enslaved link: hairpin (traffic may leave by the port it came in)
@@ -300,12 +292,8 @@ impl Netlink {
             .hairpin(hairpin)
             .isolated(isolated)
             .build();
-        self.handle
-            .link()
-            .change(msg)
-            .execute()
+        self.change(msg, || format!("setting bridge port flags on {name}"))
             .await
-            .map_err(|e| NlError::new(format!("setting bridge port flags on {name}"), e))
     }
 
     /// Deletes a link; one already gone is not an error.
