@@ -436,26 +436,13 @@ pub fn result_shape(r: &Value, v: &str, sandbox: &str) -> Check {
     )
 }
 
-fn in_pod<T>(
-    pod: &TempNetNs,
-    f: impl FnOnce(&netlink::Netlink) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + '_>>,
-) -> Result<T, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let nl = netlink::Netlink::connect_in(pod.ns()).map_err(|e| e.to_string())?;
-        Ok(f(&nl).await)
-    })
+fn in_pod<T>(pod: &TempNetNs, f: impl FnOnce(&netlink::Netlink) -> T) -> Result<T, String> {
+    let nl = netlink::Netlink::connect_in(pod.ns()).map_err(|e| e.to_string())?;
+    Ok(f(&nl))
 }
 
 fn link_exists(pod: &TempNetNs, ifname: &str) -> bool {
-    let name = ifname.to_string();
-    in_pod(pod, |nl| {
-        Box::pin(async move { nl.link_by_name(&name).await.ok().flatten().is_some() })
-    })
-    .unwrap_or(false)
+    in_pod(pod, |nl| nl.link_by_name(ifname).ok().flatten().is_some()).unwrap_or(false)
 }
 
 /// Polls `done` until it holds or `limit` passes.
@@ -472,15 +459,13 @@ pub fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) ->
 
 /// The names of every link in `ns`.
 pub fn link_names(ns: &TempNetNs) -> Result<Vec<String>, String> {
+    use netlink::LinkInfo;
     in_pod(ns, |nl| {
-        Box::pin(async move {
-            use netlink::LinkInfo;
-            let links = nl.links().await.map_err(|e| e.to_string())?;
-            Ok(links
-                .iter()
-                .filter_map(|l| l.name().map(str::to_string))
-                .collect())
-        })
+        let links = nl.links().map_err(|e| e.to_string())?;
+        Ok(links
+            .iter()
+            .filter_map(|l| l.name().map(str::to_string))
+            .collect())
     })?
 }
 
@@ -493,20 +478,16 @@ pub fn pod_has_result(pod: &TempNetNs, r: &Value, ifname: &str) -> Check {
         .filter_map(|i| i["address"].as_str())
         .map(|a| a.split('/').next().unwrap_or("").to_string())
         .collect();
-    let name = ifname.to_string();
     let have: Vec<String> = in_pod(pod, |nl| {
-        Box::pin(async move {
-            use netlink::LinkInfo;
-            let Some(link) = nl.link_by_name(&name).await.ok().flatten() else {
-                return Vec::new();
-            };
-            nl.addresses(link.index())
-                .await
-                .unwrap_or_default()
-                .iter()
-                .map(|a| a.addr().to_string())
-                .collect()
-        })
+        use netlink::LinkInfo;
+        let Some(link) = nl.link_by_name(ifname).ok().flatten() else {
+            return Vec::new();
+        };
+        nl.addresses(link.index())
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.addr().to_string())
+            .collect()
     })?;
     ensure(!have.is_empty(), || {
         format!("{ifname} is missing or has no addresses in the pod")

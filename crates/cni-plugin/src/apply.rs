@@ -6,7 +6,8 @@ use crate::plan::Plan;
 use cni_spec::error::{invalid_config, CniError, ErrorCode};
 use cni_spec::CniResult;
 use ipnet::IpNet;
-use netlink::{LinkInfo, Netlink, NlError, RouteSpec, VethEnd};
+use netlink::netlink_packet_route::link::LinkMessage;
+use netlink::{LinkInfo, Netlink, NlError, Request, RouteSpec, VethEnd};
 use netns::NetNs;
 use std::path::Path;
 
@@ -56,38 +57,24 @@ pub fn sysctl(path: &str, value: &str) -> Result<(), CniError> {
 
 /// Creates the attachment; on any failure after the veth pair exists, removes it again.
 /// Returns the bridge's MAC for the result.
-pub async fn add(plan: &Plan, pod_ns: &NetNs) -> Result<Option<[u8; 6]>, CniError> {
+///
+/// Three batches on the hot path: the bridge lookup (plus its gateway address), the veth pair,
+/// then one batch of changes per side.
+pub fn add(plan: &Plan, pod_ns: &NetNs) -> Result<Option<[u8; 6]>, CniError> {
     let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
-    let pod =
-        Netlink::connect_in(pod_ns).map_err(|e| io("opening netlink in the pod namespace", e))?;
     let mut bridge = None;
     if let Some(b) = &plan.bridge {
-        let (link, _) = host.ensure_bridge(&b.name, b.mtu).await.map_err(kernel)?;
+        let (link, _) = host.ensure_bridge(&b.name, b.mtu).map_err(kernel)?;
         let idx = link.index();
+        let mut changes = Vec::new();
         if !link.is_up() {
-            host.set_up(idx, &b.name).await.map_err(kernel)?;
+            changes.push(Request::set_up(idx, &b.name));
         }
         if b.promisc {
-            host.set_promisc(idx, &b.name, true).await.map_err(kernel)?;
+            changes.push(Request::set_promisc(idx, &b.name, true));
         }
-        if !b.gateway_addrs.is_empty() {
-            let existing = host.addresses(idx).await.map_err(kernel)?;
-            for gw in &b.gateway_addrs {
-                let clash = existing
-                    .iter()
-                    .find(|a| a.trunc() == gw.trunc() && a.addr() != gw.addr());
-                if let Some(old) = clash {
-                    if !b.force_address {
-                        return Err(invalid_config(format!(
-                            "bridge {} already has address {old}, not the gateway {gw}; set forceAddress to replace it",
-                            b.name
-                        )));
-                    }
-                    host.delete_address(idx, *old).await.map_err(kernel)?;
-                }
-                host.add_address(idx, *gw, true).await.map_err(kernel)?;
-            }
-        }
+        host.apply(changes).map_err(kernel)?;
+        ensure_gateways(&host, idx, b)?;
         bridge = Some((idx, link.mac()));
     }
     let host_end = VethEnd {
@@ -106,54 +93,86 @@ pub async fn add(plan: &Plan, pod_ns: &NetNs) -> Result<Option<[u8; 6]>, CniErro
         master: None,
         up: false,
     };
-    host.create_veth(&host_end, &pod_end)
-        .await
+    host.run(Request::create_veth(&host_end, &pod_end))
         .map_err(kernel)?;
-    let host_idx = match host.link_by_name(&plan.host.name).await.map_err(kernel)? {
-        Some(l) => l.index(),
-        None => {
-            return Err(CniError::new(
-                ErrorCode::Kernel,
-                format!("veth {} vanished after creation", plan.host.name),
-            ))
-        }
+    let Some(link) = host.link_by_name(&plan.host.name).map_err(kernel)? else {
+        return Err(CniError::new(
+            ErrorCode::Kernel,
+            format!("veth {} vanished after creation", plan.host.name),
+        ));
     };
-    let configured = configure(plan, &host, &pod, pod_ns, host_idx, bridge.is_some()).await;
+    let configured = configure(plan, &host, pod_ns, &link, bridge.is_some());
     if let Err(e) = configured {
-        let _ = host.delete_link(host_idx, &plan.host.name).await;
+        let _ = host.run(Request::delete_link(link.index(), &plan.host.name));
         return Err(e);
     }
     Ok(bridge.and_then(|(_, mac)| mac))
 }
 
-async fn configure(
+/// Gives the bridge its gateway addresses. Like the reference plugin, an address already there is
+/// the common case (one request); a new one must not share its subnet with another address
+/// unless `forceAddress` says to replace that one.
+fn ensure_gateways(host: &Netlink, idx: u32, b: &crate::plan::BridgePlan) -> Result<(), CniError> {
+    let adds = b
+        .gateway_addrs
+        .iter()
+        .map(|gw| Request::add_address(idx, *gw, true))
+        .collect();
+    let added = host.apply(adds).map_err(kernel)?;
+    if !added.contains(&true) {
+        return Ok(());
+    }
+    let existing = host.addresses(idx).map_err(kernel)?;
+    for (gw, _) in b.gateway_addrs.iter().zip(&added).filter(|(_, new)| **new) {
+        let clash = existing
+            .iter()
+            .find(|a| a.trunc() == gw.trunc() && a.addr() != gw.addr());
+        if let Some(old) = clash {
+            if !b.force_address {
+                let _ = host.run(Request::delete_address(idx, *gw));
+                return Err(invalid_config(format!(
+                    "bridge {} already has address {old}, not the gateway {gw}; set forceAddress to replace it",
+                    b.name
+                )));
+            }
+            host.run(Request::delete_address(idx, *old))
+                .map_err(kernel)?;
+        }
+    }
+    Ok(())
+}
+
+fn configure(
     plan: &Plan,
     host: &Netlink,
-    pod: &Netlink,
     pod_ns: &NetNs,
-    host_idx: u32,
+    host_link: &LinkMessage,
     bridged: bool,
 ) -> Result<(), CniError> {
-    host.set_alias(host_idx, &plan.host.alias)
-        .await
-        .map_err(kernel)?;
+    let host_idx = host_link.index();
+    let mut changes = vec![Request::set_alias(host_idx, &plan.host.alias)];
     if let Some(b) = plan
         .bridge
         .as_ref()
         .filter(|b| bridged && (b.hairpin || b.isolated))
     {
-        host.set_bridge_port(host_idx, &plan.host.name, b.hairpin, b.isolated)
-            .await
-            .map_err(kernel)?;
+        changes.push(Request::set_bridge_port(
+            host_idx,
+            &plan.host.name,
+            b.hairpin,
+            b.isolated,
+        ));
     }
     for a in &plan.host.addrs {
-        host.add_address(host_idx, *a, true).await.map_err(kernel)?;
+        changes.push(Request::add_address(host_idx, *a, true));
     }
     for r in &plan.host.routes {
         let mut spec = RouteSpec::new(*r, None, host_idx);
         spec.scope_link = true;
-        host.add_route(&spec).await.map_err(kernel)?;
+        changes.push(Request::add_route(&spec));
     }
+    host.apply(changes).map_err(kernel)?;
+
     let has_v6 = plan.pod.addrs.iter().any(|a| a.addr().is_ipv6());
     if plan.pod.nodad && has_v6 {
         // Also the link-local address, which IPv6 neighbour discovery starts from.
@@ -162,25 +181,31 @@ async fn configure(
             .run(|| sysctl(&key, "0"))
             .map_err(|e| io("entering the pod namespace", e))??;
     }
-    let pod_idx = match pod.link_by_name(&plan.pod.ifname).await.map_err(kernel)? {
-        Some(l) => l.index(),
-        None => {
-            return Err(CniError::new(
-                ErrorCode::Kernel,
-                format!("{} did not appear in the pod namespace", plan.pod.ifname),
-            ))
-        }
+    let pod =
+        Netlink::connect_in(pod_ns).map_err(|e| io("opening netlink in the pod namespace", e))?;
+    // The host end's IFLA_LINK names the pod end's index in the pod namespace.
+    let pod_idx = match host_link.peer_index() {
+        Some(i) => i,
+        None => pod
+            .link_by_name(&plan.pod.ifname)
+            .map_err(kernel)?
+            .map(|l| l.index())
+            .ok_or_else(|| {
+                CniError::new(
+                    ErrorCode::Kernel,
+                    format!("{} did not appear in the pod namespace", plan.pod.ifname),
+                )
+            })?,
     };
-    for a in &plan.pod.addrs {
-        pod.add_address(pod_idx, *a, plan.pod.nodad)
-            .await
-            .map_err(kernel)?;
-    }
-    pod.set_up(1, "lo").await.map_err(kernel)?;
+    let mut changes: Vec<Request> = plan
+        .pod
+        .addrs
+        .iter()
+        .map(|a| Request::add_address(pod_idx, *a, plan.pod.nodad))
+        .collect();
+    changes.push(Request::set_up(1, "lo"));
     if plan.pod.up {
-        pod.set_up(pod_idx, &plan.pod.ifname)
-            .await
-            .map_err(kernel)?;
+        changes.push(Request::set_up(pod_idx, &plan.pod.ifname));
         for r in &plan.pod.routes {
             let mut spec = RouteSpec::new(r.route.dst, r.route.gw, pod_idx);
             spec.scope_link = r.scope_link;
@@ -188,9 +213,10 @@ async fn configure(
             spec.adv_mss = r.route.adv_mss;
             spec.priority = r.route.priority;
             spec.table = r.route.table;
-            pod.add_route(&spec).await.map_err(kernel)?;
+            changes.push(Request::add_route(&spec));
         }
     }
+    pod.apply(changes).map_err(kernel)?;
     if plan.forward_v4 {
         sysctl("ipv4/ip_forward", "1")?;
     }
@@ -210,7 +236,7 @@ async fn configure(
 /// reference plugin's DEL). So DEL only *detaches* synchronously — both ends down (no packet moves
 /// from here on) and renamed (the pod's interface name and the host name are free for a new ADD at
 /// once) — and a detached reaper process performs the unregister. GC sweeps any a reaper missed.
-pub async fn del(
+pub fn del(
     network: &str,
     container_id: &str,
     ifname: &str,
@@ -218,43 +244,33 @@ pub async fn del(
 ) -> Result<(), CniError> {
     let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
     let name = naming::host_veth(network, container_id, ifname);
-    let link = match host.link_by_name(&name).await.map_err(kernel)? {
+    let link = match host.link_by_name(&name).map_err(kernel)? {
         Some(l) if l.alias() == Some(naming::alias(network, container_id, ifname).as_str()) => l,
         _ => return Ok(()),
     };
     let gone = naming::detached_alias(network);
     if let Some(pod) = pod_ns.and_then(|ns| Netlink::connect_in(ns).ok()) {
-        if let Some(peer) = pod.link_by_name(ifname).await.map_err(kernel)? {
+        if let Some(peer) = pod.link_by_name(ifname).map_err(kernel)? {
             // Only the peer of our host end: a veth's IFLA_LINK names its peer's index.
-            if peer_index(&peer) == Some(link.index()) {
-                pod.detach(peer.index(), &naming::detached_name(peer.index()), &gone)
-                    .await
+            if peer.peer_index() == Some(link.index()) {
+                let detached = naming::detached_name(peer.index());
+                pod.run(Request::detach(peer.index(), &detached, &gone))
                     .map_err(kernel)?;
             }
         }
     }
     let detached = naming::detached_name(link.index());
-    host.detach(link.index(), &detached, &gone)
-        .await
+    host.run(Request::detach(link.index(), &detached, &gone))
         .map_err(kernel)?;
     reap_in_background(detached);
     Ok(())
-}
-
-fn peer_index(link: &netlink::netlink_packet_route::link::LinkMessage) -> Option<u32> {
-    use netlink::netlink_packet_route::link::LinkAttribute;
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Link(i) => Some(*i),
-        _ => None,
-    })
 }
 
 /// Deletes `name` (in the calling thread's namespace) from a grandchild process with its stdio on
 /// /dev/null, so neither this process nor the runtime reading our stdout waits for it.
 fn reap_in_background(name: String) {
     use nix::unistd::{fork, ForkResult};
-    // SAFETY: the plugin is single-threaded here (current-thread runtime, no blocking pool); the
-    // children only make syscalls and start a fresh runtime on a new thread before _exit.
+    // SAFETY: the plugin is single-threaded; the children only make syscalls before _exit.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
             let _ = nix::sys::wait::waitpid(child, None);
@@ -271,18 +287,11 @@ fn reap_in_background(name: String) {
                     let _ = nix::unistd::dup2_stdout(&null);
                     let _ = nix::unistd::dup2_stderr(&null);
                 }
-                let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .ok()?;
-                    rt.block_on(async {
-                        let nl = Netlink::connect().ok()?;
-                        let link = nl.link_by_name(&name).await.ok()??;
-                        nl.delete_link(link.index(), &name).await.ok()
-                    })
-                })
-                .join();
+                if let Ok(nl) = Netlink::connect() {
+                    if let Ok(Some(link)) = nl.link_by_name(&name) {
+                        let _ = nl.run(Request::delete_link(link.index(), &name));
+                    }
+                }
             }
             unsafe { nix::libc::_exit(0) };
         }
@@ -291,7 +300,7 @@ fn reap_in_background(name: String) {
 }
 
 /// CHECK: the pod interface, its MAC, addresses and routes, and the host end, as `prev` says.
-pub async fn check(
+pub fn check(
     network: &str,
     container_id: &str,
     ifname: &str,
@@ -308,15 +317,11 @@ pub async fn check(
     let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
     let pod =
         Netlink::connect_in(netns).map_err(|e| io("opening netlink in the pod namespace", e))?;
-    let link = pod
-        .link_by_name(ifname)
-        .await
-        .map_err(kernel)?
-        .ok_or_else(|| {
-            fail(format!(
-                "interface {ifname} is missing from the pod namespace"
-            ))
-        })?;
+    let link = pod.link_by_name(ifname).map_err(kernel)?.ok_or_else(|| {
+        fail(format!(
+            "interface {ifname} is missing from the pod namespace"
+        ))
+    })?;
     if let Some(want) = &prev.interfaces[idx].mac {
         let have = link.mac().map(netlink::format_mac).unwrap_or_default();
         if !have.eq_ignore_ascii_case(want) {
@@ -325,7 +330,7 @@ pub async fn check(
             )));
         }
     }
-    let addrs = pod.addresses(link.index()).await.map_err(kernel)?;
+    let addrs = pod.addresses(link.index()).map_err(kernel)?;
     for ip in prev.ips.iter().filter(|i| i.interface == Some(idx)) {
         if !addrs.iter().any(|a| a.addr() == ip.address.addr()) {
             return Err(fail(format!(
@@ -344,7 +349,7 @@ pub async fn check(
         if want.is_empty() {
             continue;
         }
-        let have = pod.routes(v4).await.map_err(kernel)?;
+        let have = pod.routes(v4).map_err(kernel)?;
         for dst in want {
             if !have.iter().any(|(d, _, _)| d == dst) {
                 return Err(fail(format!("the pod has no route to {dst}")));
@@ -354,13 +359,11 @@ pub async fn check(
     let name = naming::host_veth(network, container_id, ifname);
     let host_link = host
         .link_by_name(&name)
-        .await
         .map_err(kernel)?
         .ok_or_else(|| fail(format!("host interface {name} is missing")))?;
     if let Some(bridge) = bridge {
         let b = host
             .link_by_name(bridge)
-            .await
             .map_err(kernel)?
             .ok_or_else(|| fail(format!("bridge {bridge} is missing")))?;
         if host_link.master() != Some(b.index()) {
@@ -373,10 +376,10 @@ pub async fn check(
 }
 
 /// GC: removes every flatnet veth of `network` whose attachment is not in `valid`.
-pub async fn gc(network: &str, valid: &[(String, String)]) -> Result<usize, CniError> {
+pub fn gc(network: &str, valid: &[(String, String)]) -> Result<usize, CniError> {
     let host = Netlink::connect().map_err(|e| io("opening netlink", e))?;
     let mut removed = 0;
-    for link in host.links().await.map_err(kernel)? {
+    for link in host.links().map_err(kernel)? {
         let Some((id, ifname)) = link.alias().and_then(|a| naming::parse_alias(network, a)) else {
             continue;
         };
@@ -384,9 +387,11 @@ pub async fn gc(network: &str, valid: &[(String, String)]) -> Result<usize, CniE
             .iter()
             .any(|(v_id, v_if)| v_id == id && v_if == ifname)
         {
-            host.delete_link(link.index(), link.name().unwrap_or("?"))
-                .await
-                .map_err(kernel)?;
+            host.run(Request::delete_link(
+                link.index(),
+                link.name().unwrap_or("?"),
+            ))
+            .map_err(kernel)?;
             removed += 1;
         }
     }

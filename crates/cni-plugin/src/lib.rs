@@ -91,13 +91,9 @@ fn dispatch(
         _ => {}
     }
     common.runtime.merge_cni_args(&inv.args)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| cni_spec::error::io_error("starting runtime", e))?;
     let result = if common.plugin_type == PLUGIN_TYPE {
         let conf = NetConf::parse(&raw)?;
-        rt.block_on(network::run(&inv, &common, &conf, &raw))?
+        network::run(&inv, &common, &conf, &raw)?
     } else if common.ipam_type() == Some(PLUGIN_TYPE) {
         ipam_only(&inv, &common)?
     } else {
@@ -221,7 +217,7 @@ mod network {
         }
     }
 
-    pub async fn run(
+    pub fn run(
         inv: &Invocation,
         common: &Common,
         conf: &NetConf,
@@ -229,7 +225,7 @@ mod network {
     ) -> Result<Option<CniResult>, CniError> {
         let ipam = Ipam::of(common)?;
         match inv.command {
-            Command::Add => add(inv, common, conf, raw, &ipam).await.map(Some),
+            Command::Add => add(inv, common, conf, raw, &ipam).map(Some),
             Command::Del => {
                 // Devices first, then addresses: an address is never free while a pod still uses it.
                 let pod_ns = inv
@@ -241,8 +237,7 @@ mod network {
                     &inv.container_id,
                     &inv.ifname,
                     pod_ns.as_ref(),
-                )
-                .await?;
+                )?;
                 ipam.call(inv, common, raw, Command::Del)?;
                 Ok(None)
             }
@@ -261,13 +256,12 @@ mod network {
                     bridge,
                     &ns,
                     prev,
-                )
-                .await?;
+                )?;
                 ipam.call(inv, common, raw, Command::Check)?;
                 Ok(None)
             }
             Command::Gc => {
-                apply::gc(&common.name, &common.valid_attachments).await?;
+                apply::gc(&common.name, &common.valid_attachments)?;
                 ipam.call(inv, common, raw, Command::Gc)?;
                 Ok(None)
             }
@@ -285,7 +279,7 @@ mod network {
         }
     }
 
-    async fn add(
+    fn add(
         inv: &Invocation,
         common: &Common,
         conf: &NetConf,
@@ -316,7 +310,7 @@ mod network {
             netns: netns.to_path_buf(),
         };
         let plan = plan::plan(conf, &att, &addrs, common.runtime.mac);
-        match apply::add(&plan, &pod_ns).await {
+        match apply::add(&plan, &pod_ns) {
             Ok(bridge_mac) => {
                 let ours = plan.result(&addrs, bridge_mac, &netns.display().to_string());
                 Ok(plan::merge(common.prev_result.as_ref(), ours))
