@@ -324,6 +324,9 @@ fn aligned(len: usize) -> usize {
     (len + 3) & !3
 }
 
+/// A route as read back: destination, gateway, output interface.
+pub type RouteEntry = (IpNet, Option<IpAddr>, Option<u32>);
+
 type Replies = Result<Option<Vec<RouteNetlinkMessage>>>;
 
 impl Netlink {
@@ -538,8 +541,8 @@ impl Netlink {
             .collect())
     }
 
-    /// Routes of one family in the main table, as (dst, gateway, output interface).
-    pub fn routes(&self, v4: bool) -> Result<Vec<(IpNet, Option<IpAddr>, Option<u32>)>> {
+    /// Routes of one family in the main table.
+    pub fn routes(&self, v4: bool) -> Result<Vec<RouteEntry>> {
         let filter = if v4 {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         } else {
