@@ -41,8 +41,7 @@ pub struct Request {
 
 /// Reserves one address per range set for the attachment; all or nothing.
 pub fn allocate(cfg: &IpamConfig, req: &Request) -> Result<CniResult, CniError> {
-    let store = Store::open(&cfg.data_dir, &cfg.network)?;
-    let _lock = store.lock()?;
+    let (store, _lock) = Store::open_locked(&cfg.data_dir, &cfg.network)?;
     let mut requested = req.requested.clone();
     let mut reserved: Vec<IpAddr> = Vec::new();
     let result = (|| {
@@ -142,8 +141,7 @@ pub fn release(
     container_id: &str,
     ifname: &str,
 ) -> Result<Vec<IpAddr>, CniError> {
-    let store = Store::open(&cfg.data_dir, &cfg.network)?;
-    let _lock = store.lock()?;
+    let (store, _lock) = Store::open_locked(&cfg.data_dir, &cfg.network)?;
     let ips = store.find(container_id, ifname)?;
     for ip in &ips {
         store.release_ip(*ip)?;
@@ -153,15 +151,13 @@ pub fn release(
 
 /// The addresses the attachment holds, for CHECK.
 pub fn held(cfg: &IpamConfig, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
-    let store = Store::open(&cfg.data_dir, &cfg.network)?;
-    let _lock = store.lock()?;
+    let (store, _lock) = Store::open_locked(&cfg.data_dir, &cfg.network)?;
     store.find(container_id, ifname)
 }
 
 /// Frees every lease whose attachment is not in `valid`; returns what it freed.
 pub fn gc(cfg: &IpamConfig, valid: &[(String, String)]) -> Result<Vec<Lease>, CniError> {
-    let store = Store::open(&cfg.data_dir, &cfg.network)?;
-    let _lock = store.lock()?;
+    let (store, _lock) = Store::open_locked(&cfg.data_dir, &cfg.network)?;
     let mut freed = Vec::new();
     for lease in store.leases()? {
         let keep = valid.iter().any(|(id, ifname)| {
@@ -177,10 +173,7 @@ pub fn gc(cfg: &IpamConfig, valid: &[(String, String)]) -> Result<Vec<Lease>, Cn
 
 /// STATUS: can the next ADD get an address? (The data dir is writable and each set has room.)
 pub fn status(cfg: &IpamConfig) -> Result<(), CniError> {
-    let store = Store::open(&cfg.data_dir, &cfg.network)
-        .map_err(|e| CniError::new(ErrorCode::NotAvailable, e.to_string()))?;
-    let _lock = store
-        .lock()
+    let (store, _lock) = Store::open_locked(&cfg.data_dir, &cfg.network)
         .map_err(|e| CniError::new(ErrorCode::NotAvailable, e.to_string()))?;
     for (idx, set) in cfg.ranges.iter().enumerate() {
         let mut free = false;

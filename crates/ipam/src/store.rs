@@ -22,27 +22,37 @@ pub struct Lease {
 }
 
 impl Store {
-    /// Opens (creating if needed) `<data_dir>/<network>`. The network name was validated by the
-    /// caller to the spec's name rules, so it cannot climb out of `data_dir`.
-    pub fn open(data_dir: &Path, network: &str) -> Result<Store, CniError> {
+    /// Opens `<data_dir>/<network>` (created on first use) and holds its exclusive lock until
+    /// the returned guard drops. The network name was validated by the caller to the spec's
+    /// name rules, so it cannot climb out of `data_dir`.
+    pub fn open_locked(data_dir: &Path, network: &str) -> Result<(Store, Flock<File>), CniError> {
         debug_assert!(cni_spec::env::is_valid_name(network));
-        let dir = data_dir.join(network);
-        fs::create_dir_all(&dir)
-            .map_err(|e| io(format!("creating lease directory {}", dir.display()), e))?;
-        Ok(Store { dir })
-    }
-
-    /// Holds the directory's exclusive lock until dropped.
-    pub fn lock(&self) -> Result<Flock<File>, CniError> {
-        let path = self.dir.join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io(format!("opening {}", path.display()), e))?;
-        Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| io(format!("locking {}", path.display()), errno.into()))
+        let store = Store {
+            dir: data_dir.join(network),
+        };
+        let path = store.dir.join("lock");
+        let open = || {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        };
+        // The directory exists on every call but the first: try the lock file first.
+        let f = match open() {
+            Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(&store.dir)
+                .map_err(|e| {
+                    io(
+                        format!("creating lease directory {}", store.dir.display()),
+                        e,
+                    )
+                })
+                .and_then(|()| open().map_err(|e| io(format!("opening {}", path.display()), e))),
+            other => other.map_err(|e| io(format!("opening {}", path.display()), e)),
+        }?;
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io(format!("locking {}", path.display()), errno.into()))?;
+        Ok((store, lock))
     }
 
     fn lease_path(&self, ip: IpAddr) -> PathBuf {
@@ -57,9 +67,6 @@ impl Store {
     /// place, so it appears whole or not at all, and the link fails if the address is taken.
     pub fn reserve(&self, ip: IpAddr, container_id: &str, ifname: &str) -> Result<bool, CniError> {
         let target = self.lease_path(ip);
-        if target.exists() {
-            return Ok(false);
-        }
         let tmp = self.dir.join(format!(".tmp-{ip}-{}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new()
