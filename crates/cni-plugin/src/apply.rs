@@ -93,14 +93,7 @@ pub fn add(plan: &Plan, pod_ns: &NetNs) -> Result<Option<[u8; 6]>, CniError> {
         master: None,
         up: false,
     };
-    host.run(Request::create_veth(&host_end, &pod_end))
-        .map_err(kernel)?;
-    let Some(link) = host.link_by_name(&plan.host.name).map_err(kernel)? else {
-        return Err(CniError::new(
-            ErrorCode::Kernel,
-            format!("veth {} vanished after creation", plan.host.name),
-        ));
-    };
+    let link = host.create_veth(&host_end, &pod_end).map_err(kernel)?;
     let configured = configure(plan, &host, pod_ns, &link, bridge.is_some());
     if let Err(e) = configured {
         let _ = host.run(Request::delete_link(link.index(), &plan.host.name));

@@ -10,10 +10,13 @@
 
 use ipnet::IpNet;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
 };
@@ -102,7 +105,7 @@ impl Request {
     }
 
     /// A veth pair in one request; the peer may be born in another namespace, enslaved and up.
-    pub fn create_veth(host: &VethEnd, peer: &VethEnd) -> Request {
+    fn create_veth(host: &VethEnd, peer: &VethEnd) -> Request {
         let end = |e: &VethEnd| {
             let mut b = LinkMessageBuilder::<LinkUnspec>::new()
                 .name(e.name.clone())
@@ -472,9 +475,12 @@ impl Netlink {
             .expect("one reply per request")
     }
 
-    /// The link called `name`, or `None` if there is none.
+    /// The link called `name`, or `None` if there is none. (Without its counters, which are a
+    /// good part of what the kernel would otherwise fill in.)
     pub fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
-        let msg = LinkUnspec::new_with_name(name).build();
+        let msg = LinkUnspec::new_with_name(name)
+            .append_extra_attribute(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]))
+            .build();
         let replies = self.query(
             RouteNetlinkMessage::GetLink(msg),
             CHANGE,
@@ -502,6 +508,31 @@ impl Netlink {
                 _ => None,
             })
             .collect())
+    }
+
+    /// Creates a veth pair and returns its local end as the kernel reports it (index, and the
+    /// peer's index as IFLA_LINK). Kernels since 6.3 echo the new link with the ack; older ones
+    /// are asked.
+    pub fn create_veth(&self, host: &VethEnd, peer: &VethEnd) -> Result<LinkMessage> {
+        let mut req = Request::create_veth(host, peer);
+        req.flags |= NLM_F_ECHO;
+        let op = req.op.clone();
+        let replies = self
+            .exchange(vec![req])
+            .pop()
+            .expect("one reply per request")?;
+        let echoed = replies.into_iter().flatten().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) if l.name() == Some(host.name.as_str()) => Some(l),
+            _ => None,
+        });
+        match echoed {
+            Some(l) => Ok(l),
+            None => self.link_by_name(&host.name)?.ok_or_else(|| NlError {
+                op,
+                errno: None,
+                detail: "the new link vanished".into(),
+            }),
+        }
     }
 
     /// Creates a bridge (up) unless one of that name exists; returns it and whether it is new.
