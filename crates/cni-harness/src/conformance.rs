@@ -134,6 +134,7 @@ impl<'a> Suite<'a> {
             .cloned()
             .unwrap_or_else(|| self.list.cni_version.clone());
         self.del_without_netns(&latest)?;
+        self.chained_add(&latest)?;
         self.check("DEL of an attachment never added succeeds", |s| {
             let att = Attachment {
                 container_id: "never-added".into(),
@@ -211,6 +212,51 @@ impl<'a> Suite<'a> {
             s.rt.del(&s.list, v, &att, added.then_some(&result))
                 .map_err(|e| e.to_string())
         });
+        Ok(())
+    }
+
+    /// The spec: a plugin handed a prevResult must output it, with its own changes added. The
+    /// first plugin of the list is run as if a plugin before it had attached `chain0`.
+    fn chained_add(&mut self, v: &str) -> std::io::Result<()> {
+        let pod = TempNetNs::new("cnic-pod")?;
+        let att = self.attachment(&pod);
+        let sandbox = pod.path().display().to_string();
+        let mut ip = json!({"address": "192.0.2.10/32", "interface": 0});
+        if v < "1.0.0" {
+            ip["version"] = json!("4");
+        }
+        let prev = json!({"cniVersion": v, "interfaces": [{"name": "chain0", "sandbox": sandbox}],
+                          "ips": [ip], "routes": [{"dst": "198.51.100.0/24"}]});
+        self.check(
+            "[chain] ADD given a prevResult returns it with its own additions",
+            |s| {
+                let r =
+                    s.rt.call(&s.list, 0, v, "ADD", &att, Some(&prev))
+                        .map_err(|e| e.to_string())?;
+                let out = r.json().unwrap_or(Value::Null);
+                let _ = s.rt.call(&s.list, 0, v, "DEL", &att, Some(&out));
+                let has = |key: &str, field: &str, want: &str| {
+                    out[key]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|x| x[field] == want)
+                };
+                ensure(has("interfaces", "name", "chain0"), || {
+                    format!("prevResult's interface chain0 is missing: {out}")
+                })?;
+                ensure(has("ips", "address", "192.0.2.10/32"), || {
+                    format!("prevResult's address 192.0.2.10/32 is missing: {out}")
+                })?;
+                ensure(has("routes", "dst", "198.51.100.0/24"), || {
+                    format!("prevResult's route 198.51.100.0/24 is missing: {out}")
+                })?;
+                ensure(
+                    out["interfaces"].as_array().is_some_and(|a| a.len() > 1),
+                    || format!("the plugin added no interface of its own: {out}"),
+                )
+            },
+        );
         Ok(())
     }
 
