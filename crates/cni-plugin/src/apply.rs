@@ -344,7 +344,7 @@ pub fn check(
         }
         let have = pod.routes(v4).map_err(kernel)?;
         for dst in want {
-            if !have.iter().any(|(d, _, _)| d == dst) {
+            if !have.iter().any(|r| r.dst == *dst) {
                 return Err(fail(format!("the pod has no route to {dst}")));
             }
         }

@@ -11,20 +11,24 @@
 use ipnet::IpNet;
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage,
 };
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
-    RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+    RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use rtnetlink::{
     AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
-    RouteMessageBuilder,
+    LinkVxlan, RouteMessageBuilder,
 };
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -51,6 +55,7 @@ impl std::error::Error for NlError {}
 pub const EEXIST: i32 = 17;
 pub const ENODEV: i32 = 19;
 const ESRCH: i32 = 3;
+const ENOENT: i32 = 2;
 const EADDRNOTAVAIL: i32 = 99;
 
 impl NlError {
@@ -89,8 +94,20 @@ pub struct Request {
 
 const CHANGE: u16 = NLM_F_REQUEST | NLM_F_ACK;
 const CREATE: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+const REPLACE: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
 
 impl Request {
+    /// Whether this request removes something (deletions go first in a reconcile batch).
+    pub fn is_delete(&self) -> bool {
+        matches!(
+            self.msg,
+            RouteNetlinkMessage::DelLink(_)
+                | RouteNetlinkMessage::DelAddress(_)
+                | RouteNetlinkMessage::DelRoute(_)
+                | RouteNetlinkMessage::DelNeighbour(_)
+        )
+    }
+
     fn new(msg: RouteNetlinkMessage, flags: u16, op: String, fine: &'static [i32]) -> Request {
         Request {
             msg,
@@ -261,6 +278,122 @@ impl Request {
         )
     }
 
+    /// Adds or replaces a route (same destination, table and metric).
+    pub fn replace_route(r: &RouteSpec) -> Request {
+        Request::new(
+            RouteNetlinkMessage::NewRoute(route_message(r)),
+            REPLACE,
+            format!("setting route {}", describe(r)),
+            &[],
+        )
+    }
+
+    /// A VXLAN device that does not learn: every remote is programmed (FDB + neighbour).
+    pub fn create_vxlan(v: &VxlanSpec) -> Request {
+        let msg = LinkVxlan::new(&v.name, v.vni)
+            .local(v.local)
+            .dev(v.dev)
+            .port(v.port)
+            .learning(false)
+            .mtu(v.mtu)
+            .address(v.mac.to_vec())
+            .up()
+            .build();
+        Request::new(
+            RouteNetlinkMessage::NewLink(msg),
+            CREATE,
+            format!("creating VXLAN device {}", v.name),
+            &[],
+        )
+    }
+
+    fn neighbour(
+        family: AddressFamily,
+        dev: u32,
+        attrs: Vec<NeighbourAttribute>,
+    ) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = family;
+        m.header.ifindex = dev;
+        m.header.state = NeighbourState::Permanent;
+        m.header.kind = RouteType::Unspec;
+        m.attributes = attrs;
+        m
+    }
+
+    fn neighbour_ip(ip: IpAddr) -> (AddressFamily, NeighbourAttribute) {
+        match ip {
+            IpAddr::V4(v4) => (
+                AddressFamily::Inet,
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)),
+            ),
+            IpAddr::V6(v6) => (
+                AddressFamily::Inet6,
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)),
+            ),
+        }
+    }
+
+    /// A permanent neighbour entry: `ip` is at `mac` on `dev`.
+    pub fn replace_neighbour(dev: u32, ip: IpAddr, mac: [u8; 6]) -> Request {
+        let (family, dst) = Request::neighbour_ip(ip);
+        let m = Request::neighbour(
+            family,
+            dev,
+            vec![dst, NeighbourAttribute::LinkLayerAddress(mac.to_vec())],
+        );
+        Request::new(
+            RouteNetlinkMessage::NewNeighbour(m),
+            REPLACE,
+            format!("setting neighbour {ip}"),
+            &[],
+        )
+    }
+
+    pub fn delete_neighbour(dev: u32, ip: IpAddr) -> Request {
+        let (family, dst) = Request::neighbour_ip(ip);
+        let m = Request::neighbour(family, dev, vec![dst]);
+        Request::new(
+            RouteNetlinkMessage::DelNeighbour(m),
+            CHANGE,
+            format!("deleting neighbour {ip}"),
+            &[ENOENT],
+        )
+    }
+
+    /// A forwarding entry of a VXLAN device: frames for `mac` are sent to the VTEP at `dst`.
+    pub fn replace_fdb(dev: u32, mac: [u8; 6], dst: IpAddr) -> Request {
+        let (_, dst_attr) = Request::neighbour_ip(dst);
+        let mut m = Request::neighbour(
+            AddressFamily::Bridge,
+            dev,
+            vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec()), dst_attr],
+        );
+        m.header.flags = NeighbourFlags::Own;
+        Request::new(
+            RouteNetlinkMessage::NewNeighbour(m),
+            REPLACE,
+            format!("setting FDB entry {} -> {dst}", format_mac(mac)),
+            &[],
+        )
+    }
+
+    pub fn delete_fdb(dev: u32, mac: [u8; 6], dst: IpAddr) -> Request {
+        let (_, dst_attr) = Request::neighbour_ip(dst);
+        let mut m = Request::neighbour(
+            AddressFamily::Bridge,
+            dev,
+            vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec()), dst_attr],
+        );
+        m.header.flags = NeighbourFlags::Own;
+        Request::new(
+            RouteNetlinkMessage::DelNeighbour(m),
+            CHANGE,
+            format!("deleting FDB entry {}", format_mac(mac)),
+            &[ENOENT],
+        )
+    }
+
     /// Deletes a route; one already gone is not an error.
     pub fn delete_route(r: &RouteSpec) -> Request {
         Request::new(
@@ -299,6 +432,8 @@ pub struct RouteSpec {
     pub gw: Option<IpAddr>,
     pub dev: u32,
     pub scope_link: bool,
+    /// The gateway is on the link even though no address says so (VXLAN: the remote's VTEP).
+    pub onlink: bool,
     pub protocol: Option<u8>,
     pub table: Option<u32>,
     pub priority: Option<u32>,
@@ -313,6 +448,7 @@ impl RouteSpec {
             gw,
             dev,
             scope_link: false,
+            onlink: false,
             protocol: None,
             table: None,
             priority: None,
@@ -322,13 +458,32 @@ impl RouteSpec {
     }
 }
 
+/// A VXLAN device as flatnet programs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    /// The underlay address packets leave from (the node IP).
+    pub local: std::net::Ipv4Addr,
+    /// The underlay device.
+    pub dev: u32,
+    pub port: u16,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+}
+
+/// A neighbour or FDB entry as read back: the IP (neighbour) or VTEP (FDB) and the MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+    pub permanent: bool,
+}
+
 /// Netlink messages are padded to 4 bytes.
 fn aligned(len: usize) -> usize {
     (len + 3) & !3
 }
-
-/// A route as read back: destination, gateway, output interface.
-pub type RouteEntry = (IpNet, Option<IpAddr>, Option<u32>);
 
 type Replies = Result<Option<Vec<RouteNetlinkMessage>>>;
 
@@ -572,8 +727,8 @@ impl Netlink {
             .collect())
     }
 
-    /// Routes of one family in the main table.
-    pub fn routes(&self, v4: bool) -> Result<Vec<RouteEntry>> {
+    /// Routes of one family in the main table, read back as specs.
+    pub fn routes(&self, v4: bool) -> Result<Vec<RouteSpec>> {
         let filter = if v4 {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         } else {
@@ -585,38 +740,99 @@ impl Netlink {
             "listing routes".into(),
             &[],
         )?;
-        let unspecified: IpAddr = if v4 {
-            [0u8; 4].into()
-        } else {
-            [0u16; 8].into()
-        };
         Ok(replies
             .into_iter()
             .flatten()
-            .filter_map(|m| {
-                let RouteNetlinkMessage::NewRoute(m) = m else {
-                    return None;
-                };
-                let mut dst = None;
-                let mut gw = None;
-                let mut oif = None;
-                for a in &m.attributes {
-                    match a {
-                        RouteAttribute::Destination(d) => dst = route_addr(d),
-                        RouteAttribute::Gateway(g) => gw = route_addr(g),
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        _ => {}
-                    }
-                }
-                let net = IpNet::new(
-                    dst.unwrap_or(unspecified),
-                    m.header.destination_prefix_length,
-                )
-                .ok()?;
-                Some((net, gw, oif))
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(m) => route_spec(&m, v4),
+                _ => None,
             })
             .collect())
     }
+
+    /// Neighbour entries (`bridge_fdb` false) or FDB entries (true) of device `dev`.
+    pub fn neighbours(&self, dev: u32, bridge_fdb: bool) -> Result<Vec<Neighbour>> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = if bridge_fdb {
+            AddressFamily::Bridge
+        } else {
+            AddressFamily::Unspec
+        };
+        let replies = self.query(
+            RouteNetlinkMessage::GetNeighbour(m),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            "listing neighbours".into(),
+            &[],
+        )?;
+        Ok(replies
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == dev => {
+                    let mut ip = None;
+                    let mut mac = None;
+                    for a in &n.attributes {
+                        match a {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                                ip = Some(IpAddr::V4(*v4))
+                            }
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                                ip = Some(IpAddr::V6(*v6))
+                            }
+                            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                                mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]])
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Neighbour {
+                        ip: ip?,
+                        mac: mac?,
+                        permanent: n.header.state == NeighbourState::Permanent,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// A dumped route as a [`RouteSpec`]; routes of other tables than main are skipped.
+fn route_spec(m: &RouteMessage, v4: bool) -> Option<RouteSpec> {
+    let mut dst = None;
+    let mut gw = None;
+    let mut oif = None;
+    let mut table = u32::from(m.header.table);
+    let mut priority = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = route_addr(d),
+            RouteAttribute::Gateway(g) => gw = route_addr(g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => priority = Some(*p),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    let unspecified: IpAddr = if v4 {
+        [0u8; 4].into()
+    } else {
+        [0u16; 8].into()
+    };
+    let net = IpNet::new(
+        dst.unwrap_or(unspecified),
+        m.header.destination_prefix_length,
+    )
+    .ok()?;
+    let mut spec = RouteSpec::new(net, gw, oif.unwrap_or(0));
+    spec.scope_link = m.header.scope == RouteScope::Link;
+    spec.onlink = m.header.flags.contains(RouteFlags::Onlink);
+    spec.protocol = Some(u8::from(m.header.protocol));
+    spec.priority = priority;
+    Some(spec)
 }
 
 fn route_addr(a: &netlink_packet_route::route::RouteAddress) -> Option<IpAddr> {
@@ -656,6 +872,9 @@ fn route_message(r: &RouteSpec) -> RouteMessage {
         b = b.priority(p);
     }
     let mut msg = b.build();
+    if r.onlink {
+        msg.header.flags |= RouteFlags::Onlink;
+    }
     if msg.header.address_family == AddressFamily::Unspec {
         msg.header.address_family = if r.dst.addr().is_ipv4() {
             AddressFamily::Inet

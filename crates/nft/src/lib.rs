@@ -60,3 +60,24 @@ pub fn available() -> bool {
 pub fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace(['"', '\\'], "_"))
 }
+
+/// The ruleset of one table (`family name`, e.g. `ip flatnet-routing`), or `None` if it does not
+/// exist, in the calling thread's network namespace.
+pub fn list_table(table: &str) -> Result<Option<String>, NftError> {
+    let mut args = vec!["list", "table"];
+    args.extend(table.split_whitespace());
+    let out = Command::new(NFT)
+        .args(&args)
+        .output()
+        .map_err(|e| NftError(format!("running {NFT} (install the nftables package): {e}")))?;
+    if out.status.success() {
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    } else if String::from_utf8_lossy(&out.stderr).contains("No such file or directory") {
+        Ok(None)
+    } else {
+        Err(NftError(format!(
+            "{NFT} list table {table}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}

@@ -1,0 +1,184 @@
+//! Multi-document YAML manifests into typed objects. Kinds a part does not use yet are kept as
+//! raw values, so a file written for a real cluster loads whole.
+
+use crate::lab::LabSpec;
+use crate::{is_dns_subdomain, ModelError};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Default)]
+pub struct Manifests {
+    pub lab: Option<LabSpec>,
+    pub pods: Vec<Pod>,
+    pub deployments: Vec<Deployment>,
+    pub nodes: Vec<Node>,
+    /// Other kinds (Service, ConfigMap, …), for the parts that read them.
+    pub other: Vec<Value>,
+}
+
+/// "Kind namespace/name" for messages.
+pub fn describe(kind: &str, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+impl Manifests {
+    /// Parses every document of `text`; `origin` (a file name) prefixes errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Manifests, ModelError> {
+        let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+            .map_err(|e| ModelError::new(origin, "", format!("not valid YAML: {e}")))?;
+        let mut m = Manifests::default();
+        for (i, doc) in docs.into_iter().enumerate() {
+            m.add(doc).map_err(|e| {
+                ModelError::new(
+                    format!("{origin} (document {}): {}", i + 1, e.object),
+                    e.field,
+                    e.message,
+                )
+            })?;
+        }
+        Ok(m)
+    }
+
+    /// Adds one object.
+    pub fn add(&mut self, doc: Value) -> Result<(), ModelError> {
+        if doc.is_null() {
+            return Ok(());
+        }
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let ns = doc.pointer("/metadata/namespace").and_then(Value::as_str);
+        if kind.is_empty() {
+            return Err(ModelError::new("object", "kind", "missing"));
+        }
+        if doc.get("apiVersion").and_then(Value::as_str).is_none() {
+            return Err(ModelError::new(
+                describe(kind, ns, name),
+                "apiVersion",
+                "missing",
+            ));
+        }
+        let object = describe(
+            kind,
+            if kind == "Node" || kind == "Lab" {
+                None
+            } else {
+                Some(ns.unwrap_or("default"))
+            },
+            name,
+        );
+        let typed = |e: serde_json::Error| ModelError::new(&object, "", e.to_string());
+        match kind {
+            "Lab" => {
+                if self.lab.is_some() {
+                    return Err(ModelError::new(
+                        object,
+                        "",
+                        "a second Lab document; one file describes one lab",
+                    ));
+                }
+                self.lab = Some(LabSpec::from_value(&doc)?);
+                return Ok(());
+            }
+            _ if !is_dns_subdomain(name) => {
+                return Err(ModelError::new(
+                    object,
+                    "metadata.name",
+                    format!(
+                        "{name:?} is not a valid name (lower-case letters, digits, '-' and '.')"
+                    ),
+                ))
+            }
+            "Pod" => self.pods.push(serde_json::from_value(doc).map_err(typed)?),
+            "Deployment" => self
+                .deployments
+                .push(serde_json::from_value(doc).map_err(typed)?),
+            "Node" => self.nodes.push(serde_json::from_value(doc).map_err(typed)?),
+            _ => self.other.push(doc),
+        }
+        Ok(())
+    }
+
+    /// Adds everything from `other` (later files win nothing: duplicates are kept for the caller
+    /// to judge).
+    pub fn extend(&mut self, other: Manifests) -> Result<(), ModelError> {
+        if let Some(l) = other.lab {
+            if self.lab.is_some() {
+                return Err(ModelError::new(
+                    format!("Lab {}", l.name),
+                    "",
+                    "a second Lab document; one lab per run",
+                ));
+            }
+            self.lab = Some(l);
+        }
+        self.pods.extend(other.pods);
+        self.deployments.extend(other.deployments);
+        self.nodes.extend(other.nodes);
+        self.other.extend(other.other);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_several_kinds_from_one_file() {
+        let m = Manifests::parse(
+            r#"
+apiVersion: flatnet.dev/v1alpha1
+kind: Lab
+metadata: {name: t}
+spec: {nodes: 2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  containers: [{name: c, image: busybox, command: [sleep, "1000"]}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api, namespace: shop}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec: {ports: [{port: 80}]}
+"#,
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(m.lab.unwrap().nodes.len(), 2);
+        assert_eq!(m.pods.len(), 1);
+        assert_eq!(m.deployments[0].spec.replicas, Some(3));
+        assert_eq!(m.other.len(), 1);
+    }
+
+    #[test]
+    fn errors_say_which_document() {
+        let e = Manifests::parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\n",
+            "x.yaml",
+        )
+        .unwrap_err();
+        assert!(e.object.contains("x.yaml (document 1)"), "{e}");
+        assert_eq!(e.field, "metadata.name");
+        let e = Manifests::parse("kind: Pod\nmetadata: {name: a}\n", "x.yaml").unwrap_err();
+        assert_eq!(e.field, "apiVersion", "{e}");
+    }
+}
