@@ -704,8 +704,8 @@ impl Netlink {
         Ok((link, created))
     }
 
-    /// The addresses of link `index`.
-    pub fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+    /// Every address in the namespace, with the index of its link.
+    pub fn all_addresses(&self) -> Result<Vec<(u32, IpNet)>> {
         let replies = self.query(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
             NLM_F_REQUEST | NLM_F_DUMP,
@@ -716,14 +716,24 @@ impl Netlink {
             .into_iter()
             .flatten()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
-                    a.attributes.iter().find_map(|at| match at {
-                        AddressAttribute::Address(ip) => IpNet::new(*ip, a.header.prefix_len).ok(),
-                        _ => None,
-                    })
-                }
+                RouteNetlinkMessage::NewAddress(a) => a.attributes.iter().find_map(|at| match at {
+                    AddressAttribute::Address(ip) => {
+                        IpNet::new(*ip, a.header.prefix_len).ok().map(|n| (a.header.index, n))
+                    }
+                    _ => None,
+                }),
                 _ => None,
             })
+            .collect())
+    }
+
+    /// The addresses of link `index`.
+    pub fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        Ok(self
+            .all_addresses()?
+            .into_iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, a)| a)
             .collect())
     }
 

@@ -1,0 +1,395 @@
+//! The lab planner: pure functions from the lab document and the manifests to the lab's shape —
+//! node addresses and pod CIDRs (what the node IPAM controller writes into `Node.spec.podCIDR`),
+//! the pods Deployments stand for, and which node each pod runs on (the scheduler's job, kept to
+//! nodeName, nodeSelector and spreading).
+
+use cluster::manifests::describe;
+use cluster::{LabSpec, Manifests, ModelError, NodeSpec};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::PodSpec;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// One node as built: its stable id (for short link names), underlay place and pod CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePlan {
+    pub name: String,
+    pub id: u32,
+    pub subnet: usize,
+    pub ip: Ipv4Addr,
+    pub underlay: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodePlan {
+    /// The node's labels as the scheduler sees them (with the well-known hostname label).
+    pub fn scheduling_labels(&self) -> BTreeMap<String, String> {
+        let mut l = self.labels.clone();
+        l.insert("kubernetes.io/hostname".into(), self.name.clone());
+        l
+    }
+}
+
+/// The router's address on an underlay subnet.
+pub fn router_ip(subnet: Ipv4Net) -> Ipv4Addr {
+    subnet.hosts().next().expect("a subnet with hosts")
+}
+
+/// Gives every node of `spec` an address and a pod CIDR. Nodes already in `existing` keep theirs;
+/// new ones take the lowest free pod CIDR, address and id.
+pub fn allocate_nodes(spec: &LabSpec, existing: &[NodePlan]) -> Result<Vec<NodePlan>, ModelError> {
+    let mut out: Vec<NodePlan> = Vec::new();
+    let mut used_cidrs: BTreeSet<Ipv4Net> = BTreeSet::new();
+    let mut used_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut used_ids: BTreeSet<u32> = BTreeSet::new();
+    for n in &spec.nodes {
+        if let Some(e) = existing.iter().find(|e| e.name == n.name) {
+            used_cidrs.insert(e.pod_cidr);
+            used_ips.insert(e.ip);
+            used_ids.insert(e.id);
+        }
+    }
+    let mut cidrs = spec
+        .cluster_cidr
+        .subnets(spec.node_cidr_mask_size)
+        .expect("validated mask");
+    for n in &spec.nodes {
+        if let Some(e) = existing.iter().find(|e| e.name == n.name) {
+            out.push(NodePlan { labels: n.labels.clone(), ..e.clone() });
+            continue;
+        }
+        let object = format!("Lab {}", spec.name);
+        let pod_cidr = cidrs
+            .find(|c| !used_cidrs.contains(c))
+            .ok_or_else(|| ModelError::new(&object, "spec.clusterCIDR", "no pod CIDR left for another node"))?;
+        used_cidrs.insert(pod_cidr);
+        let underlay = spec.underlay.subnets[n.subnet];
+        let gateway = router_ip(underlay);
+        let ip = underlay
+            .hosts()
+            .skip(1)
+            .find(|ip| !used_ips.contains(ip))
+            .ok_or_else(|| ModelError::new(&object, format!("spec.underlay.subnets[{}]", n.subnet), "no address left for another node"))?;
+        used_ips.insert(ip);
+        let id = (1..).find(|i| !used_ids.contains(i)).expect("an id");
+        used_ids.insert(id);
+        out.push(NodePlan {
+            name: n.name.clone(),
+            id,
+            subnet: n.subnet,
+            ip,
+            underlay,
+            gateway,
+            pod_cidr,
+            labels: n.labels.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// A process of a pod: `command` + `args` as Kubernetes runs them (no shell); empty means the
+/// built-in `flatnet serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    pub container: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The HTTP port `flatnet serve` listens on (the first declared containerPort, else 8080).
+    pub http_port: u16,
+}
+
+/// A pod as the lab runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodWant {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub node_name: Option<String>,
+    pub node_selector: BTreeMap<String, String>,
+    pub workloads: Vec<Workload>,
+    /// Changes whenever anything the lab runs changes; a changed pod is recreated.
+    pub hash: String,
+    pub owner: Option<String>,
+}
+
+impl PodWant {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn short_hash(v: &impl Serialize, len: usize) -> String {
+    let h = Sha256::digest(serde_json::to_vec(v).expect("serializable"));
+    h.iter().map(|b| format!("{b:02x}")).collect::<String>()[..len].to_string()
+}
+
+/// Kubernetes' alphabet for generated name suffixes (no vowels, no look-alikes).
+const SUFFIX: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+fn suffix(seed: &str) -> String {
+    Sha256::digest(seed.as_bytes())[..5]
+        .iter()
+        .map(|b| SUFFIX[*b as usize % SUFFIX.len()] as char)
+        .collect()
+}
+
+fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> {
+    if spec.containers.is_empty() {
+        return Err(ModelError::new(object, "spec.containers", "at least one container is needed"));
+    }
+    let mut serve_taken = false;
+    let mut out = Vec::new();
+    for c in &spec.containers {
+        let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+        argv.extend(c.args.clone().unwrap_or_default());
+        if argv.is_empty() {
+            if serve_taken {
+                continue; // one built-in server per pod: the ports would clash
+            }
+            serve_taken = true;
+        }
+        let env = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect();
+        let http_port = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .unwrap_or(8080);
+        out.push(Workload { container: c.name.clone(), argv, env, http_port });
+    }
+    Ok(out)
+}
+
+/// Every pod the manifests ask for: bare Pods and each Deployment's replicas (named
+/// `<deployment>-<template hash>-<suffix>`, like the ReplicaSet controller, but stable).
+pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
+    let mut out: Vec<PodWant> = Vec::new();
+    for p in &m.pods {
+        let ns = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let object = describe("Pod", Some(&ns), &name);
+        let spec = p.spec.as_ref().ok_or_else(|| ModelError::new(&object, "spec", "missing"))?;
+        let w = workloads(&object, spec)?;
+        out.push(PodWant {
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+            node_name: spec.node_name.clone(),
+            node_selector: spec.node_selector.clone().unwrap_or_default(),
+            hash: short_hash(&(&w, &spec.node_name, &spec.node_selector), 10),
+            workloads: w,
+            namespace: ns,
+            name,
+            owner: None,
+        });
+    }
+    for d in &m.deployments {
+        let ns = d.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let object = describe("Deployment", Some(&ns), &name);
+        let replicas = d.spec.replicas.unwrap_or(1);
+        if replicas < 0 {
+            return Err(ModelError::new(&object, "spec.replicas", format!("{replicas} is negative")));
+        }
+        let t = &d.spec.template;
+        let spec = t.spec.as_ref().ok_or_else(|| ModelError::new(&object, "spec.template.spec", "missing"))?;
+        let labels = t.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        if let Some(sel) = &d.spec.selector.match_labels {
+            if let Some((k, v)) = sel.iter().find(|(k, v)| labels.get(*k) != Some(v)) {
+                return Err(ModelError::new(&object, "spec.selector.matchLabels", format!("{k}={v} does not match the template's labels")));
+            }
+        }
+        let w = workloads(&object, spec)?;
+        let template_hash = short_hash(&(&w, &labels, &spec.node_name, &spec.node_selector), 10);
+        for i in 0..replicas {
+            out.push(PodWant {
+                namespace: ns.clone(),
+                name: format!("{name}-{template_hash}-{}", suffix(&format!("{ns}/{name}/{template_hash}/{i}"))),
+                labels: labels.clone(),
+                node_name: spec.node_name.clone(),
+                node_selector: spec.node_selector.clone().unwrap_or_default(),
+                workloads: w.clone(),
+                hash: template_hash.clone(),
+                owner: Some(format!("Deployment {ns}/{name}")),
+            });
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for p in &out {
+        if !seen.insert(p.key()) {
+            return Err(ModelError::new(describe("Pod", Some(&p.namespace), &p.name), "metadata.name", "defined twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// The outcome of scheduling.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// pod key → node
+    pub bound: BTreeMap<String, String>,
+    /// pod key → why it cannot run
+    pub pending: BTreeMap<String, String>,
+}
+
+/// Binds each wanted pod to a node. Pods already running (`running`: key → node) stay where
+/// they are while their node exists; the rest go where nodeName says, else to the eligible node
+/// (nodeSelector) with the fewest pods.
+pub fn place(wants: &[PodWant], nodes: &[NodePlan], running: &BTreeMap<String, String>) -> Placement {
+    let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
+    let mut p = Placement::default();
+    for w in wants {
+        if let Some(node) = running.get(&w.key()).filter(|n| load.contains_key(n.as_str())) {
+            *load.get_mut(node.as_str()).expect("present") += 1;
+            p.bound.insert(w.key(), node.clone());
+        }
+    }
+    for w in wants {
+        if p.bound.contains_key(&w.key()) {
+            continue;
+        }
+        let chosen = match &w.node_name {
+            Some(n) if load.contains_key(n.as_str()) => Ok(n.clone()),
+            Some(n) => Err(format!("spec.nodeName: no node {n:?}")),
+            None => nodes
+                .iter()
+                .filter(|n| {
+                    let l = n.scheduling_labels();
+                    w.node_selector.iter().all(|(k, v)| l.get(k) == Some(v))
+                })
+                .min_by_key(|n| load[n.name.as_str()])
+                .map(|n| n.name.clone())
+                .ok_or_else(|| format!("no node matches nodeSelector {:?}", w.node_selector)),
+        };
+        match chosen {
+            Ok(n) => {
+                *load.get_mut(n.as_str()).expect("present") += 1;
+                p.bound.insert(w.key(), n);
+            }
+            Err(why) => {
+                p.pending.insert(w.key(), why);
+            }
+        }
+    }
+    p
+}
+
+/// Checks that every pod naming a node names one of `nodes` (an error at `up`/`apply` time,
+/// where Kubernetes would leave the pod unschedulable forever).
+pub fn check_node_names(wants: &[PodWant], nodes: &[NodeSpec]) -> Result<(), ModelError> {
+    for w in wants {
+        if let Some(n) = &w.node_name {
+            if !nodes.iter().any(|x| &x.name == n) {
+                let names: Vec<&str> = nodes.iter().map(|x| x.name.as_str()).collect();
+                return Err(ModelError::new(
+                    w.owner.clone().unwrap_or_else(|| describe("Pod", Some(&w.namespace), &w.name)),
+                    "spec.nodeName",
+                    format!("no node {n:?} (nodes: {})", names.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab(nodes: serde_json::Value) -> LabSpec {
+        LabSpec::from_value(&serde_json::json!({"apiVersion": "flatnet.dev/v1alpha1", "kind": "Lab",
+            "metadata": {"name": "t"}, "spec": {"nodes": nodes, "underlay": {"subnets": ["172.18.0.0/24", "172.19.0.0/24"]}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn nodes_get_distinct_cidrs_and_addresses_and_keep_them() {
+        let spec = lab(serde_json::json!([{"name": "a"}, {"name": "b", "subnet": 1}, {"name": "c"}]));
+        let nodes = allocate_nodes(&spec, &[]).unwrap();
+        let cidrs: Vec<String> = nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
+        assert_eq!(cidrs, ["10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24"]);
+        assert_eq!(nodes[0].ip.to_string(), "172.18.0.2");
+        assert_eq!(nodes[1].ip.to_string(), "172.19.0.2");
+        assert_eq!(nodes[1].gateway.to_string(), "172.19.0.1");
+        assert_eq!(nodes[2].ip.to_string(), "172.18.0.3");
+        // Remove b, add d: a and c keep theirs, d takes the freed CIDR.
+        let spec2 = lab(serde_json::json!([{"name": "a"}, {"name": "c"}, {"name": "d"}]));
+        let again = allocate_nodes(&spec2, &nodes).unwrap();
+        assert_eq!(again[0], nodes[0]);
+        assert_eq!(again[1], nodes[2]);
+        assert_eq!(again[2].pod_cidr.to_string(), "10.244.1.0/24");
+        assert_eq!(again[2].id, 2);
+    }
+
+    fn manifests(text: &str) -> Manifests {
+        Manifests::parse(text, "t.yaml").unwrap()
+    }
+
+    #[test]
+    fn deployments_spread_and_selectors_hold() {
+        let spec = lab(serde_json::json!([{"name": "a", "labels": {"disk": "ssd"}}, {"name": "b"}, {"name": "c"}]));
+        let nodes = allocate_nodes(&spec, &[]).unwrap();
+        let m = manifests(
+            r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 6
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db}
+spec: {nodeSelector: {disk: ssd}, containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gpu}
+spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
+"#,
+        );
+        let wants = desired_pods(&m).unwrap();
+        assert_eq!(wants.len(), 8);
+        let p = place(&wants, &nodes, &BTreeMap::new());
+        assert_eq!(p.bound["default/db"], "a");
+        assert!(p.pending["default/gpu"].contains("nodeSelector"));
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        for n in p.bound.values() {
+            *per.entry(n.as_str()).or_default() += 1;
+        }
+        let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
+        assert!(max - min <= 1, "spread: {per:?}");
+        // Stable: the same input names the same pods.
+        assert_eq!(desired_pods(&m).unwrap(), wants);
+    }
+
+    #[test]
+    fn pods_on_missing_nodes_are_refused_by_name() {
+        let spec = lab(serde_json::json!(2));
+        let m = manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {nodeName: node-9, containers: [{name: c, image: x}]}\n");
+        let e = check_node_names(&desired_pods(&m).unwrap(), &spec.nodes).unwrap_err();
+        assert_eq!(e.to_string(), "Pod default/x: spec.nodeName: no node \"node-9\" (nodes: node-1, node-2)");
+    }
+
+    #[test]
+    fn running_pods_stay_put() {
+        let spec = lab(serde_json::json!(3));
+        let nodes = allocate_nodes(&spec, &[]).unwrap();
+        let m = manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: c, image: x}]}\n");
+        let wants = desired_pods(&m).unwrap();
+        let running = BTreeMap::from([("default/x".to_string(), "node-3".to_string())]);
+        assert_eq!(place(&wants, &nodes, &running).bound["default/x"], "node-3");
+    }
+}
