@@ -3,6 +3,8 @@
 //! routed within a second) and every 10 s regardless (repairing drift). Like flanneld, it
 //! takes its network settings from a Flannel-style `net-conf.json`.
 
+pub mod cli;
+
 use cluster::{Backend, ClusterState, FileSource, NodeInfo};
 use ipnet::{IpNet, Ipv4Net};
 use netlink::{LinkInfo, Netlink};
@@ -19,11 +21,22 @@ pub fn read_net_conf(path: &Path) -> Result<(Ipv4Net, Backend), String> {
     let network = v
         .get("Network")
         .and_then(|n| n.as_str())
-        .ok_or_else(|| format!("{}: field Network (the cluster CIDR) is missing", path.display()))?
+        .ok_or_else(|| {
+            format!(
+                "{}: field Network (the cluster CIDR) is missing",
+                path.display()
+            )
+        })?
         .parse::<Ipv4Net>()
         .map_err(|e| format!("{}: field Network: {e}", path.display()))?;
-    let ty = v.pointer("/Backend/Type").and_then(|t| t.as_str()).unwrap_or("vxlan");
-    let direct = v.pointer("/Backend/DirectRouting").and_then(|d| d.as_bool()).unwrap_or(false);
+    let ty = v
+        .pointer("/Backend/Type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("vxlan");
+    let direct = v
+        .pointer("/Backend/DirectRouting")
+        .and_then(|d| d.as_bool())
+        .unwrap_or(false);
     let backend = match (ty, direct) {
         ("host-gw", _) => Backend::HostGw,
         ("vxlan", false) => Backend::Vxlan,

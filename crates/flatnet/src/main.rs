@@ -23,6 +23,12 @@ enum Cmd {
         #[command(subcommand)]
         tool: cni_harness::cli::Tool,
     },
+    /// A multi-node cluster network on this machine, out of network namespaces.
+    Lab(lab::cli::LabArgs),
+    /// The node daemon: keeps this node's routes to every other node's pods.
+    Agent(agent::cli::AgentArgs),
+    /// The lab's built-in workload: HTTP and TCP/UDP echo naming the pod and the client it saw.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +38,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Cni { tool } => cni_harness::cli::run(tool),
+        Cmd::Lab(a) => lab::cli::run(a),
+        Cmd::Agent(a) => agent::cli::run(a),
+        Cmd::Serve(a) => serve::main(a),
     }
 }
 

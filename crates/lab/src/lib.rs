@@ -1,1 +1,903 @@
+//! The lab: a whole cluster network on one machine, out of network namespaces.
+//!
+//! ```text
+//!   flatnet.<lab>.internet  203.0.113.10 (runs `flatnet serve`)
+//!            │
+//!   flatnet.<lab>.router    .1 on every underlay subnet, 203.0.113.1; forwards, never NATs
+//!            │
+//!   flatnet.<lab>.underlay  one bridge per underlay subnet (ul0, ul1, …)
+//!       │          │
+//!   flatnet.<lab>.node.<n>  eth0 on the underlay, cni0 for its pods, flatnet.1 (VXLAN),
+//!       │                   one `flatnet agent` reading <root>/cluster (the file source)
+//!   flatnet.<lab>.pod.<ns>.<name>  eth0 from the real CNI plugin, the pod's processes
+//! ```
+//!
+//! State lives in `<root>/<lab>/`: the lab document and manifests as applied, `state.json`
+//! (written as the lab is built), the Node objects agents read, per-node CNI configs and IPAM,
+//! logs. Everything the lab makes can also be found by its namespace prefix, so `down` works
+//! after a crash too.
+
+pub mod cli;
+pub mod graph;
+pub mod infra;
 pub mod plan;
+
+use cluster::{LabSpec, Manifests, NodeInfo};
+use cni_harness::conflist::{Attachment, NetList, Runtime};
+use infra::{ns_name, Proc};
+use ipnet::Ipv4Net;
+use netlink::LinkInfo;
+use plan::{NodePlan, PodWant};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_ROOT: &str = "/var/lib/flatnet/lab";
+const INTERNET_HOST: &str = "203.0.113.10";
+const INTERNET_ROUTER: &str = "203.0.113.1";
+const CNI_VERSION: &str = "1.0.0";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub container_id: String,
+    pub ip: Option<Ipv4Addr>,
+    pub hash: String,
+    pub result: Value,
+    pub procs: Vec<Proc>,
+    /// Why a workload did not start, if one did not.
+    pub error: Option<String>,
+}
+
+impl PodRecord {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub spec: LabSpec,
+    pub nodes: Vec<NodePlan>,
+    pub agents: BTreeMap<String, Proc>,
+    pub internet: Option<Proc>,
+    pub pods: Vec<PodRecord>,
+    pub pending: BTreeMap<String, String>,
+    /// Set once `up` finished; a state without it is a crashed run.
+    pub complete: bool,
+}
+
+/// A lab on disk.
+pub struct Lab {
+    pub dir: PathBuf,
+    pub exe: PathBuf,
+}
+
+fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| io(path.display(), e))
+}
+
+/// Reads manifest files into one set.
+pub fn read_files(files: &[PathBuf]) -> Result<Manifests, String> {
+    let mut all = Manifests::default();
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|e| io(f.display(), e))?;
+        all.extend(Manifests::parse(&text, &f.display().to_string()).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(all)
+}
+
+fn progress(what: &str, done: usize, total: usize) {
+    use std::io::Write;
+    eprint!("\r{what}: {done}/{total}");
+    if done == total {
+        eprintln!();
+    }
+    let _ = std::io::stderr().flush();
+}
+
+impl Lab {
+    /// The lab called `name` under `root`, or the only lab there when `name` is `None`.
+    pub fn find(root: &Path, name: Option<&str>) -> Result<Lab, String> {
+        let exe = std::env::current_exe().map_err(|e| io("locating the flatnet binary", e))?;
+        if let Some(n) = name {
+            return Ok(Lab {
+                dir: root.join(n),
+                exe,
+            });
+        }
+        let labs: Vec<PathBuf> = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("state.json").exists())
+            .collect();
+        match labs.as_slice() {
+            [one] => Ok(Lab {
+                dir: one.clone(),
+                exe,
+            }),
+            [] => Err(format!(
+                "no lab under {} (run `flatnet lab up FILE` first)",
+                root.display()
+            )),
+            _ => Err(format!(
+                "several labs under {}; name one with --name",
+                root.display()
+            )),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn load(&self) -> Result<State, String> {
+        let p = self.dir.join("state.json");
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| io(format!("{} (is the lab up?)", p.display()), e))?;
+        serde_json::from_str(&text).map_err(|e| io(p.display(), e))
+    }
+
+    fn save(&self, s: &State) -> Result<(), String> {
+        write_atomic(
+            &self.dir.join("state.json"),
+            &serde_json::to_string_pretty(s).expect("serializable"),
+        )
+    }
+
+    fn manifests(&self) -> Result<Manifests, String> {
+        let dir = self.dir.join("manifests");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| io(dir.display(), e))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        read_files(&files)
+    }
+
+    fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+
+    /// Builds the lab from `files` (one of which holds the Lab document). Running it again on
+    /// a complete lab only applies what changed; a crashed run is torn down and rebuilt.
+    pub fn up(root: &Path, files: &[PathBuf]) -> Result<Lab, String> {
+        let m = read_files(files)?;
+        let spec = m
+            .lab
+            .clone()
+            .ok_or("no `kind: Lab` document among the files (see examples/)")?;
+        let wants = plan::desired_pods(&m).map_err(|e| e.to_string())?;
+        plan::check_node_names(&wants, &spec.nodes).map_err(|e| e.to_string())?;
+        let lab = Lab::find(root, Some(&spec.name))?;
+        if let Ok(s) = lab.load() {
+            if s.complete && s.spec == spec && lab.infra_alive(&s) {
+                lab.store_manifests(files)?;
+                lab.reconcile()?;
+                return Ok(lab);
+            }
+            eprintln!(
+                "lab {}: an earlier run did not finish or the lab changed; rebuilding",
+                spec.name
+            );
+        }
+        lab.down()?;
+        std::fs::create_dir_all(&lab.dir).map_err(|e| io(lab.dir.display(), e))?;
+        lab.store_manifests(files)?;
+        let nodes = plan::allocate_nodes(&spec, &[]).map_err(|e| e.to_string())?;
+        let mut state = State {
+            spec,
+            nodes,
+            agents: BTreeMap::new(),
+            internet: None,
+            pods: Vec::new(),
+            pending: BTreeMap::new(),
+            complete: false,
+        };
+        lab.save(&state)?;
+        lab.build_infra(&mut state)?;
+        for i in 0..state.nodes.len() {
+            let n = state.nodes[i].clone();
+            lab.build_node(&mut state, &n)?;
+            progress("nodes", i + 1, state.nodes.len());
+        }
+        lab.save(&state)?;
+        lab.wait_converged(&state)?;
+        state.complete = true;
+        lab.save(&state)?;
+        lab.reconcile()?;
+        Ok(lab)
+    }
+
+    fn store_manifests(&self, files: &[PathBuf]) -> Result<(), String> {
+        let dir = self.dir.join("manifests");
+        std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+        for (i, f) in files.iter().enumerate() {
+            let text = std::fs::read_to_string(f).map_err(|e| io(f.display(), e))?;
+            let base = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            write_atomic(&dir.join(format!("{i:02}-{base}")), &text)?;
+        }
+        Ok(())
+    }
+
+    fn infra_alive(&self, s: &State) -> bool {
+        let lab = self.name();
+        let have = infra::lab_namespaces(&lab);
+        s.nodes
+            .iter()
+            .all(|n| have.contains(&ns_name(&lab, &format!("node.{}", n.name))))
+            && s.agents.values().all(Proc::alive)
+            && have.contains(&ns_name(&lab, "router"))
+    }
+
+    fn build_infra(&self, s: &mut State) -> Result<(), String> {
+        let lab = self.name();
+        let mtu = s.spec.underlay.mtu;
+        let ul = infra::create_ns(&ns_name(&lab, "underlay"))?;
+        let rt = infra::create_ns(&ns_name(&lab, "router"))?;
+        let inet = infra::create_ns(&ns_name(&lab, "internet"))?;
+        let ulnl = infra::nl(&ul)?;
+        for (i, subnet) in s.spec.underlay.subnets.iter().enumerate() {
+            let (br, _) = ulnl
+                .ensure_bridge(&format!("ul{i}"), Some(mtu))
+                .map_err(|e| e.to_string())?;
+            ulnl.run(netlink::Request::set_up(br.index(), "ul"))
+                .map_err(|e| e.to_string())?;
+            let idx = infra::wire(
+                &ul,
+                &format!("rt{i}"),
+                Some(br.index()),
+                &rt,
+                &format!("eth{i}"),
+                mtu,
+            )?;
+            let addr = Ipv4Net::new(plan::router_ip(*subnet), subnet.prefix_len()).expect("prefix");
+            infra::address(&rt, idx, &format!("eth{i}"), addr, None)?;
+        }
+        let idx = infra::wire(&rt, "inet0", None, &inet, "eth0", mtu)?;
+        let inet0 = infra::nl(&rt)?
+            .link_by_name("inet0")
+            .map_err(|e| e.to_string())?
+            .ok_or("inet0 vanished")?;
+        infra::address(
+            &rt,
+            inet0.index(),
+            "inet0",
+            format!("{INTERNET_ROUTER}/24").parse().expect("valid"),
+            None,
+        )?;
+        infra::address(
+            &inet,
+            idx,
+            "eth0",
+            format!("{INTERNET_HOST}/24").parse().expect("valid"),
+            Some(INTERNET_ROUTER.parse().expect("valid")),
+        )?;
+        infra::sysctl(&rt, "net/ipv4/ip_forward", "1")?;
+        std::fs::create_dir_all(self.dir.join("logs")).map_err(|e| io("logs", e))?;
+        s.internet = Some(infra::spawn(
+            &inet,
+            "internet",
+            &[
+                self.exe.display().to_string(),
+                "serve".into(),
+                "--http".into(),
+                "80".into(),
+            ],
+            &[
+                ("POD_NAME".into(), "internet".into()),
+                ("NODE_NAME".into(), "internet".into()),
+            ],
+            &self.dir.join("logs/internet.log"),
+        )?);
+        // The CNI plugin as a runtime finds it: a bin dir holding `flatnet`.
+        let bin = self.dir.join("bin");
+        std::fs::create_dir_all(&bin).map_err(|e| io(bin.display(), e))?;
+        let _ = std::fs::remove_file(bin.join("flatnet"));
+        std::os::unix::fs::symlink(&self.exe, bin.join("flatnet"))
+            .map_err(|e| io("linking the plugin", e))?;
+        let net_conf = json!({"Network": s.spec.cluster_cidr.to_string(), "Backend": {"Type": s.spec.backend.as_str()}});
+        write_atomic(&self.dir.join("net-conf.json"), &net_conf.to_string())?;
+        std::fs::create_dir_all(self.dir.join("cluster/nodes")).map_err(|e| io("cluster", e))?;
+        self.save(s)
+    }
+
+    fn build_node(&self, s: &mut State, n: &NodePlan) -> Result<(), String> {
+        let lab = self.name();
+        let mtu = s.spec.underlay.mtu;
+        let ul = infra::open_ns(&ns_name(&lab, "underlay"))?;
+        let ns = infra::create_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
+        let ulnl = infra::nl(&ul)?;
+        let br = ulnl
+            .link_by_name(&format!("ul{}", n.subnet))
+            .map_err(|e| e.to_string())?
+            .ok_or("the underlay bridge is missing")?;
+        let idx = infra::wire(
+            &ul,
+            &format!("n{}", n.id),
+            Some(br.index()),
+            &ns,
+            "eth0",
+            mtu,
+        )?;
+        infra::address(
+            &ns,
+            idx,
+            "eth0",
+            Ipv4Net::new(n.ip, n.underlay.prefix_len()).expect("prefix"),
+            Some(n.gateway),
+        )?;
+        infra::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        let dir = self.node_dir(&n.name);
+        for d in ["net.d", "ipam"] {
+            std::fs::create_dir_all(dir.join(d)).map_err(|e| io(dir.display(), e))?;
+        }
+        let cfg = routing::Config {
+            backend: s.spec.backend,
+            cluster_cidr: s.spec.cluster_cidr,
+            underlay_mtu: mtu,
+        };
+        let conflist = json!({"cniVersion": CNI_VERSION, "name": "flatnet", "plugins": [{
+            "type": "flatnet", "bridge": "cni0", "isGateway": true, "hairpinMode": true, "mtu": cfg.pod_mtu(),
+            "ipam": {"type": "flatnet", "dataDir": dir.join("ipam"), "ranges": [[{"subnet": n.pod_cidr.to_string()}]],
+                     "routes": [{"dst": "0.0.0.0/0"}]}}]});
+        write_atomic(
+            &dir.join("net.d/10-flatnet.conflist"),
+            &serde_json::to_string_pretty(&conflist).expect("json"),
+        )?;
+        let info = NodeInfo {
+            name: n.name.clone(),
+            ip: n.ip,
+            pod_cidr: n.pod_cidr,
+            labels: n.labels.clone(),
+        };
+        write_atomic(
+            &self.dir.join(format!("cluster/nodes/{}.json", n.name)),
+            &serde_json::to_string_pretty(&info.to_node()).expect("json"),
+        )?;
+        let agent = infra::spawn(
+            &ns,
+            &n.name,
+            &[
+                self.exe.display().to_string(),
+                "agent".into(),
+                "--node".into(),
+                n.name.clone(),
+                "--source".into(),
+                "file".into(),
+                "--dir".into(),
+                self.dir.join("cluster").display().to_string(),
+                "--net-conf".into(),
+                self.dir.join("net-conf.json").display().to_string(),
+            ],
+            &[],
+            &self.dir.join(format!("logs/agent-{}.log", n.name)),
+        )?;
+        s.agents.insert(n.name.clone(), agent);
+        Ok(())
+    }
+
+    /// Waits until every agent has routed every other node (the lab is usable when `up` returns).
+    fn wait_converged(&self, s: &State) -> Result<(), String> {
+        let lab = self.name();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let want = s.nodes.len().saturating_sub(1);
+        loop {
+            let mut behind = Vec::new();
+            for n in &s.nodes {
+                let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
+                let routes = infra::nl(&ns)?.routes(true).map_err(|e| e.to_string())?;
+                let ours = routes
+                    .iter()
+                    .filter(|r| r.protocol == Some(routing::PROTOCOL))
+                    .count();
+                if ours != want {
+                    behind.push(format!("{} ({ours}/{want} routes)", n.name));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "agents did not converge within 15 s: {} (see {}/logs)",
+                    behind.join(", "),
+                    self.dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Makes the running pods match the manifests: creates missing ones, removes extra or changed
+    /// ones (pods keep their node while it exists).
+    pub fn reconcile(&self) -> Result<(), String> {
+        let mut s = self.load()?;
+        let m = self.manifests()?;
+        let wants = plan::desired_pods(&m).map_err(|e| e.to_string())?;
+        let running: BTreeMap<String, String> =
+            s.pods.iter().map(|p| (p.key(), p.node.clone())).collect();
+        let placement = plan::place(&wants, &s.nodes, &running);
+        let want_by_key: BTreeMap<String, &PodWant> = wants.iter().map(|w| (w.key(), w)).collect();
+        // Remove pods no longer wanted, changed, or on a node that is gone.
+        let (keep, drop): (Vec<PodRecord>, Vec<PodRecord>) = s.pods.drain(..).partition(|p| {
+            want_by_key.get(&p.key()).is_some_and(|w| w.hash == p.hash)
+                && placement.bound.get(&p.key()) == Some(&p.node)
+        });
+        for p in &drop {
+            self.remove_pod(p);
+        }
+        s.pods = keep;
+        s.pending = placement.pending.clone();
+        self.save(&s)?;
+        let todo: Vec<(PodWant, NodePlan)> = wants
+            .iter()
+            .filter(|w| !s.pods.iter().any(|p| p.key() == w.key()))
+            .filter_map(|w| {
+                let node = placement.bound.get(&w.key())?;
+                Some((w.clone(), s.nodes.iter().find(|n| &n.name == node)?.clone()))
+            })
+            .collect();
+        let total = todo.len();
+        if total == 0 {
+            return Ok(());
+        }
+        let queue = Mutex::new(todo.into_iter().collect::<std::collections::VecDeque<_>>());
+        let done = Mutex::new(Vec::new());
+        let errors = Mutex::new(Vec::new());
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get() * 2)
+            .unwrap_or(4)
+            .min(8);
+        std::thread::scope(|sc| {
+            for _ in 0..workers {
+                sc.spawn(|| loop {
+                    let Some((w, n)) = queue.lock().expect("queue").pop_front() else {
+                        return;
+                    };
+                    match self.add_pod(&s.spec, &w, &n) {
+                        Ok(rec) => {
+                            let mut d = done.lock().expect("done");
+                            d.push(rec);
+                            progress("pods", d.len(), total);
+                        }
+                        Err(e) => errors
+                            .lock()
+                            .expect("errors")
+                            .push(format!("pod {}: {e}", w.key())),
+                    }
+                });
+            }
+        });
+        s.pods.extend(done.into_inner().expect("done"));
+        s.pods.sort_by_key(|p| p.key());
+        self.save(&s)?;
+        let errors = errors.into_inner().expect("errors");
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
+    }
+
+    fn runtime_parts(&self, node: &str) -> Result<(NetList, netns::NetNs), String> {
+        let list = NetList::load(&self.node_dir(node).join("net.d/10-flatnet.conflist"))?;
+        let ns = infra::open_ns(&ns_name(&self.name(), &format!("node.{node}")))?;
+        Ok((list, ns))
+    }
+
+    fn attachment(&self, w_ns: &str, w_name: &str, netns: &str) -> Attachment {
+        use sha2::Digest;
+        let id = sha2::Sha256::digest(format!("{}/{w_ns}/{w_name}", self.name()).as_bytes());
+        Attachment {
+            container_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            netns: Some(netns::named_path(netns)),
+            ifname: "eth0".into(),
+            args: Some(format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={w_ns};K8S_POD_NAME={w_name}"
+            )),
+        }
+    }
+
+    /// Creates one pod: its namespace, its network through the CNI plugin, its processes.
+    fn add_pod(&self, spec: &LabSpec, w: &PodWant, n: &NodePlan) -> Result<PodRecord, String> {
+        let lab = self.name();
+        let netns = ns_name(&lab, &format!("pod.{}.{}", w.namespace, w.name));
+        let ns = infra::create_ns(&netns)?;
+        let (list, node_ns) = self.runtime_parts(&n.name)?;
+        let rt = Runtime {
+            bin_dirs: vec![self.dir.join("bin")],
+            node: Some(&node_ns),
+            runtime_config: json!({}),
+        };
+        let att = self.attachment(&w.namespace, &w.name, &netns);
+        let result = match rt.add(&list, CNI_VERSION, &att) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = netns::delete_named(&netns);
+                return Err(format!("CNI ADD: {e}"));
+            }
+        };
+        let ip = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| {
+                i["address"]
+                    .as_str()?
+                    .split('/')
+                    .next()?
+                    .parse::<Ipv4Addr>()
+                    .ok()
+            })
+            .next();
+        let mut rec = PodRecord {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            node: n.name.clone(),
+            netns,
+            container_id: att.container_id.clone(),
+            ip,
+            hash: w.hash.clone(),
+            result,
+            procs: Vec::new(),
+            error: None,
+        };
+        let _ = spec;
+        for wl in &w.workloads {
+            let argv = if wl.argv.is_empty() {
+                vec![
+                    self.exe.display().to_string(),
+                    "serve".into(),
+                    "--http".into(),
+                    wl.http_port.to_string(),
+                ]
+            } else {
+                wl.argv.clone()
+            };
+            let mut env = vec![
+                (
+                    "PATH".to_string(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+                ),
+                ("POD_NAME".into(), w.name.clone()),
+                ("POD_NAMESPACE".into(), w.namespace.clone()),
+                ("NODE_NAME".into(), n.name.clone()),
+                (
+                    "POD_IP".into(),
+                    ip.map(|i| i.to_string()).unwrap_or_default(),
+                ),
+            ];
+            env.extend(wl.env.iter().cloned());
+            let log = self.dir.join(format!(
+                "logs/pod-{}-{}-{}.log",
+                w.namespace, w.name, wl.container
+            ));
+            match infra::spawn(&ns, &w.name, &argv, &env, &log) {
+                Ok(p) => rec.procs.push(p),
+                Err(e) => rec.error = Some(format!("container {}: {e}", wl.container)),
+            }
+        }
+        Ok(rec)
+    }
+
+    fn remove_pod(&self, p: &PodRecord) {
+        for proc_ in &p.procs {
+            proc_.kill();
+        }
+        infra::kill_inside(std::slice::from_ref(&p.netns));
+        if let Ok((list, node_ns)) = self.runtime_parts(&p.node) {
+            let rt = Runtime {
+                bin_dirs: vec![self.dir.join("bin")],
+                node: Some(&node_ns),
+                runtime_config: json!({}),
+            };
+            let att = self.attachment(&p.namespace, &p.name, &p.netns);
+            let _ = rt.del(&list, CNI_VERSION, &att, Some(&p.result));
+        }
+        let _ = netns::delete_named(&p.netns);
+    }
+
+    /// Adds the objects in `files` to the lab (same name: replaced) and reconciles.
+    pub fn apply(&self, files: &[PathBuf]) -> Result<(), String> {
+        let m = read_files(files)?;
+        if m.lab.is_some() {
+            return Err(
+                "a Lab document cannot be applied to a running lab; use `lab up` to rebuild".into(),
+            );
+        }
+        let s = self.load()?;
+        let mut all = self.manifests()?;
+        let incoming = plan::desired_pods(&m).map_err(|e| e.to_string())?;
+        plan::check_node_names(&incoming, &s.spec.nodes).map_err(|e| e.to_string())?;
+        let key = |ns: &Option<String>, n: &Option<String>| {
+            format!(
+                "{}/{}",
+                ns.as_deref().unwrap_or("default"),
+                n.as_deref().unwrap_or("")
+            )
+        };
+        all.pods.retain(|p| {
+            !m.pods.iter().any(|q| {
+                key(&q.metadata.namespace, &q.metadata.name)
+                    == key(&p.metadata.namespace, &p.metadata.name)
+            })
+        });
+        all.deployments.retain(|p| {
+            !m.deployments.iter().any(|q| {
+                key(&q.metadata.namespace, &q.metadata.name)
+                    == key(&p.metadata.namespace, &p.metadata.name)
+            })
+        });
+        all.pods.extend(m.pods);
+        all.deployments.extend(m.deployments);
+        all.other.extend(m.other);
+        self.write_manifests(&all)?;
+        self.reconcile()
+    }
+
+    /// Rewrites the stored manifests as one file.
+    fn write_manifests(&self, m: &Manifests) -> Result<(), String> {
+        let dir = self.dir.join("manifests");
+        // The Lab document is not stored again: the lab's spec lives in state.json.
+        let mut docs: Vec<Value> = Vec::new();
+        docs.extend(
+            m.pods
+                .iter()
+                .map(|p| serde_json::to_value(p).expect("json")),
+        );
+        docs.extend(
+            m.deployments
+                .iter()
+                .map(|d| serde_json::to_value(d).expect("json")),
+        );
+        docs.extend(m.other.iter().cloned());
+        let text: Vec<String> = docs
+            .iter()
+            .map(|d| serde_json::to_string(d).expect("json"))
+            .collect();
+        for e in std::fs::read_dir(&dir)
+            .map_err(|e| io(dir.display(), e))?
+            .flatten()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+        write_atomic(&dir.join("00-applied.yaml"), &text.join("\n---\n"))
+    }
+
+    /// Removes a Pod or Deployment by name and reconciles.
+    pub fn delete(&self, kind: &str, name: &str, namespace: &str) -> Result<(), String> {
+        let mut all = self.manifests()?;
+        let matches = |ns: &Option<String>, n: &Option<String>| {
+            ns.as_deref().unwrap_or("default") == namespace && n.as_deref() == Some(name)
+        };
+        let before = all.pods.len() + all.deployments.len();
+        match kind.to_ascii_lowercase().as_str() {
+            "pod" | "pods" | "po" => all
+                .pods
+                .retain(|p| !matches(&p.metadata.namespace, &p.metadata.name)),
+            "deployment" | "deployments" | "deploy" => all
+                .deployments
+                .retain(|d| !matches(&d.metadata.namespace, &d.metadata.name)),
+            other => return Err(format!("kind {other:?}: the lab deletes pod or deployment")),
+        }
+        if all.pods.len() + all.deployments.len() == before {
+            return Err(format!("{kind} {namespace}/{name} not found"));
+        }
+        self.write_manifests(&all)?;
+        self.reconcile()
+    }
+
+    /// Adds a node: it joins the underlay, gets a pod CIDR, starts its agent; every other agent
+    /// routes to it. Pending pods it can take are placed.
+    pub fn node_add(
+        &self,
+        name: &str,
+        subnet: usize,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let mut s = self.load()?;
+        if s.spec.nodes.iter().any(|n| n.name == name) {
+            return Err(format!("node {name:?} already exists"));
+        }
+        let mut spec = s.spec.clone();
+        spec.nodes.push(cluster::NodeSpec {
+            name: name.into(),
+            subnet,
+            labels,
+        });
+        let doc = json!({"apiVersion": cluster::lab::API_VERSION, "kind": "Lab", "metadata": {"name": spec.name},
+            "spec": {"nodes": spec.nodes, "backend": spec.backend, "clusterCIDR": spec.cluster_cidr, "serviceCIDR": spec.service_cidr,
+                     "nodeCIDRMaskSize": spec.node_cidr_mask_size, "underlay": spec.underlay}});
+        let spec = LabSpec::from_value(&doc).map_err(|e| e.to_string())?;
+        let nodes = plan::allocate_nodes(&spec, &s.nodes).map_err(|e| e.to_string())?;
+        let new = nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("allocated")
+            .clone();
+        s.spec = spec;
+        s.nodes = nodes;
+        self.build_node(&mut s, &new)?;
+        self.save(&s)?;
+        self.wait_converged(&s)?;
+        self.reconcile()
+    }
+
+    /// Removes a node: its pods go (Deployment pods are placed again elsewhere), its agent
+    /// stops, its Node object goes, and every other agent drops its routes.
+    pub fn node_remove(&self, name: &str) -> Result<(), String> {
+        let mut s = self.load()?;
+        if !s.spec.nodes.iter().any(|n| n.name == name) {
+            return Err(format!("node {name:?} does not exist"));
+        }
+        if s.spec.nodes.len() == 1 {
+            return Err("the last node cannot be removed; use `lab down`".into());
+        }
+        let lab = self.name();
+        for p in s.pods.iter().filter(|p| p.node == name) {
+            self.remove_pod(p);
+        }
+        s.pods.retain(|p| p.node != name);
+        if let Some(a) = s.agents.remove(name) {
+            a.kill();
+        }
+        let _ = std::fs::remove_file(self.dir.join(format!("cluster/nodes/{name}.json")));
+        let node_ns = ns_name(&lab, &format!("node.{name}"));
+        infra::kill_inside(std::slice::from_ref(&node_ns));
+        let _ = netns::delete_named(&node_ns);
+        let _ = std::fs::remove_dir_all(self.node_dir(name));
+        s.spec.nodes.retain(|n| n.name != name);
+        s.nodes.retain(|n| n.name != name);
+        self.save(&s)?;
+        self.wait_converged(&s)?;
+        self.reconcile()
+    }
+
+    /// Removes everything the lab made: processes, namespaces, files. Works from the namespace
+    /// prefix alone, so also after a crash.
+    pub fn down(&self) -> Result<(), String> {
+        if let Ok(s) = self.load() {
+            for p in s
+                .agents
+                .values()
+                .chain(s.internet.iter())
+                .chain(s.pods.iter().flat_map(|p| &p.procs))
+            {
+                p.kill();
+            }
+        }
+        infra::teardown(&self.name());
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(self.dir.display(), e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `argv` inside a pod's network namespace (and its hostname), as `kubectl exec`.
+    pub fn exec(&self, pod: &str, namespace: &str, argv: &[String]) -> Result<i32, String> {
+        let s = self.load()?;
+        let p = s
+            .pods
+            .iter()
+            .find(|p| p.name == pod && p.namespace == namespace)
+            .ok_or_else(|| format!("pod {namespace}/{pod} not found (see `flatnet lab status`)"))?;
+        if argv.is_empty() {
+            return Err("nothing to run: lab exec POD -- COMMAND [ARGS…]".into());
+        }
+        let ns = infra::open_ns(&p.netns)?;
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env("POD_NAME", &p.name)
+            .env("NODE_NAME", &p.node);
+        infra::enter(&mut cmd, &ns, &p.name, false);
+        let status = cmd
+            .status()
+            .map_err(|e| io(format!("running {}", argv[0]), e))?;
+        Ok(status.code().unwrap_or(1))
+    }
+
+    /// `kubectl get nodes,pods -o wide` in one table, or the state as JSON.
+    pub fn status(&self, json_out: bool) -> Result<String, String> {
+        let s = self.load()?;
+        if json_out {
+            let pods: Vec<Value> = s
+                .pods
+                .iter()
+                .map(|p| json!({"namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip, "status": pod_status(p)}))
+                .chain(s.pending.iter().map(|(k, why)| json!({"key": k, "status": "Pending", "reason": why})))
+                .collect();
+            let nodes: Vec<Value> = s
+                .nodes
+                .iter()
+                .map(|n| json!({"name": n.name, "ip": n.ip, "podCIDR": n.pod_cidr, "subnet": n.underlay,
+                    "agent": if s.agents.get(&n.name).is_some_and(Proc::alive) { "Running" } else { "Down" }}))
+                .collect();
+            return Ok(serde_json::to_string_pretty(&json!({"lab": s.spec.name, "backend": s.spec.backend.as_str(),
+                "clusterCIDR": s.spec.cluster_cidr, "serviceCIDR": s.spec.service_cidr, "nodes": nodes, "pods": pods,
+                "internet": INTERNET_HOST}))
+            .expect("json"));
+        }
+        let mut out = format!(
+            "lab {} (backend {}, cluster {}, internet {INTERNET_HOST})\n\n",
+            s.spec.name,
+            s.spec.backend.as_str(),
+            s.spec.cluster_cidr
+        );
+        out += &format!(
+            "{:<16} {:<8} {:<16} {:<18} {}\n",
+            "NODE", "AGENT", "INTERNAL-IP", "POD-CIDR", "SUBNET"
+        );
+        for n in &s.nodes {
+            let agent = if s.agents.get(&n.name).is_some_and(Proc::alive) {
+                "Running"
+            } else {
+                "Down"
+            };
+            out += &format!(
+                "{:<16} {:<8} {:<16} {:<18} {}\n",
+                n.name,
+                agent,
+                n.ip,
+                n.pod_cidr.to_string(),
+                n.underlay
+            );
+        }
+        out += &format!(
+            "\n{:<12} {:<36} {:<10} {:<16} {}\n",
+            "NAMESPACE", "NAME", "STATUS", "IP", "NODE"
+        );
+        for p in &s.pods {
+            out += &format!(
+                "{:<12} {:<36} {:<10} {:<16} {}\n",
+                p.namespace,
+                p.name,
+                pod_status(p),
+                p.ip.map(|i| i.to_string()).unwrap_or_default(),
+                p.node
+            );
+        }
+        for (k, why) in &s.pending {
+            let (ns, name) = k.split_once('/').unwrap_or(("", k));
+            out += &format!(
+                "{ns:<12} {name:<36} {:<10} {:<16} {why}\n",
+                "Pending", "<none>"
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn pod_status(p: &PodRecord) -> &'static str {
+    if p.error.is_some() {
+        "Error"
+    } else if p.procs.iter().all(Proc::alive) {
+        "Running"
+    } else {
+        "Completed"
+    }
+}

@@ -59,13 +59,20 @@ pub fn allocate_nodes(spec: &LabSpec, existing: &[NodePlan]) -> Result<Vec<NodeP
         .expect("validated mask");
     for n in &spec.nodes {
         if let Some(e) = existing.iter().find(|e| e.name == n.name) {
-            out.push(NodePlan { labels: n.labels.clone(), ..e.clone() });
+            out.push(NodePlan {
+                labels: n.labels.clone(),
+                ..e.clone()
+            });
             continue;
         }
         let object = format!("Lab {}", spec.name);
-        let pod_cidr = cidrs
-            .find(|c| !used_cidrs.contains(c))
-            .ok_or_else(|| ModelError::new(&object, "spec.clusterCIDR", "no pod CIDR left for another node"))?;
+        let pod_cidr = cidrs.find(|c| !used_cidrs.contains(c)).ok_or_else(|| {
+            ModelError::new(
+                &object,
+                "spec.clusterCIDR",
+                "no pod CIDR left for another node",
+            )
+        })?;
         used_cidrs.insert(pod_cidr);
         let underlay = spec.underlay.subnets[n.subnet];
         let gateway = router_ip(underlay);
@@ -73,7 +80,13 @@ pub fn allocate_nodes(spec: &LabSpec, existing: &[NodePlan]) -> Result<Vec<NodeP
             .hosts()
             .skip(1)
             .find(|ip| !used_ips.contains(ip))
-            .ok_or_else(|| ModelError::new(&object, format!("spec.underlay.subnets[{}]", n.subnet), "no address left for another node"))?;
+            .ok_or_else(|| {
+                ModelError::new(
+                    &object,
+                    format!("spec.underlay.subnets[{}]", n.subnet),
+                    "no address left for another node",
+                )
+            })?;
         used_ips.insert(ip);
         let id = (1..).find(|i| !used_ids.contains(i)).expect("an id");
         used_ids.insert(id);
@@ -139,7 +152,11 @@ fn suffix(seed: &str) -> String {
 
 fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> {
     if spec.containers.is_empty() {
-        return Err(ModelError::new(object, "spec.containers", "at least one container is needed"));
+        return Err(ModelError::new(
+            object,
+            "spec.containers",
+            "at least one container is needed",
+        ));
     }
     let mut serve_taken = false;
     let mut out = Vec::new();
@@ -165,7 +182,12 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
             .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .and_then(|p| u16::try_from(p.container_port).ok())
             .unwrap_or(8080);
-        out.push(Workload { container: c.name.clone(), argv, env, http_port });
+        out.push(Workload {
+            container: c.name.clone(),
+            argv,
+            env,
+            http_port,
+        });
     }
     Ok(out)
 }
@@ -175,10 +197,17 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
 pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
     let mut out: Vec<PodWant> = Vec::new();
     for p in &m.pods {
-        let ns = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = p
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = p.metadata.name.clone().unwrap_or_default();
         let object = describe("Pod", Some(&ns), &name);
-        let spec = p.spec.as_ref().ok_or_else(|| ModelError::new(&object, "spec", "missing"))?;
+        let spec = p
+            .spec
+            .as_ref()
+            .ok_or_else(|| ModelError::new(&object, "spec", "missing"))?;
         let w = workloads(&object, spec)?;
         out.push(PodWant {
             labels: p.metadata.labels.clone().unwrap_or_default(),
@@ -192,19 +221,38 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
         });
     }
     for d in &m.deployments {
-        let ns = d.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = d
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = d.metadata.name.clone().unwrap_or_default();
         let object = describe("Deployment", Some(&ns), &name);
         let replicas = d.spec.replicas.unwrap_or(1);
         if replicas < 0 {
-            return Err(ModelError::new(&object, "spec.replicas", format!("{replicas} is negative")));
+            return Err(ModelError::new(
+                &object,
+                "spec.replicas",
+                format!("{replicas} is negative"),
+            ));
         }
         let t = &d.spec.template;
-        let spec = t.spec.as_ref().ok_or_else(|| ModelError::new(&object, "spec.template.spec", "missing"))?;
-        let labels = t.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        let spec = t
+            .spec
+            .as_ref()
+            .ok_or_else(|| ModelError::new(&object, "spec.template.spec", "missing"))?;
+        let labels = t
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
         if let Some(sel) = &d.spec.selector.match_labels {
             if let Some((k, v)) = sel.iter().find(|(k, v)| labels.get(*k) != Some(v)) {
-                return Err(ModelError::new(&object, "spec.selector.matchLabels", format!("{k}={v} does not match the template's labels")));
+                return Err(ModelError::new(
+                    &object,
+                    "spec.selector.matchLabels",
+                    format!("{k}={v} does not match the template's labels"),
+                ));
             }
         }
         let w = workloads(&object, spec)?;
@@ -212,7 +260,10 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
         for i in 0..replicas {
             out.push(PodWant {
                 namespace: ns.clone(),
-                name: format!("{name}-{template_hash}-{}", suffix(&format!("{ns}/{name}/{template_hash}/{i}"))),
+                name: format!(
+                    "{name}-{template_hash}-{}",
+                    suffix(&format!("{ns}/{name}/{template_hash}/{i}"))
+                ),
                 labels: labels.clone(),
                 node_name: spec.node_name.clone(),
                 node_selector: spec.node_selector.clone().unwrap_or_default(),
@@ -225,7 +276,11 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
     let mut seen = BTreeSet::new();
     for p in &out {
         if !seen.insert(p.key()) {
-            return Err(ModelError::new(describe("Pod", Some(&p.namespace), &p.name), "metadata.name", "defined twice"));
+            return Err(ModelError::new(
+                describe("Pod", Some(&p.namespace), &p.name),
+                "metadata.name",
+                "defined twice",
+            ));
         }
     }
     Ok(out)
@@ -243,11 +298,18 @@ pub struct Placement {
 /// Binds each wanted pod to a node. Pods already running (`running`: key → node) stay where
 /// they are while their node exists; the rest go where nodeName says, else to the eligible node
 /// (nodeSelector) with the fewest pods.
-pub fn place(wants: &[PodWant], nodes: &[NodePlan], running: &BTreeMap<String, String>) -> Placement {
+pub fn place(
+    wants: &[PodWant],
+    nodes: &[NodePlan],
+    running: &BTreeMap<String, String>,
+) -> Placement {
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
     let mut p = Placement::default();
     for w in wants {
-        if let Some(node) = running.get(&w.key()).filter(|n| load.contains_key(n.as_str())) {
+        if let Some(node) = running
+            .get(&w.key())
+            .filter(|n| load.contains_key(n.as_str()))
+        {
             *load.get_mut(node.as_str()).expect("present") += 1;
             p.bound.insert(w.key(), node.clone());
         }
@@ -290,7 +352,9 @@ pub fn check_node_names(wants: &[PodWant], nodes: &[NodeSpec]) -> Result<(), Mod
             if !nodes.iter().any(|x| &x.name == n) {
                 let names: Vec<&str> = nodes.iter().map(|x| x.name.as_str()).collect();
                 return Err(ModelError::new(
-                    w.owner.clone().unwrap_or_else(|| describe("Pod", Some(&w.namespace), &w.name)),
+                    w.owner
+                        .clone()
+                        .unwrap_or_else(|| describe("Pod", Some(&w.namespace), &w.name)),
                     "spec.nodeName",
                     format!("no node {n:?} (nodes: {})", names.join(", ")),
                 ));
@@ -312,7 +376,8 @@ mod tests {
 
     #[test]
     fn nodes_get_distinct_cidrs_and_addresses_and_keep_them() {
-        let spec = lab(serde_json::json!([{"name": "a"}, {"name": "b", "subnet": 1}, {"name": "c"}]));
+        let spec =
+            lab(serde_json::json!([{"name": "a"}, {"name": "b", "subnet": 1}, {"name": "c"}]));
         let nodes = allocate_nodes(&spec, &[]).unwrap();
         let cidrs: Vec<String> = nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
         assert_eq!(cidrs, ["10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24"]);
@@ -335,7 +400,9 @@ mod tests {
 
     #[test]
     fn deployments_spread_and_selectors_hold() {
-        let spec = lab(serde_json::json!([{"name": "a", "labels": {"disk": "ssd"}}, {"name": "b"}, {"name": "c"}]));
+        let spec = lab(
+            serde_json::json!([{"name": "a", "labels": {"disk": "ssd"}}, {"name": "b"}, {"name": "c"}]),
+        );
         let nodes = allocate_nodes(&spec, &[]).unwrap();
         let m = manifests(
             r#"
@@ -380,7 +447,10 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
         let spec = lab(serde_json::json!(2));
         let m = manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {nodeName: node-9, containers: [{name: c, image: x}]}\n");
         let e = check_node_names(&desired_pods(&m).unwrap(), &spec.nodes).unwrap_err();
-        assert_eq!(e.to_string(), "Pod default/x: spec.nodeName: no node \"node-9\" (nodes: node-1, node-2)");
+        assert_eq!(
+            e.to_string(),
+            "Pod default/x: spec.nodeName: no node \"node-9\" (nodes: node-1, node-2)"
+        );
     }
 
     #[test]

@@ -717,9 +717,9 @@ impl Netlink {
             .flatten()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewAddress(a) => a.attributes.iter().find_map(|at| match at {
-                    AddressAttribute::Address(ip) => {
-                        IpNet::new(*ip, a.header.prefix_len).ok().map(|n| (a.header.index, n))
-                    }
+                    AddressAttribute::Address(ip) => IpNet::new(*ip, a.header.prefix_len)
+                        .ok()
+                        .map(|n| (a.header.index, n)),
                     _ => None,
                 }),
                 _ => None,

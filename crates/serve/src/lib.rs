@@ -33,7 +33,12 @@ impl Identity {
     }
 
     pub fn line(&self, client: SocketAddr) -> String {
-        format!("pod={} node={} client={}\n", self.pod, self.node, unmap(client))
+        format!(
+            "pod={} node={} client={}\n",
+            self.pod,
+            self.node,
+            unmap(client)
+        )
     }
 }
 
@@ -85,7 +90,11 @@ fn tcp_echo(mut conn: TcpStream, id: &Identity) -> std::io::Result<()> {
     }
 }
 
-fn accept_loop(l: TcpListener, id: Arc<Identity>, handler: fn(TcpStream, &Identity) -> std::io::Result<()>) {
+fn accept_loop(
+    l: TcpListener,
+    id: Arc<Identity>,
+    handler: fn(TcpStream, &Identity) -> std::io::Result<()>,
+) {
     for conn in l.incoming().flatten() {
         let id = id.clone();
         std::thread::spawn(move || handler(conn, &id));
@@ -116,14 +125,20 @@ mod tests {
 
     #[test]
     fn answers_name_pod_node_and_client() {
-        let id = Identity { pod: "web-1".into(), node: "node-2".into() };
+        let id = Identity {
+            pod: "web-1".into(),
+            node: "node-2".into(),
+        };
         let l = id.line("[::ffff:10.244.1.5]:4242".parse().unwrap());
         assert_eq!(l, "pod=web-1 node=node-2 client=10.244.1.5:4242\n");
     }
 
     #[test]
     fn http_and_tcp_echo_over_loopback() {
-        let id = Arc::new(Identity { pod: "p".into(), node: "n".into() });
+        let id = Arc::new(Identity {
+            pod: "p".into(),
+            node: "n".into(),
+        });
         let h = TcpListener::bind("127.0.0.1:0").unwrap();
         let t = TcpListener::bind("127.0.0.1:0").unwrap();
         let (hp, tp) = (h.local_addr().unwrap(), t.local_addr().unwrap());
@@ -135,7 +150,13 @@ mod tests {
         let mut resp = String::new();
         c.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
-        assert!(resp.ends_with(&format!("pod=p node=n client={}\n", c.local_addr().unwrap())), "{resp}");
+        assert!(
+            resp.ends_with(&format!(
+                "pod=p node=n client={}\n",
+                c.local_addr().unwrap()
+            )),
+            "{resp}"
+        );
         let mut e = TcpStream::connect(tp).unwrap();
         let mut r = BufReader::new(e.try_clone().unwrap());
         let mut first = String::new();
@@ -145,5 +166,26 @@ mod tests {
         let mut echo = String::new();
         r.read_line(&mut echo).unwrap();
         assert_eq!(echo, "ping\n");
+    }
+}
+
+/// `flatnet serve`'s command line.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value_t = 8080)]
+    pub http: u16,
+    #[arg(long, default_value_t = 9000)]
+    pub tcp: u16,
+    #[arg(long, default_value_t = 9000)]
+    pub udp: u16,
+}
+
+pub fn main(a: ServeArgs) -> std::process::ExitCode {
+    match run(a.http, a.tcp, a.udp, Identity::from_env()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: serve: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

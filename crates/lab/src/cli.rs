@@ -1,0 +1,158 @@
+//! `flatnet lab …`: the quickstart commands.
+
+use crate::{graph, Lab, DEFAULT_ROOT};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build a lab from manifest files (one holds the `kind: Lab` document); idempotent.
+    Up { files: Vec<PathBuf> },
+    /// Add or change Pods and Deployments in the running lab.
+    Apply { files: Vec<PathBuf> },
+    /// Remove a Pod or Deployment.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Nodes and pods with their addresses, like `kubectl get -o wide`.
+    Status {
+        /// `json` for machine-readable output.
+        #[arg(short, long)]
+        output: Option<String>,
+    },
+    /// Run a command inside a pod's network namespace: `lab exec POD -- CMD…`.
+    Exec {
+        pod: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Add or remove a node.
+    Node {
+        #[command(subcommand)]
+        op: NodeOp,
+    },
+    /// Remove everything the lab made (also after a crash).
+    Down,
+    /// Write a picture of the lab (SVG).
+    Graph {
+        #[arg(short, long, default_value = "lab.svg")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodeOp {
+    Add {
+        name: String,
+        /// Index of the underlay subnet to join.
+        #[arg(long, default_value_t = 0)]
+        subnet: usize,
+        /// Node labels, key=value.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    Remove {
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    /// Where labs keep their state.
+    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Which lab (default: the only one under --root).
+    #[arg(long, global = true)]
+    pub name: Option<String>,
+    #[command(subcommand)]
+    pub cmd: LabCmd,
+}
+
+pub fn run(a: LabArgs) -> ExitCode {
+    match run_inner(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
+    let find = || Lab::find(&a.root, a.name.as_deref());
+    match a.cmd {
+        LabCmd::Up { files } => {
+            if files.is_empty() {
+                return Err("lab up FILE…: name at least one manifest file (see examples/)".into());
+            }
+            let started = std::time::Instant::now();
+            let lab = Lab::up(&a.root, &files)?;
+            print!("{}", lab.status(false)?);
+            eprintln!(
+                "ready in {:.1} s; try: flatnet lab exec POD -- curl …",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        LabCmd::Apply { files } => find()?.apply(&files)?,
+        LabCmd::Delete {
+            kind,
+            name,
+            namespace,
+        } => find()?.delete(&kind, &name, &namespace)?,
+        LabCmd::Status { output } => {
+            let json = match output.as_deref() {
+                None | Some("wide") => false,
+                Some("json") => true,
+                Some(o) => return Err(format!("--output {o:?}: use json or wide")),
+            };
+            print!("{}", find()?.status(json)?);
+        }
+        LabCmd::Exec {
+            pod,
+            namespace,
+            command,
+        } => {
+            let code = find()?.exec(&pod, &namespace, &command)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        LabCmd::Node {
+            op:
+                NodeOp::Add {
+                    name,
+                    subnet,
+                    labels,
+                },
+        } => {
+            let labels = labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| format!("--label {l:?}: use key=value"))
+                })
+                .collect::<Result<_, _>>()?;
+            find()?.node_add(&name, subnet, labels)?;
+        }
+        LabCmd::Node {
+            op: NodeOp::Remove { name },
+        } => find()?.node_remove(&name)?,
+        LabCmd::Down => match find() {
+            Ok(lab) => lab.down()?,
+            Err(e) if a.name.is_none() => return Err(e),
+            Err(e) => return Err(e),
+        },
+        LabCmd::Graph { output } => {
+            let s = find()?.load()?;
+            std::fs::write(&output, graph::svg(&s))
+                .map_err(|e| format!("{}: {e}", output.display()))?;
+            eprintln!("wrote {}", output.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
