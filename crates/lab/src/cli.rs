@@ -14,7 +14,7 @@ pub enum LabCmd {
     /// Remove a Pod or Deployment.
     Delete {
         kind: String,
-        name: String,
+        object: String,
         #[arg(short, long, default_value = "default")]
         namespace: String,
     },
@@ -49,7 +49,7 @@ pub enum LabCmd {
 #[derive(Subcommand)]
 pub enum NodeOp {
     Add {
-        name: String,
+        node: String,
         /// Index of the underlay subnet to join.
         #[arg(long, default_value_t = 0)]
         subnet: usize,
@@ -58,7 +58,7 @@ pub enum NodeOp {
         labels: Vec<String>,
     },
     Remove {
-        name: String,
+        node: String,
     },
 }
 
@@ -102,9 +102,9 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
         LabCmd::Apply { files } => find()?.apply(&files)?,
         LabCmd::Delete {
             kind,
-            name,
+            object,
             namespace,
-        } => find()?.delete(&kind, &name, &namespace)?,
+        } => find()?.delete(&kind, &object, &namespace)?,
         LabCmd::Status { output } => {
             let json = match output.as_deref() {
                 None | Some("wide") => false,
@@ -124,7 +124,7 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
         LabCmd::Node {
             op:
                 NodeOp::Add {
-                    name,
+                    node,
                     subnet,
                     labels,
                 },
@@ -137,16 +137,12 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
                         .ok_or_else(|| format!("--label {l:?}: use key=value"))
                 })
                 .collect::<Result<_, _>>()?;
-            find()?.node_add(&name, subnet, labels)?;
+            find()?.node_add(&node, subnet, labels)?;
         }
         LabCmd::Node {
-            op: NodeOp::Remove { name },
-        } => find()?.node_remove(&name)?,
-        LabCmd::Down => match find() {
-            Ok(lab) => lab.down()?,
-            Err(e) if a.name.is_none() => return Err(e),
-            Err(e) => return Err(e),
-        },
+            op: NodeOp::Remove { node },
+        } => find()?.node_remove(&node)?,
+        LabCmd::Down => find()?.down()?,
         LabCmd::Graph { output } => {
             let s = find()?.load()?;
             std::fs::write(&output, graph::svg(&s))

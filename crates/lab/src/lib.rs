@@ -712,6 +712,30 @@ impl Lab {
         self.reconcile()
     }
 
+    /// Takes a node's agent, Node object, namespace, wire and files away.
+    fn remove_node_infra(&self, s: &mut State, name: &str) -> Result<(), String> {
+        let lab = self.name();
+        if let Some(a) = s.agents.remove(name) {
+            a.kill();
+        }
+        let _ = std::fs::remove_file(self.dir.join(format!("cluster/nodes/{name}.json")));
+        let node_ns = ns_name(&lab, &format!("node.{name}"));
+        infra::kill_inside(std::slice::from_ref(&node_ns));
+        // The underlay end of its wire goes now, not when the kernel gets round to the namespace.
+        if let Some(n) = s.nodes.iter().find(|n| n.name == name) {
+            let ul = infra::open_ns(&ns_name(&lab, "underlay"))?;
+            let nl = infra::nl(&ul)?;
+            let port = format!("n{}", n.id);
+            if let Some(l) = nl.link_by_name(&port).map_err(|e| e.to_string())? {
+                nl.run(netlink::Request::delete_link(l.index(), &port))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let _ = netns::delete_named(&node_ns);
+        let _ = std::fs::remove_dir_all(self.node_dir(name));
+        Ok(())
+    }
+
     /// Adds a node: it joins the underlay, gets a pod CIDR, starts its agent; every other agent
     /// routes to it. Pending pods it can take are placed.
     pub fn node_add(
@@ -742,7 +766,10 @@ impl Lab {
             .clone();
         s.spec = spec;
         s.nodes = nodes;
-        self.build_node(&mut s, &new)?;
+        if let Err(e) = self.build_node(&mut s, &new) {
+            let _ = self.remove_node_infra(&mut s, name);
+            return Err(e);
+        }
         self.save(&s)?;
         self.wait_converged(&s)?;
         self.reconcile()
@@ -758,19 +785,11 @@ impl Lab {
         if s.spec.nodes.len() == 1 {
             return Err("the last node cannot be removed; use `lab down`".into());
         }
-        let lab = self.name();
         for p in s.pods.iter().filter(|p| p.node == name) {
             self.remove_pod(p);
         }
         s.pods.retain(|p| p.node != name);
-        if let Some(a) = s.agents.remove(name) {
-            a.kill();
-        }
-        let _ = std::fs::remove_file(self.dir.join(format!("cluster/nodes/{name}.json")));
-        let node_ns = ns_name(&lab, &format!("node.{name}"));
-        infra::kill_inside(std::slice::from_ref(&node_ns));
-        let _ = netns::delete_named(&node_ns);
-        let _ = std::fs::remove_dir_all(self.node_dir(name));
+        self.remove_node_infra(&mut s, name)?;
         s.spec.nodes.retain(|n| n.name != name);
         s.nodes.retain(|n| n.name != name);
         self.save(&s)?;

@@ -789,6 +789,14 @@ impl Netlink {
                             NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
                                 ip = Some(IpAddr::V6(*v6))
                             }
+                            // Bridge-family (FDB) dumps carry the VTEP address unparsed.
+                            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                                ip = match b.len() {
+                                    4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                                    16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                                    _ => None,
+                                }
+                            }
                             NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                                 mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]])
                             }
