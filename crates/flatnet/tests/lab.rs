@@ -1,0 +1,369 @@
+//! The lab as a user runs it: `flatnet lab up` on a manifest file, then traffic between real pod
+//! namespaces. Needs root (CI runs as root); elsewhere each test says it skipped. Every lab has a
+//! unique name and its own --root, and is taken down when the test ends, also on failure.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flatnet");
+
+struct TestLab {
+    name: String,
+    root: tempfile::TempDir,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl TestLab {
+    fn new() -> Option<TestLab> {
+        if !netns::can_create() {
+            eprintln!("skipped: needs root to create network namespaces");
+            return None;
+        }
+        let name = format!(
+            "t{}x{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        Some(TestLab {
+            name,
+            root: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn flatnet(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("lab")
+            .arg("--root")
+            .arg(self.root.path())
+            .args(["--name", &self.name])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn file(&self, spec: &str, workloads: &str) -> PathBuf {
+        let p = self.root.path().join("lab.yaml");
+        let text = format!(
+            "apiVersion: flatnet.dev/v1alpha1\nkind: Lab\nmetadata: {{name: {}}}\nspec: {spec}\n---\n{workloads}",
+            self.name
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn up(&self, file: &Path) {
+        let out = Command::new(BIN)
+            .args(["lab", "up", "--root"])
+            .arg(self.root.path())
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn status(&self) -> Value {
+        let out = self.flatnet(&["status", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn ns(&self, role: &str) -> netns::NetNs {
+        netns::NetNs::open(format!("/run/netns/flatnet.{}.{role}", self.name)).unwrap()
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let prefix = format!("flatnet.{}.", self.name);
+        std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Routes with flatnet's protocol in a node's namespace.
+    fn flatnet_routes(&self, node: &str) -> usize {
+        let ns = self.ns(&format!("node.{node}"));
+        let nl = netlink::Netlink::connect_in(&ns).unwrap();
+        nl.routes(true)
+            .unwrap()
+            .iter()
+            .filter(|r| r.protocol == Some(201))
+            .count()
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.flatnet(&["down"]);
+    }
+}
+
+/// Opens a TCP connection from inside `from` to the echo port of `to` and returns the line the
+/// server answers with (`pod=… node=… client=…`).
+fn hello(from: &netns::NetNs, to: IpAddr, port: u16) -> String {
+    let addr = SocketAddr::new(to, port);
+    let got = from
+        .run(|| -> std::io::Result<String> {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok(line)
+        })
+        .unwrap();
+    got.unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or("")
+}
+
+const WORKLOADS: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: flatnet-serve}]}
+"#;
+
+/// All pairs of pods (same node and across nodes) talk without NAT; every pod reaches the lab
+/// internet, which sees the pod's node address.
+fn check_pod_network(lab: &TestLab) {
+    let st = lab.status();
+    let pods = st["pods"].as_array().unwrap();
+    assert!(pods.len() >= 4, "{st}");
+    let nodes: std::collections::BTreeSet<&str> =
+        pods.iter().map(|p| p["node"].as_str().unwrap()).collect();
+    assert!(nodes.len() >= 2, "pods spread over nodes: {st}");
+    let node_ip = |n: &str| {
+        st["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for a in pods {
+        let a_ns = lab.ns(&format!("pod.default.{}", a["name"].as_str().unwrap()));
+        let a_ip = a["ip"].as_str().unwrap();
+        for b in pods {
+            let b_ip: IpAddr = b["ip"].as_str().unwrap().parse().unwrap();
+            let line = hello(&a_ns, b_ip, 9000);
+            assert_eq!(field(&line, "pod"), b["name"].as_str().unwrap(), "{line}");
+            let client = field(&line, "client");
+            assert_eq!(
+                client.rsplit_once(':').unwrap().0,
+                a_ip,
+                "{} -> {}: the server saw {client}, not the pod IP",
+                a["name"],
+                b["name"]
+            );
+        }
+        let line = hello(&a_ns, "203.0.113.10".parse().unwrap(), 9000);
+        let client = field(&line, "client");
+        assert_eq!(
+            client.rsplit_once(':').unwrap().0,
+            node_ip(a["node"].as_str().unwrap()),
+            "internet saw {client}"
+        );
+    }
+}
+
+fn backend(spec: &str) {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file(spec, WORKLOADS);
+    lab.up(&f);
+    check_pod_network(&lab);
+}
+
+#[test]
+fn host_gw_pods_reach_each_other_and_the_internet() {
+    backend("{nodes: 3, backend: host-gw}");
+}
+
+#[test]
+fn vxlan_pods_reach_each_other_and_the_internet() {
+    backend("{nodes: 3, backend: vxlan}");
+}
+
+#[test]
+fn auto_across_two_subnets_mixes_direct_and_vxlan() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file(
+        "{backend: auto, underlay: {subnets: [172.18.0.0/24, 172.19.0.0/24]}, nodes: [{name: a}, {name: b}, {name: c, subnet: 1}]}",
+        WORKLOADS,
+    );
+    lab.up(&f);
+    check_pod_network(&lab);
+    // a reaches b directly and c through the tunnel.
+    let nl = netlink::Netlink::connect_in(&lab.ns("node.a")).unwrap();
+    let routes: Vec<_> = nl
+        .routes(true)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.protocol == Some(201))
+        .collect();
+    assert_eq!(routes.len(), 2);
+    assert_eq!(
+        routes.iter().filter(|r| r.onlink).count(),
+        1,
+        "one VXLAN route: {routes:?}"
+    );
+}
+
+#[test]
+fn nodes_leave_and_join_and_agents_converge() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file("{nodes: 3, backend: vxlan}", WORKLOADS);
+    lab.up(&f);
+    assert_eq!(lab.flatnet_routes("node-1"), 2);
+    let out = lab.flatnet(&["node", "remove", "node-3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lab.flatnet_routes("node-1"),
+        1,
+        "node-1 still routes to the removed node"
+    );
+    assert!(lab.status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["node"] != "node-3"));
+    let out = lab.flatnet(&["node", "add", "node-3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.flatnet_routes("node-1"), 2);
+    assert_eq!(lab.flatnet_routes("node-3"), 2);
+    // A restarted agent finds nothing to change.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/flatnet.{}.node.node-2", lab.name))
+        .args([BIN, "agent", "--once", "--node", "node-2", "--dir"])
+        .arg(lab.root.path().join(&lab.name).join("cluster"))
+        .arg("--net-conf")
+        .arg(lab.root.path().join(&lab.name).join("net-conf.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Changes { device: 0, routes: 0, neighbours: 0, fdb: 0, masquerade: 0 }"
+    );
+    check_pod_network(&lab);
+}
+
+#[test]
+fn down_leaves_nothing_and_up_recovers_from_a_kill() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file(
+        "{nodes: 4, backend: vxlan}",
+        &WORKLOADS.replace("replicas: 4", "replicas: 40"),
+    );
+    // Killed halfway through building.
+    let mut child = Command::new(BIN)
+        .args(["lab", "up", "--root"])
+        .arg(lab.root.path())
+        .arg(&f)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+    lab.up(&f);
+    assert_eq!(lab.status()["pods"].as_array().unwrap().len(), 40);
+    // Idempotent: a second up changes nothing and keeps the pods' addresses.
+    let before = lab.status();
+    lab.up(&f);
+    assert_eq!(lab.status()["pods"], before["pods"]);
+    let out = lab.flatnet(&["down"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lab.namespaces().is_empty(),
+        "namespaces left: {:?}",
+        lab.namespaces()
+    );
+    assert!(
+        !lab.root.path().join(&lab.name).exists(),
+        "state left behind"
+    );
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let left: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&lab.root.path().display().to_string()))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+#[test]
+fn bad_lab_files_get_errors_naming_the_field() {
+    let Some(lab) = TestLab::new() else { return };
+    let cases = [
+        ("{nodes: 2, clusterCIDR: 10.96.0.0/16}", "", "spec.serviceCIDR"),
+        ("{nodes: 2, backend: gre}", "", "host-gw"),
+        ("{nodes: 2, nodez: 1}", "", "nodez"),
+        ("{nodes: 300}", "", "spec.clusterCIDR"),
+        ("{nodes: 2}", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {nodeName: node-7, containers: [{name: c, image: x}]}\n", "spec.nodeName"),
+    ];
+    for (spec, workloads, want) in cases {
+        let f = lab.file(spec, workloads);
+        let out = Command::new(BIN)
+            .args(["lab", "up", "--root"])
+            .arg(lab.root.path())
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} was accepted");
+        assert!(
+            err.contains(want),
+            "{spec}: error does not mention {want}: {err}"
+        );
+        assert!(
+            lab.namespaces().is_empty(),
+            "a refused lab created namespaces"
+        );
+    }
+}
