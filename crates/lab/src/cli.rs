@@ -39,6 +39,27 @@ pub enum LabCmd {
     },
     /// Remove everything the lab made (also after a crash).
     Down,
+    /// Benchmarks: bring-up time by size, and iperf3 throughput against raw baselines.
+    Bench {
+        /// Nodes of the bring-up labs.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Pod counts to bring up, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,500,1000")]
+        sizes: Vec<usize>,
+        /// Skip the bring-up runs.
+        #[arg(long)]
+        no_bring_up: bool,
+        /// Skip the iperf3 runs.
+        #[arg(long)]
+        no_iperf: bool,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        /// iperf3 runs per path (alternating with its baseline); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Write a picture of the lab (SVG).
     Graph {
         #[arg(short, long, default_value = "lab.svg")]
@@ -143,6 +164,22 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
             op: NodeOp::Remove { node },
         } => find()?.node_remove(&node)?,
         LabCmd::Down => find()?.down()?,
+        LabCmd::Bench {
+            nodes,
+            sizes,
+            no_bring_up,
+            no_iperf,
+            seconds,
+            rounds,
+        } => {
+            std::fs::create_dir_all(&a.root).map_err(|e| format!("{}: {e}", a.root.display()))?;
+            if !no_bring_up {
+                crate::bench::bring_up(&a.root, nodes, &sizes)?;
+            }
+            if !no_iperf {
+                crate::bench::throughput(&a.root, seconds, rounds.max(1))?;
+            }
+        }
         LabCmd::Graph { output } => {
             let s = find()?.load()?;
             std::fs::write(&output, graph::svg(&s))

@@ -17,6 +17,7 @@
 //! logs. Everything the lab makes can also be found by its namespace prefix, so `down` works
 //! after a crash too.
 
+pub mod bench;
 pub mod cli;
 pub mod graph;
 pub mod infra;
