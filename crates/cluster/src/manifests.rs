@@ -17,6 +17,16 @@ pub struct Manifests {
     pub other: Vec<Value>,
 }
 
+/// A namespaced object's namespace (default `default`) and name.
+pub fn namespaced(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 /// "Kind namespace/name" for messages.
 pub fn describe(kind: &str, namespace: Option<&str>, name: &str) -> String {
     match namespace {

@@ -116,14 +116,9 @@ fn raw_baselines(raw: &str) -> Result<Vec<(String, NetNs, NetNs, Ipv4Addr)>, Str
     // A bridge with two veths.
     let h = ns("bridge")?;
     let (a, b) = (ns("bridge-a")?, ns("bridge-b")?);
-    let (br, _) = nl(&h)?
-        .ensure_bridge("br0", None)
-        .map_err(|e| e.to_string())?;
-    nl(&h)?
-        .run(Request::set_up(br.index(), "br0"))
-        .map_err(|e| e.to_string())?;
-    let ia = wire(&h, "va", Some(br.index()), &a, "eth0", 1500)?;
-    let ib = wire(&h, "vb", Some(br.index()), &b, "eth0", 1500)?;
+    let br = infra::bridge(&h, "br0", None)?;
+    let ia = wire(&h, "va", Some(br), &a, "eth0", 1500)?;
+    let ib = wire(&h, "vb", Some(br), &b, "eth0", 1500)?;
     addr(&a, ia, "eth0", "10.99.0.2/24")?;
     addr(&b, ib, "eth0", "10.99.0.3/24")?;
     out.push((
@@ -139,14 +134,9 @@ fn raw_baselines(raw: &str) -> Result<Vec<(String, NetNs, NetNs, Ipv4Addr)>, Str
         let u = ns(&format!("{tag}-u"))?;
         let (n1, n2) = (ns(&format!("{tag}-n1"))?, ns(&format!("{tag}-n2"))?);
         let (a, b) = (ns(&format!("{tag}-a"))?, ns(&format!("{tag}-b"))?);
-        let (ub, _) = nl(&u)?
-            .ensure_bridge("ul0", None)
-            .map_err(|e| e.to_string())?;
-        nl(&u)?
-            .run(Request::set_up(ub.index(), "ul0"))
-            .map_err(|e| e.to_string())?;
-        let e1 = wire(&u, "p1", Some(ub.index()), &n1, "eth0", 1500)?;
-        let e2 = wire(&u, "p2", Some(ub.index()), &n2, "eth0", 1500)?;
+        let ub = infra::bridge(&u, "ul0", None)?;
+        let e1 = wire(&u, "p1", Some(ub), &n1, "eth0", 1500)?;
+        let e2 = wire(&u, "p2", Some(ub), &n2, "eth0", 1500)?;
         addr(&n1, e1, "eth0", "172.30.0.2/24")?;
         addr(&n2, e2, "eth0", "172.30.0.3/24")?;
         // Each node bridges its pod like cni0 does, the gateway address on the bridge.
@@ -155,14 +145,9 @@ fn raw_baselines(raw: &str) -> Result<Vec<(String, NetNs, NetNs, Ipv4Addr)>, Str
             (&n1, &a, "10.98.1.1/24", "vpa"),
             (&n2, &b, "10.98.2.1/24", "vpb"),
         ] {
-            let c = nl(n)?;
-            let (br, _) = c
-                .ensure_bridge("br0", Some(mtu))
-                .map_err(|e| e.to_string())?;
-            c.run(Request::set_up(br.index(), "br0"))
-                .map_err(|e| e.to_string())?;
-            addr(n, br.index(), "br0", gw)?;
-            pod_ends.push(wire(n, name, Some(br.index()), pod, "eth0", mtu)?);
+            let br = infra::bridge(n, "br0", Some(mtu))?;
+            addr(n, br, "br0", gw)?;
+            pod_ends.push(wire(n, name, Some(br), pod, "eth0", mtu)?);
             infra::sysctl(n, "net/ipv4/ip_forward", "1")?;
         }
         let (pa, pb) = (pod_ends[0], pod_ends[1]);

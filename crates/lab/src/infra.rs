@@ -57,6 +57,18 @@ pub fn nl(ns: &NetNs) -> Result<Netlink, String> {
     Netlink::connect_in(ns).map_err(|e| err(format!("netlink in {}", ns.path().display()), e))
 }
 
+/// A bridge `name` in `ns`, up; returns its index.
+pub fn bridge(ns: &NetNs, name: &str, mtu: Option<u32>) -> Result<u32, String> {
+    let nl = nl(ns)?;
+    let (br, _) = nl.ensure_bridge(name, mtu).map_err(|e| e.to_string())?;
+    use netlink::LinkInfo;
+    if !br.is_up() {
+        nl.run(Request::set_up(br.index(), name))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(br.index())
+}
+
 /// Writes a sysctl inside `ns`.
 pub fn sysctl(ns: &NetNs, key: &str, value: &str) -> Result<(), String> {
     let path = format!("/proc/sys/{key}");

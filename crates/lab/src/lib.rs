@@ -23,10 +23,12 @@ pub mod graph;
 pub mod infra;
 pub mod plan;
 
+use cluster::manifests::namespaced;
 use cluster::{LabSpec, Manifests, NodeInfo};
 use cni_harness::conflist::{Attachment, NetList, Runtime};
 use infra::{ns_name, Proc};
 use ipnet::Ipv4Net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use netlink::LinkInfo;
 use plan::{NodePlan, PodWant};
 use serde::{Deserialize, Serialize};
@@ -261,17 +263,12 @@ impl Lab {
         let ul = infra::create_ns(&ns_name(&lab, "underlay"))?;
         let rt = infra::create_ns(&ns_name(&lab, "router"))?;
         let inet = infra::create_ns(&ns_name(&lab, "internet"))?;
-        let ulnl = infra::nl(&ul)?;
         for (i, subnet) in s.spec.underlay.subnets.iter().enumerate() {
-            let (br, _) = ulnl
-                .ensure_bridge(&format!("ul{i}"), Some(mtu))
-                .map_err(|e| e.to_string())?;
-            ulnl.run(netlink::Request::set_up(br.index(), "ul"))
-                .map_err(|e| e.to_string())?;
+            let br = infra::bridge(&ul, &format!("ul{i}"), Some(mtu))?;
             let idx = infra::wire(
                 &ul,
                 &format!("rt{i}"),
-                Some(br.index()),
+                Some(br),
                 &rt,
                 &format!("eth{i}"),
                 mtu,
@@ -635,25 +632,24 @@ impl Lab {
         let mut all = self.manifests()?;
         let incoming = plan::desired_pods(&m).map_err(|e| e.to_string())?;
         plan::check_node_names(&incoming, &s.spec.nodes).map_err(|e| e.to_string())?;
-        let key = |ns: &Option<String>, n: &Option<String>| {
-            format!(
-                "{}/{}",
-                ns.as_deref().unwrap_or("default"),
-                n.as_deref().unwrap_or("")
+        let incoming_keys: Vec<(String, String)> = m
+            .pods
+            .iter()
+            .map(|p| ("Pod", namespaced(&p.metadata)))
+            .chain(
+                m.deployments
+                    .iter()
+                    .map(|d| ("Deployment", namespaced(&d.metadata))),
             )
+            .map(|(k, (ns, n))| (k.to_string(), format!("{ns}/{n}")))
+            .collect();
+        let replaced = |kind: &str, meta: &ObjectMeta| {
+            let (ns, n) = namespaced(meta);
+            incoming_keys.contains(&(kind.to_string(), format!("{ns}/{n}")))
         };
-        all.pods.retain(|p| {
-            !m.pods.iter().any(|q| {
-                key(&q.metadata.namespace, &q.metadata.name)
-                    == key(&p.metadata.namespace, &p.metadata.name)
-            })
-        });
-        all.deployments.retain(|p| {
-            !m.deployments.iter().any(|q| {
-                key(&q.metadata.namespace, &q.metadata.name)
-                    == key(&p.metadata.namespace, &p.metadata.name)
-            })
-        });
+        all.pods.retain(|p| !replaced("Pod", &p.metadata));
+        all.deployments
+            .retain(|d| !replaced("Deployment", &d.metadata));
         all.pods.extend(m.pods);
         all.deployments.extend(m.deployments);
         all.other.extend(m.other);
@@ -693,17 +689,14 @@ impl Lab {
     /// Removes a Pod or Deployment by name and reconciles.
     pub fn delete(&self, kind: &str, name: &str, namespace: &str) -> Result<(), String> {
         let mut all = self.manifests()?;
-        let matches = |ns: &Option<String>, n: &Option<String>| {
-            ns.as_deref().unwrap_or("default") == namespace && n.as_deref() == Some(name)
-        };
+        let matches =
+            |meta: &ObjectMeta| namespaced(meta) == (namespace.to_string(), name.to_string());
         let before = all.pods.len() + all.deployments.len();
         match kind.to_ascii_lowercase().as_str() {
-            "pod" | "pods" | "po" => all
-                .pods
-                .retain(|p| !matches(&p.metadata.namespace, &p.metadata.name)),
-            "deployment" | "deployments" | "deploy" => all
-                .deployments
-                .retain(|d| !matches(&d.metadata.namespace, &d.metadata.name)),
+            "pod" | "pods" | "po" => all.pods.retain(|p| !matches(&p.metadata)),
+            "deployment" | "deployments" | "deploy" => {
+                all.deployments.retain(|d| !matches(&d.metadata))
+            }
             other => return Err(format!("kind {other:?}: the lab deletes pod or deployment")),
         }
         if all.pods.len() + all.deployments.len() == before {

@@ -3,7 +3,7 @@
 //! the pods Deployments stand for, and which node each pod runs on (the scheduler's job, kept to
 //! nodeName, nodeSelector and spreading).
 
-use cluster::manifests::describe;
+use cluster::manifests::{describe, namespaced};
 use cluster::{LabSpec, Manifests, ModelError, NodeSpec};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::PodSpec;
@@ -197,12 +197,7 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
 pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
     let mut out: Vec<PodWant> = Vec::new();
     for p in &m.pods {
-        let ns = p
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = p.metadata.name.clone().unwrap_or_default();
+        let (ns, name) = namespaced(&p.metadata);
         let object = describe("Pod", Some(&ns), &name);
         let spec = p
             .spec
@@ -221,12 +216,7 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
         });
     }
     for d in &m.deployments {
-        let ns = d
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = d.metadata.name.clone().unwrap_or_default();
+        let (ns, name) = namespaced(&d.metadata);
         let object = describe("Deployment", Some(&ns), &name);
         let replicas = d.spec.replicas.unwrap_or(1);
         if replicas < 0 {

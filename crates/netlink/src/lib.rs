@@ -268,24 +268,35 @@ impl Request {
         )
     }
 
+    fn route(
+        make: fn(RouteMessage) -> RouteNetlinkMessage,
+        r: &RouteSpec,
+        flags: u16,
+        verb: &str,
+        fine: &'static [i32],
+    ) -> Request {
+        Request::new(
+            make(route_message(r)),
+            flags,
+            format!("{verb} route {}", describe(r)),
+            fine,
+        )
+    }
+
     /// Adds a route; one already present is not an error.
     pub fn add_route(r: &RouteSpec) -> Request {
-        Request::new(
-            RouteNetlinkMessage::NewRoute(route_message(r)),
+        Request::route(
+            RouteNetlinkMessage::NewRoute,
+            r,
             CREATE,
-            format!("adding route {}", describe(r)),
+            "adding",
             &[EEXIST],
         )
     }
 
     /// Adds or replaces a route (same destination, table and metric).
     pub fn replace_route(r: &RouteSpec) -> Request {
-        Request::new(
-            RouteNetlinkMessage::NewRoute(route_message(r)),
-            REPLACE,
-            format!("setting route {}", describe(r)),
-            &[],
-        )
+        Request::route(RouteNetlinkMessage::NewRoute, r, REPLACE, "setting", &[])
     }
 
     /// A VXLAN device that does not learn: every remote is programmed (FDB + neighbour).
@@ -361,8 +372,8 @@ impl Request {
         )
     }
 
-    /// A forwarding entry of a VXLAN device: frames for `mac` are sent to the VTEP at `dst`.
-    pub fn replace_fdb(dev: u32, mac: [u8; 6], dst: IpAddr) -> Request {
+    /// A VXLAN device's forwarding entry (`bridge fdb … self permanent`).
+    fn fdb_message(dev: u32, mac: [u8; 6], dst: IpAddr) -> NeighbourMessage {
         let (_, dst_attr) = Request::neighbour_ip(dst);
         let mut m = Request::neighbour(
             AddressFamily::Bridge,
@@ -370,8 +381,13 @@ impl Request {
             vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec()), dst_attr],
         );
         m.header.flags = NeighbourFlags::Own;
+        m
+    }
+
+    /// A forwarding entry of a VXLAN device: frames for `mac` are sent to the VTEP at `dst`.
+    pub fn replace_fdb(dev: u32, mac: [u8; 6], dst: IpAddr) -> Request {
         Request::new(
-            RouteNetlinkMessage::NewNeighbour(m),
+            RouteNetlinkMessage::NewNeighbour(Request::fdb_message(dev, mac, dst)),
             REPLACE,
             format!("setting FDB entry {} -> {dst}", format_mac(mac)),
             &[],
@@ -379,15 +395,8 @@ impl Request {
     }
 
     pub fn delete_fdb(dev: u32, mac: [u8; 6], dst: IpAddr) -> Request {
-        let (_, dst_attr) = Request::neighbour_ip(dst);
-        let mut m = Request::neighbour(
-            AddressFamily::Bridge,
-            dev,
-            vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec()), dst_attr],
-        );
-        m.header.flags = NeighbourFlags::Own;
         Request::new(
-            RouteNetlinkMessage::DelNeighbour(m),
+            RouteNetlinkMessage::DelNeighbour(Request::fdb_message(dev, mac, dst)),
             CHANGE,
             format!("deleting FDB entry {}", format_mac(mac)),
             &[ENOENT],
@@ -396,10 +405,11 @@ impl Request {
 
     /// Deletes a route; one already gone is not an error.
     pub fn delete_route(r: &RouteSpec) -> Request {
-        Request::new(
-            RouteNetlinkMessage::DelRoute(route_message(r)),
+        Request::route(
+            RouteNetlinkMessage::DelRoute,
+            r,
             CHANGE,
-            format!("deleting route {}", describe(r)),
+            "deleting",
             &[ESRCH],
         )
     }
@@ -630,6 +640,22 @@ impl Netlink {
             .expect("one reply per request")
     }
 
+    /// A dump request: every reply `pick` keeps.
+    fn dump<T>(
+        &self,
+        msg: RouteNetlinkMessage,
+        what: &str,
+        pick: impl FnMut(RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let replies = self.query(
+            msg,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            format!("listing {what}"),
+            &[],
+        )?;
+        Ok(replies.into_iter().flatten().filter_map(pick).collect())
+    }
+
     /// The link called `name`, or `None` if there is none. (Without its counters, which are a
     /// good part of what the kernel would otherwise fill in.)
     pub fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
@@ -649,20 +675,14 @@ impl Netlink {
     }
 
     pub fn links(&self) -> Result<Vec<LinkMessage>> {
-        let replies = self.query(
+        self.dump(
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            "listing links".into(),
-            &[],
-        )?;
-        Ok(replies
-            .into_iter()
-            .flatten()
-            .filter_map(|m| match m {
+            "links",
+            |m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(l),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// Creates a veth pair and returns its local end as the kernel reports it (index, and the
@@ -706,16 +726,10 @@ impl Netlink {
 
     /// Every address in the namespace, with the index of its link.
     pub fn all_addresses(&self) -> Result<Vec<(u32, IpNet)>> {
-        let replies = self.query(
+        self.dump(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            "listing addresses".into(),
-            &[],
-        )?;
-        Ok(replies
-            .into_iter()
-            .flatten()
-            .filter_map(|m| match m {
+            "addresses",
+            |m| match m {
                 RouteNetlinkMessage::NewAddress(a) => a.attributes.iter().find_map(|at| match at {
                     AddressAttribute::Address(ip) => IpNet::new(*ip, a.header.prefix_len)
                         .ok()
@@ -723,8 +737,8 @@ impl Netlink {
                     _ => None,
                 }),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// The addresses of link `index`.
@@ -744,20 +758,14 @@ impl Netlink {
         } else {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
         };
-        let replies = self.query(
+        self.dump(
             RouteNetlinkMessage::GetRoute(filter),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            "listing routes".into(),
-            &[],
-        )?;
-        Ok(replies
-            .into_iter()
-            .flatten()
-            .filter_map(|m| match m {
+            "routes",
+            |m| match m {
                 RouteNetlinkMessage::NewRoute(m) => route_spec(&m, v4),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// Neighbour entries (`bridge_fdb` false) or FDB entries (true) of device `dev`.
@@ -768,16 +776,10 @@ impl Netlink {
         } else {
             AddressFamily::Unspec
         };
-        let replies = self.query(
+        self.dump(
             RouteNetlinkMessage::GetNeighbour(m),
-            NLM_F_REQUEST | NLM_F_DUMP,
-            "listing neighbours".into(),
-            &[],
-        )?;
-        Ok(replies
-            .into_iter()
-            .flatten()
-            .filter_map(|m| match m {
+            "neighbours",
+            |m| match m {
                 RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == dev => {
                     let mut ip = None;
                     let mut mac = None;
@@ -810,8 +812,8 @@ impl Netlink {
                     })
                 }
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 }
 
