@@ -27,6 +27,10 @@ pub struct AgentArgs {
     /// Sync once, print what changed, exit.
     #[arg(long)]
     pub once: bool,
+    /// Print the plan (routes, VXLAN device, FDB and neighbour entries, nftables) and exit
+    /// without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(a: AgentArgs) -> ExitCode {
@@ -48,17 +52,20 @@ pub fn run(a: AgentArgs) -> ExitCode {
         cluster_cidr,
         backend,
     };
-    if a.once {
-        let nl = match netlink::Netlink::connect() {
-            Ok(nl) => nl,
-            Err(e) => {
-                eprintln!("error: netlink: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        return match agent.once(&nl) {
-            Ok(ch) => {
-                println!("{ch:?}");
+    if a.once || a.dry_run {
+        let result = netlink::Netlink::connect()
+            .map_err(|e| format!("netlink: {e}"))
+            .and_then(|nl| {
+                if a.dry_run {
+                    let state = agent.source.load().map_err(|e| e.to_string())?;
+                    agent.plan(&nl, &state).map(|(plan, _)| plan.to_string())
+                } else {
+                    agent.once(&nl).map(|ch| format!("{ch:?}"))
+                }
+            });
+        return match result {
+            Ok(out) => {
+                println!("{out}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -80,8 +80,8 @@ fn underlay(nl: &Netlink, ip: Ipv4Addr) -> Result<(u32, Ipv4Net, u32), String> {
 }
 
 impl Agent {
-    /// One reconcile against `state`; returns what changed.
-    pub fn sync(&self, nl: &Netlink, state: &ClusterState) -> Result<routing::Changes, String> {
+    /// This node's plan for `state`, and the index of its underlay device.
+    pub fn plan(&self, nl: &Netlink, state: &ClusterState) -> Result<(routing::Plan, u32), String> {
         let me: &NodeInfo = state
             .nodes
             .iter()
@@ -99,7 +99,12 @@ impl Agent {
             underlay: subnet,
             pod_cidr: me.pod_cidr,
         };
-        let plan = routing::plan(&cfg, &who, &state.nodes);
+        Ok((routing::plan(&cfg, &who, &state.nodes), dev))
+    }
+
+    /// One reconcile against `state`; returns what changed.
+    pub fn sync(&self, nl: &Netlink, state: &ClusterState) -> Result<routing::Changes, String> {
+        let (plan, dev) = self.plan(nl, state)?;
         routing::apply(nl, &plan, dev)
     }
 

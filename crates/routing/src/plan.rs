@@ -102,6 +102,55 @@ pub struct Plan {
     pub masquerade: String,
 }
 
+/// The plan as the commands that would build it by hand (`flatnet agent --dry-run`).
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mac = |m: &[u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        if let Some(v) = &self.vxlan {
+            writeln!(
+                f,
+                "ip link add {} address {} mtu {} type vxlan id {} local {} dev <underlay> dstport {} nolearning",
+                v.name, mac(&v.mac), v.mtu, v.vni, v.local, v.port
+            )?;
+            writeln!(f, "ip addr add {} dev {}", v.addr, v.name)?;
+        }
+        for r in &self.routes {
+            match r.via {
+                Via::Underlay => writeln!(
+                    f,
+                    "ip route replace {} via {} dev <underlay> proto {PROTOCOL}",
+                    r.dst, r.gw
+                )?,
+                Via::Vxlan => writeln!(
+                    f,
+                    "ip route replace {} via {} dev {VXLAN_DEVICE} onlink proto {PROTOCOL}",
+                    r.dst, r.gw
+                )?,
+            }
+        }
+        for (ip, m) in &self.neighbours {
+            writeln!(
+                f,
+                "ip neigh replace {ip} lladdr {} dev {VXLAN_DEVICE} nud permanent",
+                mac(m)
+            )?;
+        }
+        for (m, dst) in &self.fdb {
+            writeln!(
+                f,
+                "bridge fdb replace {} dev {VXLAN_DEVICE} dst {dst} self permanent",
+                mac(m)
+            )?;
+        }
+        write!(f, "nft -f - <<EOF\n{}EOF", self.masquerade)
+    }
+}
+
 /// A node's VTEP MAC: derived from its name, locally administered and unicast.
 pub fn vtep_mac(node: &str) -> [u8; 6] {
     let h = Sha256::digest(format!("flatnet-vtep:{node}").as_bytes());
@@ -285,6 +334,23 @@ mod tests {
         );
         assert_eq!(p.fdb.len(), 1);
         assert_eq!(p.neighbours.len(), 1);
+    }
+
+    #[test]
+    fn dry_run_reads_as_commands() {
+        let text = plan(&cfg(Backend::Auto), &me(), &cluster()).to_string();
+        assert!(
+            text.contains("ip route replace 10.244.1.0/24 via 172.18.0.3 dev <underlay> proto 201"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ip route replace 10.244.2.0/24 via 10.244.2.0 dev flatnet.1 onlink proto 201"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("bridge fdb replace"), "{text}");
+        assert!(text.contains("masquerade"), "{text}");
     }
 
     #[test]
