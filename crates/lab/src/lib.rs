@@ -105,13 +105,19 @@ pub fn read_files(files: &[PathBuf]) -> Result<Manifests, String> {
     Ok(all)
 }
 
+/// Progress on a terminal (one line rewritten in place); a log gets only the final count.
 fn progress(what: &str, done: usize, total: usize) {
-    use std::io::Write;
-    eprint!("\r{what}: {done}/{total}");
-    if done == total {
-        eprintln!();
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    if tty {
+        eprint!("\r{what}: {done}/{total}");
+        if done == total {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
+    } else if done == total {
+        eprintln!("{what}: {total}/{total}");
     }
-    let _ = std::io::stderr().flush();
 }
 
 impl Lab {

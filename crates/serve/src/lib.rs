@@ -110,12 +110,21 @@ pub fn run(http_port: u16, tcp_port: u16, udp_port: u16, id: Identity) -> std::i
     let (a, b) = (id.clone(), id.clone());
     std::thread::spawn(move || accept_loop(h, a, http));
     std::thread::spawn(move || accept_loop(t, b, tcp_echo));
+    Err(udp_loop(&u, &id))
+}
+
+/// Answers each datagram with the identity line and the payload; returns why the socket failed.
+fn udp_loop(u: &UdpSocket, id: &Identity) -> std::io::Error {
     let mut buf = [0u8; 65536];
     loop {
-        let (n, peer) = u.recv_from(&mut buf)?;
-        let mut reply = id.line(peer).into_bytes();
-        reply.extend_from_slice(&buf[..n]);
-        let _ = u.send_to(&reply, peer);
+        match u.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let mut reply = id.line(peer).into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = u.send_to(&reply, peer);
+            }
+            Err(e) => return e,
+        }
     }
 }
 
@@ -131,6 +140,28 @@ mod tests {
         };
         let l = id.line("[::ffff:10.244.1.5]:4242".parse().unwrap());
         assert_eq!(l, "pod=web-1 node=node-2 client=10.244.1.5:4242\n");
+    }
+
+    #[test]
+    fn udp_echo_names_the_client() {
+        let srv = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = srv.local_addr().unwrap();
+        let id = Identity {
+            pod: "p".into(),
+            node: "n".into(),
+        };
+        std::thread::spawn(move || udp_loop(&srv, &id));
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        c.send_to(b"ping", addr).unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.recv(&mut buf).unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert_eq!(
+            got,
+            format!("pod=p node=n client={}\nping", c.local_addr().unwrap())
+        );
     }
 
     #[test]
