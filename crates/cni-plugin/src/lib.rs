@@ -14,6 +14,7 @@
 pub mod apply;
 pub mod conf;
 pub mod delegate;
+pub mod hostport;
 pub mod naming;
 pub mod plan;
 
@@ -238,6 +239,7 @@ mod network {
                     &inv.ifname,
                     pod_ns.as_ref(),
                 )?;
+                hostport::remove(&common.name, &inv.container_id, &inv.ifname)?;
                 ipam.call(inv, common, raw, Command::Del)?;
                 Ok(None)
             }
@@ -262,6 +264,7 @@ mod network {
             }
             Command::Gc => {
                 apply::gc(&common.name, &common.valid_attachments)?;
+                hostport::gc(&common.name, &common.valid_attachments)?;
                 ipam.call(inv, common, raw, Command::Gc)?;
                 Ok(None)
             }
@@ -286,10 +289,9 @@ mod network {
         raw: &Value,
         ipam: &Ipam,
     ) -> Result<CniResult, CniError> {
-        if !common.runtime.port_mappings.is_empty() {
-            return Err(CniError::new(ErrorCode::UnsupportedField, "runtimeConfig.portMappings is not served by flatnet's CNI plugin yet")
-                .with_details("chain the portmap plugin after flatnet in the conflist and declare the capability there"));
-        }
+        let mappings = &common.runtime.port_mappings;
+        // Bad mappings are refused before anything is made.
+        hostport::script(&common.name, &inv.container_id, &inv.ifname, &[], mappings)?;
         let netns = inv.netns.as_deref().expect("ADD requires CNI_NETNS");
         let pod_ns = apply::open_netns(netns)?;
         let mut addrs = ipam
@@ -310,7 +312,23 @@ mod network {
             netns: netns.to_path_buf(),
         };
         let plan = plan::plan(conf, &att, &addrs, common.runtime.mac);
-        match apply::add(&plan, &pod_ns) {
+        let added = apply::add(&plan, &pod_ns).and_then(|mac| {
+            if mappings.is_empty() {
+                return Ok(mac);
+            }
+            let (net, id, ifname) = (&common.name, &inv.container_id, &inv.ifname);
+            let installed = hostport::script(net, id, ifname, &addrs.ips, mappings)
+                .and_then(|s| hostport::install(net, id, ifname, &s));
+            match installed {
+                Ok(()) => Ok(mac),
+                Err(e) => {
+                    let _ = hostport::remove(net, id, ifname);
+                    let _ = apply::del(net, id, ifname, Some(&pod_ns));
+                    Err(e)
+                }
+            }
+        });
+        match added {
             Ok(bridge_mac) => {
                 let ours = plan.result(&addrs, bridge_mac, &netns.display().to_string());
                 Ok(plan::merge(common.prev_result.as_ref(), ours))

@@ -395,3 +395,77 @@ fn two_hundred_concurrent_adds_then_dels() {
     let report = cni_harness::bench::concurrent(&c, 200, env.data.path()).unwrap();
     println!("{report}");
 }
+
+/// Whether a TCP connection from `from` to `ip:port` is accepted within a second.
+fn reaches(from: &TempNetNs, ip: IpAddr, port: u16) -> bool {
+    from.ns()
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::new(ip, port),
+                std::time::Duration::from_secs(1),
+            )
+            .is_ok()
+        })
+        .unwrap()
+}
+
+#[test]
+fn port_mappings_in_either_key_case_reach_the_pod_and_go_with_del() {
+    let Some(env) = env() else { return };
+    let mut conf = env.flatnet("hostport", json!({}));
+    conf["capabilities"] = json!({"portMappings": true});
+    let list = NetList::from_value(&conf).unwrap();
+    for (i, mapping) in [
+        json!({"HostPort": 18080, "ContainerPort": 7000, "Protocol": "tcp"}), // containerd
+        json!({"hostPort": 18080, "containerPort": 7000, "protocol": "tcp"}), // podman
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rt = env.rt(json!({"portMappings": [mapping]}));
+        let server = TempNetNs::new("fnt-hp").unwrap();
+        let client = TempNetNs::new("fnt-hp").unwrap();
+        let a = att(&format!("hp-server-{i}"), &server);
+        let b = att(&format!("hp-client-{i}"), &client);
+        let ra = rt.add(&list, "1.1.0", &a).unwrap();
+        let plain = env.rt(json!({}));
+        let rb = plain.add(&list, "1.1.0", &b).unwrap();
+        let pod_ip = addr_of(&ra, true);
+        let client_ip = addr_of(&rb, true);
+        // The node's address on the bridge is a local address: hostPort traffic to it is DNATed.
+        let node_ip: IpAddr = "10.77.0.1".parse().unwrap();
+        let listener = server
+            .ns()
+            .run(|| TcpListener::bind(SocketAddr::new(pod_ip, 7000)).unwrap())
+            .unwrap();
+        let accepted = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer.ip()));
+        assert!(
+            reaches(&client, node_ip, 18080),
+            "hostPort 18080 did not reach the pod"
+        );
+        assert_eq!(
+            accepted.join().unwrap().unwrap(),
+            client_ip,
+            "the pod saw another source"
+        );
+        rt.del(&list, "1.1.0", &a, Some(&ra)).unwrap();
+        assert!(
+            !reaches(&client, node_ip, 18080),
+            "hostPort still open after DEL"
+        );
+        let rules = env.node.ns().run(nft_list).unwrap();
+        assert!(
+            !rules.contains("hp_"),
+            "hostPort chains left after DEL:\n{rules}"
+        );
+        plain.del(&list, "1.1.0", &b, Some(&rb)).unwrap();
+    }
+}
+
+fn nft_list() -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
