@@ -1,0 +1,487 @@
+//! Service semantics, checked by tracing packets through the planned ruleset (no kernel), as
+//! kube-proxy's own tests do.
+
+use proxy::{plan, trace, Config, Hop, Packet, Proto, Verdict};
+use serde_json::json;
+
+fn cfg() -> Config {
+    Config {
+        node: "node-1".into(),
+        node_ips: vec!["172.18.0.2".parse().unwrap()],
+        cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+        service_cidr: "10.96.0.0/12".parse().unwrap(),
+        node_ports: (30000, 32767),
+    }
+}
+
+fn svc(name: &str, spec: serde_json::Value) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec})).unwrap()
+}
+
+/// An EndpointSlice for `service`: (ip, node, ready, serving, terminating) per endpoint.
+fn slice(
+    service: &str,
+    port_name: &str,
+    port: u16,
+    eps: &[(&str, &str, bool, bool, bool)],
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let endpoints: Vec<_> = eps
+        .iter()
+        .map(|(ip, node, ready, serving, terminating)| {
+            json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+        })
+        .collect();
+    serde_json::from_value(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": format!("{service}-x"), "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}], "endpoints": endpoints}))
+    .unwrap()
+}
+
+fn pkt(src: &str, dst: &str, dport: u16) -> Packet {
+    Packet {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        proto: Proto::Tcp,
+        dport,
+        to_node: dst == "172.18.0.2",
+    }
+}
+
+fn hops(v: &Verdict) -> Vec<(String, bool)> {
+    match v {
+        Verdict::Dnat(h) => h
+            .iter()
+            .map(
+                |Hop {
+                     ip,
+                     port,
+                     masquerade,
+                 }| (format!("{ip}:{port}"), *masquerade),
+            )
+            .collect(),
+        other => panic!("expected DNAT, got {other:?}"),
+    }
+}
+
+const POD: &str = "10.244.0.5";
+const OUTSIDE: &str = "203.0.113.10";
+
+#[test]
+fn cluster_ip_spreads_over_ready_endpoints_without_nat_from_pods() {
+    let s = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}),
+    );
+    let e = slice(
+        "web",
+        "http",
+        8080,
+        &[
+            ("10.244.1.2", "node-2", true, true, false),
+            ("10.244.2.2", "node-3", true, true, false),
+            ("10.244.2.3", "node-3", false, false, false),
+        ],
+    );
+    let rs = plan(&cfg(), &[s], &[e]).unwrap();
+    assert_eq!(
+        hops(&trace(&rs, &pkt(POD, "10.96.0.10", 80))),
+        vec![
+            ("10.244.1.2:8080".into(), false),
+            ("10.244.2.2:8080".into(), false)
+        ]
+    );
+    // From the node itself (outside the cluster CIDR): masqueraded.
+    assert!(hops(&trace(&rs, &pkt("172.18.0.2", "10.96.0.10", 80)))
+        .iter()
+        .all(|(_, m)| *m));
+    // Other ports of the ClusterIP are not the Service's.
+    assert_eq!(trace(&rs, &pkt(POD, "10.96.0.10", 81)), Verdict::Untouched);
+}
+
+#[test]
+fn hairpin_is_masqueraded() {
+    let s = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+    );
+    let e = slice(
+        "web",
+        "",
+        8080,
+        &[
+            ("10.244.0.5", "node-1", true, true, false),
+            ("10.244.1.2", "node-2", true, true, false),
+        ],
+    );
+    let rs = plan(&cfg(), &[s], &[e]).unwrap();
+    let h = hops(&trace(&rs, &pkt("10.244.0.5", "10.96.0.10", 80)));
+    assert_eq!(
+        h,
+        vec![
+            ("10.244.0.5:8080".into(), true),
+            ("10.244.1.2:8080".into(), false)
+        ]
+    );
+}
+
+#[test]
+fn no_endpoints_rejects_and_terminating_ones_are_the_last_resort() {
+    let s = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+    );
+    let none = plan(
+        &cfg(),
+        std::slice::from_ref(&s),
+        &[slice(
+            "web",
+            "",
+            8080,
+            &[("10.244.1.2", "node-2", false, false, false)],
+        )],
+    )
+    .unwrap();
+    assert_eq!(trace(&none, &pkt(POD, "10.96.0.10", 80)), Verdict::Rejected);
+    let terminating = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "web",
+            "",
+            8080,
+            &[("10.244.1.2", "node-2", false, true, true)],
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        hops(&trace(&terminating, &pkt(POD, "10.96.0.10", 80))),
+        vec![("10.244.1.2:8080".into(), false)]
+    );
+}
+
+#[test]
+fn node_port_cluster_policy_masquerades_and_local_policy_keeps_the_client() {
+    let spec = |policy: &str| {
+        json!({"type": "NodePort", "clusterIP": "10.96.0.11", "externalTrafficPolicy": policy, "healthCheckNodePort": 31999,
+                                      "ports": [{"port": 80, "nodePort": 30080}]})
+    };
+    let eps = [
+        ("10.244.0.7", "node-1", true, true, false),
+        ("10.244.1.2", "node-2", true, true, false),
+    ];
+    let cluster = plan(
+        &cfg(),
+        &[svc("np", spec("Cluster"))],
+        &[slice("np", "", 8080, &eps)],
+    )
+    .unwrap();
+    let h = hops(&trace(&cluster, &pkt(OUTSIDE, "172.18.0.2", 30080)));
+    assert_eq!(h.len(), 2);
+    assert!(h.iter().all(|(_, m)| *m), "{h:?}");
+    let local = plan(
+        &cfg(),
+        &[svc("np", spec("Local"))],
+        &[slice("np", "", 8080, &eps)],
+    )
+    .unwrap();
+    assert_eq!(
+        hops(&trace(&local, &pkt(OUTSIDE, "172.18.0.2", 30080))),
+        vec![("10.244.0.7:8080".into(), false)]
+    );
+    // Pods still use every endpoint.
+    assert_eq!(
+        hops(&trace(&local, &pkt(POD, "172.18.0.2", 30080))).len(),
+        2
+    );
+    assert_eq!(local.health_checks.get(&31999), Some(&1));
+    // A NodePort is only a NodePort on the node's own addresses.
+    let mut elsewhere = pkt(OUTSIDE, "172.18.0.9", 30080);
+    elsewhere.to_node = false;
+    assert_eq!(trace(&local, &elsewhere), Verdict::Untouched);
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops_external_traffic() {
+    let s = svc(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.11", "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
+    );
+    let rs = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "np",
+            "",
+            8080,
+            &[("10.244.1.2", "node-2", true, true, false)],
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 30080)),
+        Verdict::Dropped
+    );
+}
+
+#[test]
+fn load_balancer_ips_external_ips_and_source_ranges() {
+    let mut s = svc(
+        "lb",
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "externalIPs": ["198.51.100.7"],
+        "loadBalancerSourceRanges": ["203.0.113.0/28"], "ports": [{"port": 443, "nodePort": 30443}]}),
+    );
+    s.status =
+        serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.200"}]}}))
+            .unwrap();
+    let rs = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "lb",
+            "",
+            8443,
+            &[("10.244.1.2", "node-2", true, true, false)],
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        hops(&trace(&rs, &pkt("203.0.113.10", "198.51.100.200", 443))),
+        vec![("10.244.1.2:8443".into(), true)]
+    );
+    assert_eq!(
+        trace(&rs, &pkt("192.0.2.1", "198.51.100.200", 443)),
+        Verdict::Dropped
+    );
+    assert_eq!(
+        hops(&trace(&rs, &pkt(POD, "198.51.100.200", 443))).len(),
+        1,
+        "pods are always allowed"
+    );
+    // Source ranges guard the LB IP only.
+    assert_eq!(
+        hops(&trace(&rs, &pkt("192.0.2.1", "198.51.100.7", 443))).len(),
+        1
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_this_nodes_endpoints_only() {
+    let s = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local", "ports": [{"port": 80}]}),
+    );
+    let rs = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "web",
+            "",
+            8080,
+            &[
+                ("10.244.0.7", "node-1", true, true, false),
+                ("10.244.1.2", "node-2", true, true, false),
+            ],
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        hops(&trace(&rs, &pkt(POD, "10.96.0.10", 80))),
+        vec![("10.244.0.7:8080".into(), false)]
+    );
+}
+
+#[test]
+fn headless_and_external_name_are_not_proxied() {
+    let h = svc("h", json!({"clusterIP": "None", "ports": [{"port": 80}]}));
+    let x = svc(
+        "x",
+        json!({"type": "ExternalName", "externalName": "example.org"}),
+    );
+    let rs = plan(&cfg(), &[h, x], &[]).unwrap();
+    assert!(rs.service_ips.is_empty() && rs.no_endpoints.is_empty() && rs.chains.is_empty());
+}
+
+#[test]
+fn bad_services_are_refused_by_field() {
+    let e = plan(
+        &cfg(),
+        &[svc(
+            "a",
+            json!({"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}),
+        )],
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "spec.clusterIP");
+    let e = plan(&cfg(), &[svc("a", json!({"type": "NodePort", "clusterIP": "10.96.0.1", "ports": [{"port": 80, "nodePort": 8080}]}))], &[]).unwrap_err();
+    assert_eq!(e.field, "spec.ports[0].nodePort");
+    assert!(e.message.contains("30000-32767"), "{e}");
+    let np = |name: &str, ip: &str| {
+        svc(
+            name,
+            json!({"type": "NodePort", "clusterIP": ip, "ports": [{"port": 80, "nodePort": 30001}]}),
+        )
+    };
+    let e = plan(&cfg(), &[np("a", "10.96.0.1"), np("b", "10.96.0.2")], &[]).unwrap_err();
+    assert_eq!(e.object, "Service default/b");
+    assert!(e.message.contains("default/a"), "{e}");
+}
+
+#[test]
+fn affinity_pins_clients_with_a_timeout_set_per_endpoint() {
+    let s = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}, "ports": [{"port": 80}]}),
+    );
+    let rs = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "web",
+            "",
+            8080,
+            &[
+                ("10.244.1.2", "node-2", true, true, false),
+                ("10.244.2.2", "node-3", true, true, false),
+            ],
+        )],
+    )
+    .unwrap();
+    let text = rs.render();
+    assert_eq!(text.matches("timeout 60s").count(), 2, "{text}");
+    assert_eq!(text.matches("update @aff_").count(), 2, "{text}");
+    assert_eq!(hops(&trace(&rs, &pkt(POD, "10.96.0.10", 80))).len(), 2);
+}
+
+#[test]
+fn lookups_stay_one_map_element_per_frontend() {
+    let services: Vec<_> = (0..2000)
+        .map(|i| svc(&format!("s{i}"), json!({"clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1), "ports": [{"port": 80}]})))
+        .collect();
+    let slices: Vec<_> = (0..2000)
+        .map(|i| {
+            slice(
+                &format!("s{i}"),
+                "",
+                8080,
+                &[("10.244.1.2", "node-2", true, true, false)],
+            )
+        })
+        .collect();
+    let rs = plan(&cfg(), &services, &slices).unwrap();
+    assert_eq!(rs.service_ips.len(), 2000);
+    assert_eq!(
+        hops(&trace(&rs, &pkt(POD, "10.96.7.250", 80))),
+        vec![("10.244.1.2:8080".into(), false)]
+    );
+}
+
+/// A small table with every kind of chain: two ports (TCP and UDP), a Local LoadBalancer with
+/// source ranges and a health check, a Service without endpoints.
+fn sample() -> String {
+    let mut lb = svc(
+        "lb",
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "loadBalancerSourceRanges": ["203.0.113.0/28"],
+        "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000, "ports": [{"name": "https", "port": 443, "nodePort": 30443}]}),
+    );
+    lb.status =
+        serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.200"}]}}))
+            .unwrap();
+    let web = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]}),
+    );
+    let empty = svc(
+        "empty",
+        json!({"clusterIP": "10.96.0.13", "ports": [{"port": 80}]}),
+    );
+    let mut dns = slice(
+        "web",
+        "dns",
+        5353,
+        &[("10.244.1.2", "node-2", true, true, false)],
+    );
+    dns.ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
+    dns.metadata.name = Some("web-dns".into());
+    let slices = [
+        slice(
+            "web",
+            "http",
+            8080,
+            &[
+                ("10.244.1.2", "node-2", true, true, false),
+                ("10.244.0.7", "node-1", true, true, false),
+            ],
+        ),
+        dns,
+        slice(
+            "lb",
+            "https",
+            8443,
+            &[("10.244.0.7", "node-1", true, true, false)],
+        ),
+    ];
+    plan(&cfg(), &[web, lb, empty], &slices).unwrap().render()
+}
+
+#[test]
+fn the_rendered_table_matches_the_golden_file() {
+    let text = sample();
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/basic.nft");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap_or_default();
+    assert_eq!(
+        text, want,
+        "the ruleset changed; review it and rerun with UPDATE_GOLDEN=1"
+    );
+}
+
+/// The sample ruleset is also valid nftables: the real `nft` accepts it (as root, inside a
+/// throw-away namespace).
+#[test]
+fn the_real_nft_accepts_the_rendered_table() {
+    if !netns::can_create() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("fnt-proxy-{}.nft", std::process::id()));
+    std::fs::write(&file, sample()).unwrap();
+    let name = format!("fnt-proxy-{}", std::process::id());
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &name, "nft", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let listed = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &name,
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "flatnet-proxy",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &name])
+        .status();
+    assert!(
+        out.status.success(),
+        "nft refused the ruleset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("10.96.0.10 . tcp . 80"));
+}
