@@ -432,3 +432,85 @@ fn render_rule(r: &Rule) -> String {
         Rule::Drop => "drop".into(),
     }
 }
+
+/// The changes that turn `old` into `new`, as one `nft -f` script (empty when nothing changed):
+/// new chains first, then map and set elements, then the chains nothing refers to any more.
+/// Unchanged chains and elements are not sent, so one Service's change costs its own lines.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
+    let mut o = String::new();
+    let t = TABLE;
+    let sets = |rs: &Ruleset| -> BTreeMap<String, u32> {
+        rs.chains
+            .values()
+            .flatten()
+            .filter_map(|r| match r {
+                Rule::Remember(s, timeout) => Some((s.clone(), *timeout)),
+                _ => None,
+            })
+            .collect()
+    };
+    let (old_sets, new_sets) = (sets(old), sets(new));
+    for (s, timeout) in &new_sets {
+        if old_sets.get(s) != Some(timeout) {
+            let _ = writeln!(o, "add set {t} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}");
+        }
+    }
+    for (name, rules) in &new.chains {
+        if old.chains.get(name) == Some(rules) {
+            continue;
+        }
+        let _ = writeln!(o, "add chain {t} {name}\nflush chain {t} {name}");
+        for r in rules {
+            let _ = writeln!(o, "add rule {t} {name} {}", render_rule(r));
+        }
+    }
+    let k3 = |(ip, p, port): &IpKey| format!("{ip} . {} . {port}", p.as_str());
+    let k2 = |(p, port): &PortKey| format!("{} . {port}", p.as_str());
+    map_diff(&mut o, "service-ips", &old.service_ips, &new.service_ips, k3, |c| format!("goto {c}"));
+    map_diff(&mut o, "service-nodeports", &old.node_ports, &new.node_ports, k2, |c| format!("goto {c}"));
+    let reject = |s: &BTreeSet<IpKey>| s.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
+    let reject2 = |s: &BTreeSet<PortKey>| s.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
+    map_diff(&mut o, "no-endpoint-services", &reject(&old.no_endpoints), &reject(&new.no_endpoints), k3, |_| "goto reject-chain".into());
+    map_diff(&mut o, "no-endpoint-nodeports", &reject2(&old.no_endpoint_node_ports), &reject2(&new.no_endpoint_node_ports), k2, |_| "goto reject-chain".into());
+    if old.firewall != new.firewall {
+        // Rare (source ranges changed): rewrite the firewall map and its chains whole.
+        let _ = writeln!(o, "flush map {t} firewall-ips");
+        for (k, ranges) in &new.firewall {
+            let c = chain_name("fw", &k3(k));
+            let list: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
+            let _ = writeln!(o, "add chain {t} {c}\nflush chain {t} {c}\nadd rule {t} {c} ip saddr != {{ {} }} drop", list.join(", "));
+            let _ = writeln!(o, "add element {t} firewall-ips {{ {} : goto {c} }}", k3(k));
+        }
+        for k in old.firewall.keys().filter(|k| !new.firewall.contains_key(*k)) {
+            let _ = writeln!(o, "delete chain {t} {}", chain_name("fw", &k3(k)));
+        }
+    }
+    for name in old.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
+        let _ = writeln!(o, "delete chain {t} {name}");
+    }
+    for s in old_sets.keys().filter(|s| !new_sets.contains_key(*s)) {
+        let _ = writeln!(o, "delete set {t} {s}");
+    }
+    o
+}
+
+fn map_diff<K: Ord, V: PartialEq>(
+    o: &mut String,
+    map: &str,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    key: impl Fn(&K) -> String,
+    verdict: impl Fn(&V) -> String,
+) {
+    let t = TABLE;
+    for (k, v) in old {
+        if new.get(k) != Some(v) {
+            let _ = writeln!(o, "delete element {t} {map} {{ {} }}", key(k));
+        }
+    }
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            let _ = writeln!(o, "add element {t} {map} {{ {} : {} }}", key(k), verdict(v));
+        }
+    }
+}

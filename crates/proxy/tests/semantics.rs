@@ -485,3 +485,26 @@ fn the_real_nft_accepts_the_rendered_table() {
     );
     assert!(String::from_utf8_lossy(&listed.stdout).contains("10.96.0.10 . tcp . 80"));
 }
+
+#[test]
+fn a_change_to_one_service_sends_only_its_own_lines() {
+    let services: Vec<_> = (0..50)
+        .map(|i| svc(&format!("s{i}"), json!({"clusterIP": format!("10.96.1.{}", i + 1), "ports": [{"port": 80}]})))
+        .collect();
+    let mut slices: Vec<_> = (0..50).map(|i| slice(&format!("s{i}"), "", 8080, &[("10.244.1.2", "node-2", true, true, false)])).collect();
+    let before = plan(&cfg(), &services, &slices).unwrap();
+    assert_eq!(proxy::plan::diff(&before, &before), "", "no change, nothing sent");
+    slices[7] = slice("s7", "", 8080, &[("10.244.1.2", "node-2", true, true, false), ("10.244.2.9", "node-3", true, true, false)]);
+    let after = plan(&cfg(), &services, &slices).unwrap();
+    let d = proxy::plan::diff(&before, &after);
+    assert!(d.contains("10.244.2.9"), "{d}");
+    assert!(d.lines().all(|l| !l.contains("default_s8") && !l.contains("10.96.1.9 ")), "other services touched:\n{d}");
+    assert!(d.lines().count() < 12, "{d}");
+    // Endpoints gone: the frontend moves to the reject map and the chains go.
+    slices[7] = slice("s7", "", 8080, &[]);
+    let gone = plan(&cfg(), &services, &slices).unwrap();
+    let d = proxy::plan::diff(&after, &gone);
+    assert!(d.contains("delete element ip flatnet-proxy service-ips { 10.96.1.8 . tcp . 80 }"), "{d}");
+    assert!(d.contains("add element ip flatnet-proxy no-endpoint-services { 10.96.1.8 . tcp . 80 : goto reject-chain }"), "{d}");
+    assert!(d.contains("delete chain"), "{d}");
+}
