@@ -24,6 +24,12 @@ pub struct AgentArgs {
     /// Flannel-style network config: {"Network": CIDR, "Backend": {"Type": host-gw|vxlan|auto}}.
     #[arg(long, default_value = "/etc/flatnet/net-conf.json")]
     pub net_conf: PathBuf,
+    /// The Service CIDR (ClusterIPs outside it are refused).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: ipnet::Ipv4Net,
+    /// The NodePort range, FIRST-LAST.
+    #[arg(long, default_value = "30000-32767")]
+    pub node_port_range: String,
     /// Sync once, print what changed, exit.
     #[arg(long)]
     pub once: bool,
@@ -46,11 +52,25 @@ pub fn run(a: AgentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let Some(node_ports) = a
+        .node_port_range
+        .split_once('-')
+        .and_then(|(lo, hi)| Some((lo.parse::<u16>().ok()?, hi.parse::<u16>().ok()?)))
+        .filter(|(lo, hi)| lo <= hi)
+    else {
+        eprintln!(
+            "error: --node-port-range {:?}: use FIRST-LAST, e.g. 30000-32767",
+            a.node_port_range
+        );
+        return ExitCode::FAILURE;
+    };
     let agent = Agent {
         node,
         source: cluster::FileSource::new(a.dir),
         cluster_cidr,
         backend,
+        service_cidr: a.service_cidr,
+        node_ports,
     };
     if a.once || a.dry_run {
         let result = netlink::Netlink::connect()

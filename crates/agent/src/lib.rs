@@ -56,6 +56,8 @@ pub struct Agent {
     pub source: FileSource,
     pub cluster_cidr: Ipv4Net,
     pub backend: Backend,
+    pub service_cidr: Ipv4Net,
+    pub node_ports: (u16, u16),
 }
 
 /// Where this node sits: the link and subnet holding its node IP.
@@ -108,6 +110,23 @@ impl Agent {
         routing::apply(nl, &plan, dev)
     }
 
+    /// The service proxy's plan for `state` on this node.
+    pub fn proxy_plan(&self, state: &ClusterState) -> Result<proxy::Ruleset, String> {
+        let me = state
+            .nodes
+            .iter()
+            .find(|n| n.name == self.node)
+            .ok_or_else(|| format!("node {:?} is not in the cluster state (yet)", self.node))?;
+        let cfg = proxy::Config {
+            node: self.node.clone(),
+            node_ips: vec![me.ip],
+            cluster_cidr: self.cluster_cidr,
+            service_cidr: self.service_cidr,
+            node_ports: self.node_ports,
+        };
+        proxy::plan(&cfg, &state.services, &state.endpoint_slices).map_err(|e| e.to_string())
+    }
+
     fn log(&self, msg: &str) {
         eprintln!(
             "{:.3} agent {}: {msg}",
@@ -138,17 +157,32 @@ impl Agent {
         };
         let mut seen = None;
         let mut last = Instant::now() - Duration::from_secs(3600);
+        let mut proxy = proxy::Applier::default();
         loop {
             let fp = self.source.fingerprint();
             if seen != Some(fp) || last.elapsed() > Duration::from_secs(10) {
-                match self.once(&nl) {
-                    Ok(ch) => {
-                        if ch.total() > 0 {
-                            self.log(&format!("synced: {ch:?}"));
+                match self.source.load() {
+                    Ok(state) => {
+                        let routed = self.sync(&nl, &state);
+                        match &routed {
+                            Ok(ch) if ch.total() > 0 => self.log(&format!("routes synced: {ch:?}")),
+                            Ok(_) => {}
+                            Err(e) => self.log(&format!("routing sync failed (will retry): {e}")),
                         }
-                        seen = Some(fp);
+                        // A bad Service keeps the last good proxy table in place.
+                        let proxied = self.proxy_plan(&state).and_then(|rs| proxy.sync(rs));
+                        match &proxied {
+                            Ok(0) => {}
+                            Ok(n) => self.log(&format!("service proxy synced: {n} nft lines")),
+                            Err(e) => {
+                                self.log(&format!("service proxy sync failed (will retry): {e}"))
+                            }
+                        }
+                        if routed.is_ok() && proxied.is_ok() {
+                            seen = Some(fp);
+                        }
                     }
-                    Err(e) => self.log(&format!("sync failed (will retry): {e}")),
+                    Err(e) => self.log(&format!("reading cluster state (will retry): {e}")),
                 }
                 last = Instant::now();
             }

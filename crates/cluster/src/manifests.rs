@@ -4,7 +4,8 @@
 use crate::lab::LabSpec;
 use crate::{is_dns_subdomain, ModelError};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Default)]
@@ -13,7 +14,9 @@ pub struct Manifests {
     pub pods: Vec<Pod>,
     pub deployments: Vec<Deployment>,
     pub nodes: Vec<Node>,
-    /// Other kinds (Service, ConfigMap, …), for the parts that read them.
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Other kinds (ConfigMap, NetworkPolicy, …), for the parts that will read them.
     pub other: Vec<Value>,
 }
 
@@ -110,6 +113,12 @@ impl Manifests {
                 .deployments
                 .push(serde_json::from_value(doc).map_err(typed)?),
             "Node" => self.nodes.push(serde_json::from_value(doc).map_err(typed)?),
+            "Service" => self
+                .services
+                .push(serde_json::from_value(doc).map_err(typed)?),
+            "EndpointSlice" => self
+                .endpoint_slices
+                .push(serde_json::from_value(doc).map_err(typed)?),
             _ => self.other.push(doc),
         }
         Ok(())
@@ -131,6 +140,8 @@ impl Manifests {
         self.pods.extend(other.pods);
         self.deployments.extend(other.deployments);
         self.nodes.extend(other.nodes);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
         self.other.extend(other.other);
         Ok(())
     }
@@ -176,7 +187,8 @@ spec: {ports: [{port: 80}]}
         assert_eq!(m.lab.unwrap().nodes.len(), 2);
         assert_eq!(m.pods.len(), 1);
         assert_eq!(m.deployments[0].spec.replicas, Some(3));
-        assert_eq!(m.other.len(), 1);
+        assert_eq!(m.services.len(), 1);
+        assert!(m.other.is_empty());
     }
 
     #[test]

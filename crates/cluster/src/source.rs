@@ -57,9 +57,11 @@ impl NodeInfo {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
     pub nodes: Vec<NodeInfo>,
+    pub services: Vec<k8s_openapi::api::core::v1::Service>,
+    pub endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
 }
 
 /// A directory of `*.yaml`, `*.yml` and `*.json` manifests, read whole on each load.
@@ -123,7 +125,11 @@ impl FileSource {
         let mut nodes: Vec<NodeInfo> = all.nodes.iter().filter_map(NodeInfo::from_node).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         nodes.dedup_by(|a, b| a.name == b.name);
-        Ok(ClusterState { nodes })
+        Ok(ClusterState {
+            nodes,
+            services: all.services,
+            endpoint_slices: all.endpoint_slices,
+        })
     }
 }
 

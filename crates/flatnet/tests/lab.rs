@@ -367,3 +367,168 @@ fn bad_lab_files_get_errors_naming_the_field() {
         );
     }
 }
+
+const SERVICES: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: flatnet-serve, ports: [{name: echo, containerPort: 9000}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{name: echo, port: 80, targetPort: echo}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-np}
+spec: {type: NodePort, selector: {app: web}, ports: [{port: 80, targetPort: 9000, nodePort: 30090}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nothing}
+spec: {selector: {app: none}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}
+"#;
+
+fn cluster_ip(st: &Value, name: &str) -> IpAddr {
+    st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()["clusterIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The backends that answered `n` connections from `from` to `ip:port`.
+fn backends(
+    from: &netns::NetNs,
+    ip: IpAddr,
+    port: u16,
+    n: usize,
+) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|_| field(&hello(from, ip, port), "pod").to_string())
+        .collect()
+}
+
+/// Like [`backends`], but `None` if any connection failed (while the proxy converges).
+fn try_backends(
+    from: &netns::NetNs,
+    ip: IpAddr,
+    port: u16,
+    n: usize,
+) -> Option<std::collections::BTreeSet<String>> {
+    (0..n)
+        .map(|_| {
+            from.run(|| -> std::io::Result<String> {
+                let s = TcpStream::connect_timeout(
+                    &SocketAddr::new(ip, port),
+                    Duration::from_millis(500),
+                )?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line)?;
+                Ok(field(&line, "pod").to_string())
+            })
+            .ok()?
+            .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn services_balance_reject_without_endpoints_and_follow_endpoint_changes() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file("{nodes: 3, backend: vxlan}", SERVICES);
+    lab.up(&f);
+    let st = lab.status();
+    let client = lab.ns("pod.default.client");
+    let client_ip = st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "client")
+        .unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let web = cluster_ip(&st, "web");
+    assert!("10.96.0.0/12"
+        .parse::<ipnet::IpNet>()
+        .unwrap()
+        .contains(&web));
+    // Wait for the agents' first proxy sync, then spread and no NAT from a pod.
+    assert!(cni_harness::conformance::wait_until(
+        Duration::from_secs(5),
+        || client
+            .run(|| TcpStream::connect_timeout(
+                &SocketAddr::new(web, 80),
+                Duration::from_millis(300)
+            )
+            .is_ok())
+            .unwrap()
+    ));
+    let line = hello(&client, web, 80);
+    assert_eq!(
+        field(&line, "client").rsplit_once(':').unwrap().0,
+        client_ip,
+        "{line}"
+    );
+    assert!(
+        backends(&client, web, 80, 24).len() >= 2,
+        "one backend answered 24 connections"
+    );
+    // No endpoints: refused at once, not a timeout.
+    let err = client
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::new(cluster_ip(&st, "nothing"), 80),
+                Duration::from_secs(3),
+            )
+        })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // NodePort from the lab internet, on a node's address.
+    let node_ip: IpAddr = st["nodes"][0]["ip"].as_str().unwrap().parse().unwrap();
+    let inet = lab.ns("internet");
+    assert!(!field(&hello(&inet, node_ip, 30090), "pod").is_empty());
+    // Scale to one replica: the Service follows.
+    let f = lab.file(
+        "{nodes: 3, backend: vxlan}",
+        &SERVICES.replace("replicas: 3", "replicas: 1"),
+    );
+    let out = lab.flatnet(&["apply", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = lab.status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"].as_str().unwrap().starts_with("web-"))
+        .count();
+    assert_eq!(left, 1);
+    assert!(
+        cni_harness::conformance::wait_until(Duration::from_secs(5), || try_backends(
+            &client, web, 80, 8
+        )
+        .is_some_and(|b| b.len() == 1)),
+        "connections still spread after scaling to one replica"
+    );
+}

@@ -22,12 +22,14 @@ pub mod cli;
 pub mod graph;
 pub mod infra;
 pub mod plan;
+pub mod services;
 
 use cluster::manifests::namespaced;
 use cluster::{LabSpec, Manifests, NodeInfo};
 use cni_harness::conflist::{Attachment, NetList, Runtime};
 use infra::{ns_name, Proc};
 use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use netlink::LinkInfo;
 use plan::{NodePlan, PodWant};
@@ -57,6 +59,10 @@ pub struct PodRecord {
     pub procs: Vec<Proc>,
     /// Why a workload did not start, if one did not.
     pub error: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<plan::NamedPort>,
 }
 
 impl PodRecord {
@@ -75,6 +81,12 @@ pub struct State {
     pub pending: BTreeMap<String, String>,
     /// Set once `up` finished; a state without it is a crashed run.
     pub complete: bool,
+    /// ClusterIPs and NodePorts the lab allocated, kept while their Service lives.
+    #[serde(default)]
+    pub allocations: services::Allocations,
+    /// The Services as published (allocations filled in).
+    #[serde(default)]
+    pub services: Vec<Service>,
 }
 
 /// A lab on disk.
@@ -223,6 +235,8 @@ impl Lab {
             pods: Vec::new(),
             pending: BTreeMap::new(),
             complete: false,
+            allocations: Default::default(),
+            services: Vec::new(),
         };
         lab.save(&state)?;
         lab.build_infra(&mut state)?;
@@ -452,10 +466,16 @@ impl Lab {
             want_by_key.get(&p.key()).is_some_and(|w| w.hash == p.hash)
                 && placement.bound.get(&p.key()) == Some(&p.node)
         });
+        s.pods = keep;
+        if !drop.is_empty() && !m.services.is_empty() {
+            // Like a terminating pod: out of the EndpointSlices first, and a moment for the
+            // agents (they poll every 100 ms) before the pod goes away.
+            self.publish_services(&mut s, &m.services)?;
+            std::thread::sleep(Duration::from_millis(300));
+        }
         for p in &drop {
             self.remove_pod(p);
         }
-        s.pods = keep;
         s.pending = placement.pending.clone();
         self.save(&s)?;
         let todo: Vec<(PodWant, NodePlan)> = wants
@@ -466,9 +486,20 @@ impl Lab {
                 Some((w.clone(), s.nodes.iter().find(|n| &n.name == node)?.clone()))
             })
             .collect();
+        let errors = self.create_pods(&mut s, todo);
+        self.publish_services(&mut s, &m.services)?;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
+    }
+
+    /// Creates pods with a few workers in parallel; returns the failures.
+    fn create_pods(&self, s: &mut State, todo: Vec<(PodWant, NodePlan)>) -> Vec<String> {
         let total = todo.len();
         if total == 0 {
-            return Ok(());
+            return Vec::new();
         }
         let queue = Mutex::new(todo.into_iter().collect::<std::collections::VecDeque<_>>());
         let done = Mutex::new(Vec::new());
@@ -499,13 +530,67 @@ impl Lab {
         });
         s.pods.extend(done.into_inner().expect("done"));
         s.pods.sort_by_key(|p| p.key());
-        self.save(&s)?;
-        let errors = errors.into_inner().expect("errors");
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("\n"))
+        let mut errors = errors.into_inner().expect("errors");
+        if let Err(e) = self.save(s) {
+            errors.push(e);
         }
+        errors
+    }
+
+    /// Checks Services as an agent will (errors name the Service and field) and fills in what
+    /// the API server would; `s.allocations` is updated.
+    fn checked_services(s: &mut State, services: &[Service]) -> Result<Vec<Service>, String> {
+        let filled = services::allocate(s, services)?;
+        let cfg = proxy::Config {
+            node: String::new(),
+            node_ips: Vec::new(),
+            cluster_cidr: s.spec.cluster_cidr,
+            service_cidr: s.spec.service_cidr,
+            node_ports: services::NODE_PORTS,
+        };
+        proxy::plan(&cfg, &filled, &[]).map_err(|e| e.to_string())?;
+        Ok(filled)
+    }
+
+    /// Writes the Services and their EndpointSlices where the agents read them.
+    fn publish_services(&self, s: &mut State, services: &[Service]) -> Result<(), String> {
+        let filled = Lab::checked_services(s, services)?;
+        let mut want: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for svc in &filled {
+            let (ns, name) = namespaced(&svc.metadata);
+            let file = format!("{ns}.{name}.json");
+            want.insert(
+                self.dir.join("cluster/services").join(&file),
+                serde_json::to_string_pretty(svc).expect("json"),
+            );
+            if let Some(slice) =
+                services::endpoint_slice(svc, &s.pods, |p| pod_status(p) == "Running")
+            {
+                want.insert(
+                    self.dir.join("cluster/endpointslices").join(&file),
+                    serde_json::to_string_pretty(&slice).expect("json"),
+                );
+            }
+        }
+        for d in ["cluster/services", "cluster/endpointslices"] {
+            let dir = self.dir.join(d);
+            std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+            for e in std::fs::read_dir(&dir)
+                .map_err(|e| io(dir.display(), e))?
+                .flatten()
+            {
+                if !want.contains_key(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        for (path, text) in &want {
+            if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
+                write_atomic(path, text)?;
+            }
+        }
+        s.services = filled;
+        self.save(s)
     }
 
     fn runtime_parts(&self, node: &str) -> Result<(NetList, netns::NetNs), String> {
@@ -570,6 +655,8 @@ impl Lab {
             result,
             procs: Vec::new(),
             error: None,
+            labels: w.labels.clone(),
+            ports: w.ports.clone(),
         };
         let _ = spec;
         for wl in &w.workloads {
@@ -629,12 +716,13 @@ impl Lab {
     /// Adds the objects in `files` to the lab (same name: replaced) and reconciles.
     pub fn apply(&self, files: &[PathBuf]) -> Result<(), String> {
         let m = read_files(files)?;
-        if m.lab.is_some() {
+        let s = self.load()?;
+        // The file `lab up` took may be applied again; a different Lab document may not.
+        if m.lab.as_ref().is_some_and(|l| *l != s.spec) {
             return Err(
-                "a Lab document cannot be applied to a running lab; use `lab up` to rebuild".into(),
+                "the Lab document differs from the running lab's; change a lab with `lab up` (it rebuilds) or `lab node add|remove`".into(),
             );
         }
-        let s = self.load()?;
         let mut all = self.manifests()?;
         let incoming = plan::desired_pods(&m).map_err(|e| e.to_string())?;
         plan::check_node_names(&incoming, &s.spec.nodes).map_err(|e| e.to_string())?;
@@ -647,6 +735,11 @@ impl Lab {
                     .iter()
                     .map(|d| ("Deployment", namespaced(&d.metadata))),
             )
+            .chain(
+                m.services
+                    .iter()
+                    .map(|d| ("Service", namespaced(&d.metadata))),
+            )
             .map(|(k, (ns, n))| (k.to_string(), format!("{ns}/{n}")))
             .collect();
         let replaced = |kind: &str, meta: &ObjectMeta| {
@@ -656,6 +749,10 @@ impl Lab {
         all.pods.retain(|p| !replaced("Pod", &p.metadata));
         all.deployments
             .retain(|d| !replaced("Deployment", &d.metadata));
+        all.services.retain(|d| !replaced("Service", &d.metadata));
+        all.services.extend(m.services);
+        // Refused before anything changes: errors name the Service and field.
+        Lab::checked_services(&mut s.clone(), &all.services)?;
         all.pods.extend(m.pods);
         all.deployments.extend(m.deployments);
         all.other.extend(m.other);
@@ -678,6 +775,11 @@ impl Lab {
                 .iter()
                 .map(|d| serde_json::to_value(d).expect("json")),
         );
+        docs.extend(
+            m.services
+                .iter()
+                .map(|d| serde_json::to_value(d).expect("json")),
+        );
         docs.extend(m.other.iter().cloned());
         let text: Vec<String> = docs
             .iter()
@@ -697,15 +799,20 @@ impl Lab {
         let mut all = self.manifests()?;
         let matches =
             |meta: &ObjectMeta| namespaced(meta) == (namespace.to_string(), name.to_string());
-        let before = all.pods.len() + all.deployments.len();
+        let count = |m: &Manifests| m.pods.len() + m.deployments.len() + m.services.len();
+        let before = count(&all);
         match kind.to_ascii_lowercase().as_str() {
             "pod" | "pods" | "po" => all.pods.retain(|p| !matches(&p.metadata)),
             "deployment" | "deployments" | "deploy" => {
                 all.deployments.retain(|d| !matches(&d.metadata))
             }
-            other => return Err(format!("kind {other:?}: the lab deletes pod or deployment")),
+            other => {
+                return Err(format!(
+                    "kind {other:?}: the lab deletes pod, deployment or service"
+                ))
+            }
         }
-        if all.pods.len() + all.deployments.len() == before {
+        if count(&all) == before {
             return Err(format!("{kind} {namespace}/{name} not found"));
         }
         self.write_manifests(&all)?;
@@ -856,7 +963,8 @@ impl Lab {
                 .map(|n| json!({"name": n.name, "ip": n.ip, "podCIDR": n.pod_cidr, "subnet": n.underlay,
                     "agent": if s.agents.get(&n.name).is_some_and(Proc::alive) { "Running" } else { "Down" }}))
                 .collect();
-            return Ok(serde_json::to_string_pretty(&json!({"lab": s.spec.name, "backend": s.spec.backend.as_str(),
+            let services: Vec<Value> = s.services.iter().map(service_row).collect();
+            return Ok(serde_json::to_string_pretty(&json!({"lab": s.spec.name, "backend": s.spec.backend.as_str(), "services": services,
                 "clusterCIDR": s.spec.cluster_cidr, "serviceCIDR": s.spec.service_cidr, "nodes": nodes, "pods": pods,
                 "internet": INTERNET_HOST}))
             .expect("json"));
@@ -907,8 +1015,79 @@ impl Lab {
                 "Pending", "<none>"
             );
         }
+        if !s.services.is_empty() {
+            out += &format!(
+                "\n{:<12} {:<20} {:<13} {:<15} {:<24} {}\n",
+                "NAMESPACE", "SERVICE", "TYPE", "CLUSTER-IP", "PORT(S)", "ENDPOINTS"
+            );
+            for svc in &s.services {
+                let r = service_row(svc);
+                let eps = self.endpoints_of(svc);
+                out += &format!(
+                    "{:<12} {:<20} {:<13} {:<15} {:<24} {}\n",
+                    r["namespace"].as_str().unwrap_or(""),
+                    r["name"].as_str().unwrap_or(""),
+                    r["type"].as_str().unwrap_or(""),
+                    r["clusterIP"].as_str().unwrap_or(""),
+                    r["ports"].as_str().unwrap_or(""),
+                    if eps.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        eps.join(",")
+                    }
+                );
+            }
+        }
         Ok(out)
     }
+
+    /// `ip:port` of each ready endpoint of `svc`, from its published EndpointSlice.
+    fn endpoints_of(&self, svc: &Service) -> Vec<String> {
+        let (ns, name) = namespaced(&svc.metadata);
+        let path = self
+            .dir
+            .join(format!("cluster/endpointslices/{ns}.{name}.json"));
+        let Ok(slice) = std::fs::read_to_string(path).map_err(|_| ()).and_then(|t| {
+            serde_json::from_str::<k8s_openapi::api::discovery::v1::EndpointSlice>(&t)
+                .map_err(|_| ())
+        }) else {
+            return Vec::new();
+        };
+        let port = slice
+            .ports
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|p| p.port)
+            .unwrap_or(0);
+        slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|e| e.addresses.iter().map(move |a| format!("{a}:{port}")))
+            .collect()
+    }
+}
+
+/// One Service as `kubectl get svc` shows it.
+fn service_row(svc: &Service) -> Value {
+    let (ns, name) = namespaced(&svc.metadata);
+    let spec = svc.spec.clone().unwrap_or_default();
+    let ports: Vec<String> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            match p.node_port {
+                Some(np) => format!("{}:{np}/{proto}", p.port),
+                None => format!("{}/{proto}", p.port),
+            }
+        })
+        .collect();
+    json!({"namespace": ns, "name": name, "type": spec.type_.unwrap_or_else(|| "ClusterIP".into()),
+           "clusterIP": spec.cluster_ip.unwrap_or_default(), "ports": ports.join(",")})
 }
 
 fn pod_status(p: &PodRecord) -> &'static str {

@@ -124,9 +124,33 @@ pub struct PodWant {
     pub node_name: Option<String>,
     pub node_selector: BTreeMap<String, String>,
     pub workloads: Vec<Workload>,
+    /// Declared container ports (named ones resolve Services' named `targetPort`s).
+    pub ports: Vec<NamedPort>,
     /// Changes whenever anything the lab runs changes; a changed pod is recreated.
     pub hash: String,
     pub owner: Option<String>,
+}
+
+/// A declared `containerPort`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+fn container_ports(spec: &PodSpec) -> Vec<NamedPort> {
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u16::try_from(p.container_port).ok()?,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            })
+        })
+        .collect()
 }
 
 impl PodWant {
@@ -175,12 +199,14 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
             .flatten()
             .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
             .collect();
+        // `flatnet serve` echoes on 9000; HTTP goes on the first other declared TCP port.
         let http_port = c
             .ports
             .iter()
             .flatten()
-            .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .and_then(|p| u16::try_from(p.container_port).ok())
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| u16::try_from(p.container_port).ok())
+            .find(|p| *p != 9000)
             .unwrap_or(8080);
         out.push(Workload {
             container: c.name.clone(),
@@ -210,6 +236,7 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
             node_selector: spec.node_selector.clone().unwrap_or_default(),
             hash: short_hash(&(&w, &spec.node_name, &spec.node_selector), 10),
             workloads: w,
+            ports: container_ports(spec),
             namespace: ns,
             name,
             owner: None,
@@ -258,6 +285,7 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
                 node_name: spec.node_name.clone(),
                 node_selector: spec.node_selector.clone().unwrap_or_default(),
                 workloads: w.clone(),
+                ports: container_ports(spec),
                 hash: template_hash.clone(),
                 owner: Some(format!("Deployment {ns}/{name}")),
             });

@@ -1,10 +1,12 @@
 //! The service proxy: what kube-proxy does, as one nftables table per node. [`plan`] is the pure
 //! planner (its module doc has the design), [`trace`] walks packets through a plan.
 
+pub mod apply;
 pub mod model;
 pub mod plan;
 pub mod trace;
 
+pub use apply::Applier;
 pub use model::{Config, Proto};
 pub use plan::{plan, Ruleset};
 pub use trace::{trace, Hop, Packet, Verdict};

@@ -195,6 +195,12 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
     if external.is_empty() && sp.node_port.is_none() {
         return;
     }
+    if !any_eps {
+        rs.no_endpoints.extend(external);
+        rs.no_endpoint_node_ports
+            .extend(sp.node_port.map(|np| (sp.proto, np)));
+        return;
+    }
     let ext_rules = if sp.external_local {
         let local = chain_name("local", &sp.id);
         let mut local_rules = pick(&local_eps);
@@ -215,10 +221,6 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
         .insert(ext.clone(), format!("{} (external)", sp.id));
     rs.chains.insert(ext.clone(), ext_rules);
     for key in external {
-        if !any_eps {
-            rs.no_endpoints.insert(key);
-            continue;
-        }
         rs.service_ips.insert(key, ext.clone());
         if !sp.lb_source_ranges.is_empty() && sp.lb_ips.contains(&key.0) {
             let mut ranges = sp.lb_source_ranges.clone();
@@ -233,11 +235,7 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
         }
     }
     if let Some(np) = sp.node_port {
-        if any_eps {
-            rs.node_ports.insert((sp.proto, np), ext.clone());
-        } else {
-            rs.no_endpoint_node_ports.insert((sp.proto, np));
-        }
+        rs.node_ports.insert((sp.proto, np), ext.clone());
     }
     if let Some(hc) = sp.health_check_node_port {
         rs.health_checks.insert(hc, local_eps.len());
@@ -452,26 +450,62 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
     let (old_sets, new_sets) = (sets(old), sets(new));
     for (s, timeout) in &new_sets {
         if old_sets.get(s) != Some(timeout) {
-            let _ = writeln!(o, "add set {t} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}");
+            let _ = writeln!(
+                o,
+                "add set {t} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+            );
         }
     }
-    for (name, rules) in &new.chains {
-        if old.chains.get(name) == Some(rules) {
-            continue;
-        }
+    // Declare every changed chain before any rule refers to one.
+    let changed: Vec<(&String, &Vec<Rule>)> = new
+        .chains
+        .iter()
+        .filter(|(name, rules)| old.chains.get(*name) != Some(*rules))
+        .collect();
+    for (name, _) in &changed {
         let _ = writeln!(o, "add chain {t} {name}\nflush chain {t} {name}");
-        for r in rules {
+    }
+    for (name, rules) in &changed {
+        for r in *rules {
             let _ = writeln!(o, "add rule {t} {name} {}", render_rule(r));
         }
     }
     let k3 = |(ip, p, port): &IpKey| format!("{ip} . {} . {port}", p.as_str());
     let k2 = |(p, port): &PortKey| format!("{} . {port}", p.as_str());
-    map_diff(&mut o, "service-ips", &old.service_ips, &new.service_ips, k3, |c| format!("goto {c}"));
-    map_diff(&mut o, "service-nodeports", &old.node_ports, &new.node_ports, k2, |c| format!("goto {c}"));
+    map_diff(
+        &mut o,
+        "service-ips",
+        &old.service_ips,
+        &new.service_ips,
+        k3,
+        |c| format!("goto {c}"),
+    );
+    map_diff(
+        &mut o,
+        "service-nodeports",
+        &old.node_ports,
+        &new.node_ports,
+        k2,
+        |c| format!("goto {c}"),
+    );
     let reject = |s: &BTreeSet<IpKey>| s.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
     let reject2 = |s: &BTreeSet<PortKey>| s.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
-    map_diff(&mut o, "no-endpoint-services", &reject(&old.no_endpoints), &reject(&new.no_endpoints), k3, |_| "goto reject-chain".into());
-    map_diff(&mut o, "no-endpoint-nodeports", &reject2(&old.no_endpoint_node_ports), &reject2(&new.no_endpoint_node_ports), k2, |_| "goto reject-chain".into());
+    map_diff(
+        &mut o,
+        "no-endpoint-services",
+        &reject(&old.no_endpoints),
+        &reject(&new.no_endpoints),
+        k3,
+        |_| "goto reject-chain".into(),
+    );
+    map_diff(
+        &mut o,
+        "no-endpoint-nodeports",
+        &reject2(&old.no_endpoint_node_ports),
+        &reject2(&new.no_endpoint_node_ports),
+        k2,
+        |_| "goto reject-chain".into(),
+    );
     if old.firewall != new.firewall {
         // Rare (source ranges changed): rewrite the firewall map and its chains whole.
         let _ = writeln!(o, "flush map {t} firewall-ips");
@@ -481,7 +515,11 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
             let _ = writeln!(o, "add chain {t} {c}\nflush chain {t} {c}\nadd rule {t} {c} ip saddr != {{ {} }} drop", list.join(", "));
             let _ = writeln!(o, "add element {t} firewall-ips {{ {} : goto {c} }}", k3(k));
         }
-        for k in old.firewall.keys().filter(|k| !new.firewall.contains_key(*k)) {
+        for k in old
+            .firewall
+            .keys()
+            .filter(|k| !new.firewall.contains_key(*k))
+        {
             let _ = writeln!(o, "delete chain {t} {}", chain_name("fw", &k3(k)));
         }
     }

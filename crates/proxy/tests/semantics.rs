@@ -379,7 +379,7 @@ fn lookups_stay_one_map_element_per_frontend() {
 
 /// A small table with every kind of chain: two ports (TCP and UDP), a Local LoadBalancer with
 /// source ranges and a health check, a Service without endpoints.
-fn sample() -> String {
+fn sample() -> proxy::Ruleset {
     let mut lb = svc(
         "lb",
         json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "loadBalancerSourceRanges": ["203.0.113.0/28"],
@@ -422,12 +422,12 @@ fn sample() -> String {
             &[("10.244.0.7", "node-1", true, true, false)],
         ),
     ];
-    plan(&cfg(), &[web, lb, empty], &slices).unwrap().render()
+    plan(&cfg(), &[web, lb, empty], &slices).unwrap()
 }
 
 #[test]
 fn the_rendered_table_matches_the_golden_file() {
-    let text = sample();
+    let text = sample().render();
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/basic.nft");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&golden, &text).unwrap();
@@ -447,8 +447,15 @@ fn the_real_nft_accepts_the_rendered_table() {
         eprintln!("skipped: needs root");
         return;
     }
+    // An empty table, then the sample as a diff (the agent's steady state), then the whole
+    // sample rendered (its first sync).
     let file = std::env::temp_dir().join(format!("fnt-proxy-{}.nft", std::process::id()));
-    std::fs::write(&file, sample()).unwrap();
+    let empty = proxy::Ruleset::default();
+    std::fs::write(
+        &file,
+        format!("{}{}", empty.render(), proxy::plan::diff(&empty, &sample())),
+    )
+    .unwrap();
     let name = format!("fnt-proxy-{}", std::process::id());
     let ok = std::process::Command::new("ip")
         .args(["netns", "add", &name])
@@ -489,22 +496,79 @@ fn the_real_nft_accepts_the_rendered_table() {
 #[test]
 fn a_change_to_one_service_sends_only_its_own_lines() {
     let services: Vec<_> = (0..50)
-        .map(|i| svc(&format!("s{i}"), json!({"clusterIP": format!("10.96.1.{}", i + 1), "ports": [{"port": 80}]})))
+        .map(|i| {
+            svc(
+                &format!("s{i}"),
+                json!({"clusterIP": format!("10.96.1.{}", i + 1), "ports": [{"port": 80}]}),
+            )
+        })
         .collect();
-    let mut slices: Vec<_> = (0..50).map(|i| slice(&format!("s{i}"), "", 8080, &[("10.244.1.2", "node-2", true, true, false)])).collect();
+    let mut slices: Vec<_> = (0..50)
+        .map(|i| {
+            slice(
+                &format!("s{i}"),
+                "",
+                8080,
+                &[("10.244.1.2", "node-2", true, true, false)],
+            )
+        })
+        .collect();
     let before = plan(&cfg(), &services, &slices).unwrap();
-    assert_eq!(proxy::plan::diff(&before, &before), "", "no change, nothing sent");
-    slices[7] = slice("s7", "", 8080, &[("10.244.1.2", "node-2", true, true, false), ("10.244.2.9", "node-3", true, true, false)]);
+    assert_eq!(
+        proxy::plan::diff(&before, &before),
+        "",
+        "no change, nothing sent"
+    );
+    slices[7] = slice(
+        "s7",
+        "",
+        8080,
+        &[
+            ("10.244.1.2", "node-2", true, true, false),
+            ("10.244.2.9", "node-3", true, true, false),
+        ],
+    );
     let after = plan(&cfg(), &services, &slices).unwrap();
     let d = proxy::plan::diff(&before, &after);
     assert!(d.contains("10.244.2.9"), "{d}");
-    assert!(d.lines().all(|l| !l.contains("default_s8") && !l.contains("10.96.1.9 ")), "other services touched:\n{d}");
+    assert!(
+        d.lines()
+            .all(|l| !l.contains("default_s8") && !l.contains("10.96.1.9 ")),
+        "other services touched:\n{d}"
+    );
     assert!(d.lines().count() < 12, "{d}");
     // Endpoints gone: the frontend moves to the reject map and the chains go.
     slices[7] = slice("s7", "", 8080, &[]);
     let gone = plan(&cfg(), &services, &slices).unwrap();
     let d = proxy::plan::diff(&after, &gone);
-    assert!(d.contains("delete element ip flatnet-proxy service-ips { 10.96.1.8 . tcp . 80 }"), "{d}");
+    assert!(
+        d.contains("delete element ip flatnet-proxy service-ips { 10.96.1.8 . tcp . 80 }"),
+        "{d}"
+    );
     assert!(d.contains("add element ip flatnet-proxy no-endpoint-services { 10.96.1.8 . tcp . 80 : goto reject-chain }"), "{d}");
     assert!(d.contains("delete chain"), "{d}");
+}
+
+#[test]
+fn node_ports_without_endpoints_reject_and_leave_no_dangling_chain() {
+    let s = svc(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30080}]}),
+    );
+    let rs = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "np",
+            "",
+            8080,
+            &[("10.244.1.2", "node-2", false, false, false)],
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 30080)),
+        Verdict::Rejected
+    );
+    assert!(rs.chains.is_empty(), "{:?}", rs.chains.keys());
 }
