@@ -115,20 +115,27 @@ impl Drop for TestLab {
     }
 }
 
-/// Opens a TCP connection from inside `from` to the echo port of `to` and returns the line the
-/// server answers with (`pod=… node=… client=…`).
-fn hello(from: &netns::NetNs, to: IpAddr, port: u16) -> String {
+/// The line a `flatnet serve` echo port answers a new connection with (`pod=… node=… client=…`).
+fn try_hello(
+    from: &netns::NetNs,
+    to: IpAddr,
+    port: u16,
+    wait: Duration,
+) -> std::io::Result<String> {
     let addr = SocketAddr::new(to, port);
-    let got = from
-        .run(|| -> std::io::Result<String> {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line)?;
-            Ok(line)
-        })
-        .unwrap();
-    got.unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+    from.run(|| -> std::io::Result<String> {
+        let s = TcpStream::connect_timeout(&addr, wait)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line)
+    })?
+}
+
+/// [`try_hello`] that must succeed.
+fn hello(from: &netns::NetNs, to: IpAddr, port: u16) -> String {
+    try_hello(from, to, port, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("connecting to {to}:{port}: {e}"))
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
@@ -433,18 +440,13 @@ fn try_backends(
 ) -> Option<std::collections::BTreeSet<String>> {
     (0..n)
         .map(|_| {
-            from.run(|| -> std::io::Result<String> {
-                let s = TcpStream::connect_timeout(
-                    &SocketAddr::new(ip, port),
-                    Duration::from_millis(500),
-                )?;
-                s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                let mut line = String::new();
-                BufReader::new(s).read_line(&mut line)?;
-                Ok(field(&line, "pod").to_string())
-            })
-            .ok()?
-            .ok()
+            Some(
+                field(
+                    &try_hello(from, ip, port, Duration::from_millis(500)).ok()?,
+                    "pod",
+                )
+                .to_string(),
+            )
         })
         .collect()
 }

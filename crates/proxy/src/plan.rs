@@ -250,11 +250,8 @@ impl Ruleset {
             o,
             "add table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{"
         );
-        let ip_map = |o: &mut String, name: &str, elems: Vec<String>| {
-            let _ = writeln!(
-                o,
-                "  map {name} {{\n    type ipv4_addr . inet_proto . inet_service : verdict"
-            );
+        let map = |o: &mut String, name: &str, key_type: &str, elems: Vec<String>| {
+            let _ = writeln!(o, "  map {name} {{\n    type {key_type} : verdict");
             if !elems.is_empty() {
                 let _ = writeln!(
                     o,
@@ -264,20 +261,11 @@ impl Ruleset {
             }
             let _ = writeln!(o, "  }}");
         };
-        let port_map = |o: &mut String, name: &str, elems: Vec<String>| {
-            let _ = writeln!(
-                o,
-                "  map {name} {{\n    type inet_proto . inet_service : verdict"
-            );
-            if !elems.is_empty() {
-                let _ = writeln!(
-                    o,
-                    "    elements = {{\n      {}\n    }}",
-                    elems.join(",\n      ")
-                );
-            }
-            let _ = writeln!(o, "  }}");
-        };
+        const IP_KEY: &str = "ipv4_addr . inet_proto . inet_service";
+        const PORT_KEY: &str = "inet_proto . inet_service";
+        let ip_map = |o: &mut String, name: &str, elems: Vec<String>| map(o, name, IP_KEY, elems);
+        let port_map =
+            |o: &mut String, name: &str, elems: Vec<String>| map(o, name, PORT_KEY, elems);
         let k3 = |(ip, p, port): &IpKey| format!("{ip} . {} . {port}", p.as_str());
         let k2 = |(p, port): &PortKey| format!("{} . {port}", p.as_str());
         ip_map(
