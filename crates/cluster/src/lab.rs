@@ -11,6 +11,7 @@
 //!   serviceCIDR: 10.96.0.0/12
 //!   nodeCIDRMaskSize: 24
 //!   underlay: {subnets: [172.18.0.0/24], mtu: 1500}   # several subnets are joined by a router
+//!   loadBalancerPool: 198.51.100.0/24   # LoadBalancer Service IPs, reachable from the lab internet
 //! ```
 
 use crate::{is_dns_label, ModelError};
@@ -115,6 +116,12 @@ pub struct RawSpec {
     pub node_cidr_mask_size: u8,
     #[serde(default)]
     pub underlay: Underlay,
+    #[serde(default = "default_lb_pool", rename = "loadBalancerPool")]
+    pub load_balancer_pool: Ipv4Net,
+}
+
+fn default_lb_pool() -> Ipv4Net {
+    "198.51.100.0/24".parse().expect("valid")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +157,10 @@ pub struct LabSpec {
     pub service_cidr: Ipv4Net,
     pub node_cidr_mask_size: u8,
     pub underlay: Underlay,
+    /// Where `type: LoadBalancer` Services get their IPs (what MetalLB hands out on a real
+    /// cluster); the lab router sends each to a node.
+    #[serde(default = "default_lb_pool")]
+    pub load_balancer_pool: Ipv4Net,
 }
 
 impl LabSpec {
@@ -195,6 +206,7 @@ impl LabSpec {
             service_cidr: s.service_cidr,
             node_cidr_mask_size: s.node_cidr_mask_size,
             underlay: s.underlay,
+            load_balancer_pool: s.load_balancer_pool,
         };
         lab.validate()?;
         Ok(lab)
@@ -245,6 +257,7 @@ impl LabSpec {
             ("spec.clusterCIDR".into(), self.cluster_cidr),
             ("spec.serviceCIDR".into(), self.service_cidr),
             ("the lab internet".into(), internet),
+            ("spec.loadBalancerPool".into(), self.load_balancer_pool),
         ];
         for (i, s) in self.underlay.subnets.iter().enumerate() {
             nets.push((format!("spec.underlay.subnets[{i}]"), *s));

@@ -397,6 +397,16 @@ spec: {type: NodePort, selector: {app: web}, ports: [{port: 80, targetPort: 9000
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: web-lb}
+spec: {type: LoadBalancer, selector: {app: web}, ports: [{port: 80, targetPort: 9000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-lb-local}
+spec: {type: LoadBalancer, externalTrafficPolicy: Local, selector: {app: web}, ports: [{port: 80, targetPort: 9000}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: nothing}
 spec: {selector: {app: none}, ports: [{port: 80}]}
 ---
@@ -508,6 +518,33 @@ fn services_balance_reject_without_endpoints_and_follow_endpoint_changes() {
     let node_ip: IpAddr = st["nodes"][0]["ip"].as_str().unwrap().parse().unwrap();
     let inet = lab.ns("internet");
     assert!(!field(&hello(&inet, node_ip, 30090), "pod").is_empty());
+    // LoadBalancer IPs from the lab internet: Cluster policy masquerades, Local keeps the client.
+    let lb_ip = |name: &str| -> IpAddr {
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["externalIP"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let seen = field(&hello(&inet, lb_ip("web-lb"), 80), "client")
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_string();
+    assert_ne!(seen, "203.0.113.10", "Cluster policy should masquerade");
+    for _ in 0..6 {
+        let line = hello(&inet, lb_ip("web-lb-local"), 80);
+        assert_eq!(
+            field(&line, "client").rsplit_once(':').unwrap().0,
+            "203.0.113.10",
+            "{line}"
+        );
+    }
     // Scale to one replica: the Service follows.
     let f = lab.file(
         "{nodes: 3, backend: vxlan}",

@@ -589,8 +589,95 @@ impl Lab {
                 write_atomic(path, text)?;
             }
         }
+        self.route_load_balancers(s, &filled)?;
         s.services = filled;
         self.save(s)
+    }
+
+    /// Sends each load-balancer IP from the lab router to one node, as MetalLB's L2 mode elects
+    /// an announcing node: for `externalTrafficPolicy: Local`, a node with a ready endpoint.
+    fn route_load_balancers(&self, s: &State, services: &[Service]) -> Result<(), String> {
+        let lab = self.name();
+        let rt = infra::open_ns(&ns_name(&lab, "router"))?;
+        let nl = infra::nl(&rt)?;
+        let mut want: BTreeMap<Ipv4Addr, &NodePlan> = BTreeMap::new();
+        for svc in services {
+            let Some(ip) = svc.status.as_ref().and_then(|st| {
+                st.load_balancer
+                    .as_ref()?
+                    .ingress
+                    .as_ref()?
+                    .first()?
+                    .ip
+                    .as_deref()?
+                    .parse()
+                    .ok()
+            }) else {
+                continue;
+            };
+            let local = svc
+                .spec
+                .as_ref()
+                .and_then(|sp| sp.external_traffic_policy.as_deref())
+                == Some("Local");
+            let node = if local {
+                services::endpoint_slice(svc, &s.pods, |p| pod_status(p) == "Running")
+                    .and_then(|sl| {
+                        sl.endpoints?
+                            .into_iter()
+                            .filter(|e| {
+                                e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false)
+                            })
+                            .filter_map(|e| e.node_name)
+                            .min()
+                    })
+                    .and_then(|n| s.nodes.iter().find(|x| x.name == n))
+            } else {
+                s.nodes.first()
+            };
+            if let Some(n) = node {
+                want.insert(ip, n);
+            }
+        }
+        let pool = s.spec.load_balancer_pool;
+        let mut batch = Vec::new();
+        let existing: Vec<netlink::RouteSpec> = nl
+            .routes(true)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|r| r.protocol == Some(routing::PROTOCOL) && r.dst.prefix_len() == 32)
+            .filter(|r| matches!(r.dst.addr(), std::net::IpAddr::V4(a) if pool.contains(&a)))
+            .collect();
+        for r in &existing {
+            let keep = match r.dst.addr() {
+                std::net::IpAddr::V4(a) => want.get(&a).is_some_and(|n| r.gw == Some(n.ip.into())),
+                _ => false,
+            };
+            if !keep {
+                batch.push(netlink::Request::delete_route(r));
+            }
+        }
+        for (ip, n) in &want {
+            if existing
+                .iter()
+                .any(|r| r.dst.addr() == std::net::IpAddr::V4(*ip) && r.gw == Some(n.ip.into()))
+            {
+                continue;
+            }
+            let dev = nl
+                .link_by_name(&format!("eth{}", n.subnet))
+                .map_err(|e| e.to_string())?
+                .ok_or("the router's underlay leg is missing")?
+                .index();
+            let mut r = netlink::RouteSpec::new(
+                ipnet::IpNet::new((*ip).into(), 32).expect("/32"),
+                Some(n.ip.into()),
+                dev,
+            );
+            r.protocol = Some(routing::PROTOCOL);
+            batch.push(netlink::Request::replace_route(&r));
+        }
+        nl.apply(batch).map(drop).map_err(|e| e.to_string())
     }
 
     fn runtime_parts(&self, node: &str) -> Result<(NetList, netns::NetNs), String> {
@@ -863,7 +950,8 @@ impl Lab {
         });
         let doc = json!({"apiVersion": cluster::lab::API_VERSION, "kind": "Lab", "metadata": {"name": spec.name},
             "spec": {"nodes": spec.nodes, "backend": spec.backend, "clusterCIDR": spec.cluster_cidr, "serviceCIDR": spec.service_cidr,
-                     "nodeCIDRMaskSize": spec.node_cidr_mask_size, "underlay": spec.underlay}});
+                     "nodeCIDRMaskSize": spec.node_cidr_mask_size, "underlay": spec.underlay,
+                     "loadBalancerPool": spec.load_balancer_pool}});
         let spec = LabSpec::from_value(&doc).map_err(|e| e.to_string())?;
         let nodes = plan::allocate_nodes(&spec, &s.nodes).map_err(|e| e.to_string())?;
         let new = nodes
@@ -1017,18 +1105,22 @@ impl Lab {
         }
         if !s.services.is_empty() {
             out += &format!(
-                "\n{:<12} {:<20} {:<13} {:<15} {:<24} {}\n",
-                "NAMESPACE", "SERVICE", "TYPE", "CLUSTER-IP", "PORT(S)", "ENDPOINTS"
+                "\n{:<12} {:<20} {:<13} {:<15} {:<15} {:<24} {}\n",
+                "NAMESPACE", "SERVICE", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "ENDPOINTS"
             );
             for svc in &s.services {
                 let r = service_row(svc);
                 let eps = self.endpoints_of(svc);
                 out += &format!(
-                    "{:<12} {:<20} {:<13} {:<15} {:<24} {}\n",
+                    "{:<12} {:<20} {:<13} {:<15} {:<15} {:<24} {}\n",
                     r["namespace"].as_str().unwrap_or(""),
                     r["name"].as_str().unwrap_or(""),
                     r["type"].as_str().unwrap_or(""),
                     r["clusterIP"].as_str().unwrap_or(""),
+                    match r["externalIP"].as_str() {
+                        Some("") | None => "<none>",
+                        Some(ip) => ip,
+                    },
                     r["ports"].as_str().unwrap_or(""),
                     if eps.is_empty() {
                         "<none>".to_string()
@@ -1086,8 +1178,15 @@ fn service_row(svc: &Service) -> Value {
             }
         })
         .collect();
+    let lb: Vec<String> = svc
+        .status
+        .iter()
+        .filter_map(|st| st.load_balancer.as_ref()?.ingress.clone())
+        .flatten()
+        .filter_map(|i| i.ip)
+        .collect();
     json!({"namespace": ns, "name": name, "type": spec.type_.unwrap_or_else(|| "ClusterIP".into()),
-           "clusterIP": spec.cluster_ip.unwrap_or_default(), "ports": ports.join(",")})
+           "clusterIP": spec.cluster_ip.unwrap_or_default(), "externalIP": lb.join(","), "ports": ports.join(",")})
 }
 
 fn pod_status(p: &PodRecord) -> &'static str {

@@ -23,6 +23,9 @@ pub struct Allocations {
     pub cluster_ips: BTreeMap<String, Ipv4Addr>,
     /// `namespace/name/<port index>` → NodePort
     pub node_ports: BTreeMap<String, u16>,
+    /// `namespace/name` → load-balancer IP
+    #[serde(default)]
+    pub lb_ips: BTreeMap<String, Ipv4Addr>,
 }
 
 fn key(svc: &Service) -> String {
@@ -35,6 +38,8 @@ fn key(svc: &Service) -> String {
 pub fn allocate(s: &mut State, services: &[Service]) -> Result<Vec<Service>, String> {
     let live: BTreeSet<String> = services.iter().map(key).collect();
     s.allocations.cluster_ips.retain(|k, _| live.contains(k));
+    s.allocations.lb_ips.retain(|k, _| live.contains(k));
+    let mut used_lb: BTreeSet<Ipv4Addr> = s.allocations.lb_ips.values().copied().collect();
     s.allocations
         .node_ports
         .retain(|k, _| live.contains(k.rsplit_once('/').map_or(k.as_str(), |(svc, _)| svc)));
@@ -75,6 +80,28 @@ pub fn allocate(s: &mut State, services: &[Service]) -> Result<Vec<Service>, Str
             spec.cluster_ip = Some(ip.to_string());
             spec.cluster_ips = Some(vec![ip.to_string()]);
         }
+        if ty == "LoadBalancer" {
+            let pool = s.spec.load_balancer_pool;
+            let ip = match s.allocations.lb_ips.get(&k) {
+                Some(ip) => *ip,
+                None => {
+                    let ip = pool
+                        .hosts()
+                        .find(|ip| !used_lb.contains(ip))
+                        .ok_or_else(|| {
+                            format!("Service {k}: the load-balancer pool {pool} is full")
+                        })?;
+                    used_lb.insert(ip);
+                    s.allocations.lb_ips.insert(k.clone(), ip);
+                    ip
+                }
+            };
+            svc.status = serde_json::from_value(
+                json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}),
+            )
+            .ok();
+        }
+        let spec = svc.spec.get_or_insert_with(Default::default);
         if matches!(ty.as_str(), "NodePort" | "LoadBalancer") {
             for (i, p) in spec.ports.iter_mut().flatten().enumerate() {
                 if p.node_port.is_some() {
