@@ -4,6 +4,7 @@
 //! takes its network settings from a Flannel-style `net-conf.json`.
 
 pub mod cli;
+pub mod health;
 
 use cluster::{Backend, ClusterState, FileSource, NodeInfo};
 use ipnet::{IpNet, Ipv4Net};
@@ -158,6 +159,7 @@ impl Agent {
         let mut seen = None;
         let mut last = Instant::now() - Duration::from_secs(3600);
         let mut proxy = proxy::Applier::default();
+        let mut health = health::HealthChecks::default();
         loop {
             let fp = self.source.fingerprint();
             if seen != Some(fp) || last.elapsed() > Duration::from_secs(10) {
@@ -170,7 +172,13 @@ impl Agent {
                             Err(e) => self.log(&format!("routing sync failed (will retry): {e}")),
                         }
                         // A bad Service keeps the last good proxy table in place.
-                        let proxied = self.proxy_plan(&state).and_then(|rs| proxy.sync(rs));
+                        let proxied = self.proxy_plan(&state).and_then(|rs| {
+                            let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
+                            for (port, e) in health.update(&rs.health_checks, any) {
+                                self.log(&format!("healthCheckNodePort {port}: {e}"));
+                            }
+                            proxy.sync(rs)
+                        });
                         match &proxied {
                             Ok(0) => {}
                             Ok(n) => self.log(&format!("service proxy synced: {n} nft lines")),

@@ -464,7 +464,7 @@ fn try_backends(
 #[test]
 fn services_balance_reject_without_endpoints_and_follow_endpoint_changes() {
     let Some(lab) = TestLab::new() else { return };
-    let f = lab.file("{nodes: 3, backend: vxlan}", SERVICES);
+    let f = lab.file("{nodes: 4, backend: vxlan}", SERVICES);
     lab.up(&f);
     let st = lab.status();
     let client = lab.ns("pod.default.client");
@@ -545,9 +545,54 @@ fn services_balance_reject_without_endpoints_and_follow_endpoint_changes() {
             "{line}"
         );
     }
+    // Its health check answers 200 on nodes with a local endpoint, 503 elsewhere.
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            lab.root
+                .path()
+                .join(&lab.name)
+                .join("cluster/services/default.web-lb-local.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let hc = state["spec"]["healthCheckNodePort"].as_u64().unwrap() as u16;
+    let mut answers = std::collections::BTreeSet::new();
+    for n in st["nodes"].as_array().unwrap() {
+        let local = st["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node"] == n["name"] && p["name"].as_str().unwrap().starts_with("web-"));
+        let ip: IpAddr = n["ip"].as_str().unwrap().parse().unwrap();
+        let status = inet
+            .run(|| -> std::io::Result<String> {
+                use std::io::{Read, Write};
+                let mut s =
+                    TcpStream::connect_timeout(&SocketAddr::new(ip, hc), Duration::from_secs(2))?;
+                s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .unwrap()
+            .unwrap();
+        let want = if local {
+            "HTTP/1.1 200"
+        } else {
+            "HTTP/1.1 503"
+        };
+        assert!(status.starts_with(want), "node {}: {status}", n["name"]);
+        answers.insert(want);
+    }
+    assert_eq!(
+        answers.len(),
+        2,
+        "both a node with and one without local endpoints were asked"
+    );
     // Scale to one replica: the Service follows.
     let f = lab.file(
-        "{nodes: 3, backend: vxlan}",
+        "{nodes: 4, backend: vxlan}",
         &SERVICES.replace("replicas: 3", "replicas: 1"),
     );
     let out = lab.flatnet(&["apply", f.to_str().unwrap()]);

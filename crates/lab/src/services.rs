@@ -122,6 +122,26 @@ pub fn allocate(s: &mut State, services: &[Service]) -> Result<Vec<Service>, Str
                 p.node_port = Some(i32::from(port));
             }
         }
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        if ty == "LoadBalancer" && local && spec.health_check_node_port.is_none() {
+            let pk = format!("{k}/health");
+            let port = match s.allocations.node_ports.get(&pk) {
+                Some(n) => *n,
+                None => {
+                    let n = (NODE_PORTS.0..=NODE_PORTS.1)
+                        .find(|n| !used_ports.contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "Service {k}: spec.healthCheckNodePort: the NodePort range is full"
+                            )
+                        })?;
+                    used_ports.insert(n);
+                    s.allocations.node_ports.insert(pk, n);
+                    n
+                }
+            };
+            spec.health_check_node_port = Some(i32::from(port));
+        }
         out.push(svc);
     }
     Ok(out)
