@@ -29,6 +29,24 @@ enum Cmd {
     Agent(agent::cli::AgentArgs),
     /// The lab's built-in workload: HTTP and TCP/UDP echo naming the pod and the client it saw.
     Serve(serve::ServeArgs),
+    /// Service-proxy tools: sync cost benchmark.
+    Proxy {
+        #[command(subcommand)]
+        tool: ProxyTool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProxyTool {
+    /// Plan, cold-start, add-one and change-one costs with N Services present (needs root).
+    Bench {
+        /// Service counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        sizes: Vec<usize>,
+        /// Endpoints per Service.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +59,15 @@ fn main() -> ExitCode {
         Cmd::Lab(a) => lab::cli::run(a),
         Cmd::Agent(a) => agent::cli::run(a),
         Cmd::Serve(a) => serve::main(a),
+        Cmd::Proxy {
+            tool: ProxyTool::Bench { sizes, endpoints },
+        } => match proxy::bench::run(&sizes, endpoints) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -2,6 +2,7 @@
 //! planner (its module doc has the design), [`trace`] walks packets through a plan.
 
 pub mod apply;
+pub mod bench;
 pub mod model;
 pub mod plan;
 pub mod trace;
