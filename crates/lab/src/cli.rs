@@ -32,6 +32,15 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Walk a packet through the Service rules of the node it leaves from: `lab explain POD
+    /// IP:PORT[/udp|/sctp]` (the source is a pod's name, or an address with --node).
+    Explain {
+        from: String,
+        to: String,
+        /// The node whose rules apply when FROM is an address.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Add or remove a node.
     Node {
         #[command(subcommand)]
@@ -164,6 +173,9 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
             op: NodeOp::Remove { node },
         } => find()?.node_remove(&node)?,
         LabCmd::Down => find()?.down()?,
+        LabCmd::Explain { from, to, node } => {
+            println!("{}", find()?.explain(&from, &to, node.as_deref())?)
+        }
         LabCmd::Bench {
             nodes,
             sizes,

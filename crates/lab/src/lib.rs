@@ -1012,6 +1012,72 @@ impl Lab {
         }
     }
 
+    /// The Service rules' verdict for a packet from `from` (a pod name, or an address on
+    /// `node`) to `to` (`IP:PORT[/proto]`), as the source's node plans them.
+    pub fn explain(&self, from: &str, to: &str, node: Option<&str>) -> Result<String, String> {
+        let s = self.load()?;
+        let (src, node) = match s.pods.iter().find(|p| p.name == from) {
+            Some(p) => (
+                p.ip.ok_or("that pod has no address")?,
+                node.unwrap_or(&p.node).to_string(),
+            ),
+            None => (
+                from.parse()
+                    .map_err(|_| format!("{from:?} is neither a pod nor an IPv4 address"))?,
+                node.or_else(|| s.nodes.first().map(|n| n.name.as_str()))
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+        };
+        let (addr, proto) = to.split_once('/').unwrap_or((to, "tcp"));
+        let proto = proxy::Proto::parse(Some(&proto.to_ascii_uppercase()))
+            .ok_or("protocol: use tcp, udp or sctp")?;
+        let (ip, port) = addr.rsplit_once(':').ok_or("TO: use IP:PORT[/proto]")?;
+        let dst: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let dport: u16 = port
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port"))?;
+        let me = s
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| format!("no node {node:?}"))?;
+        let cfg = proxy::Config {
+            node: node.clone(),
+            node_ips: vec![me.ip],
+            cluster_cidr: s.spec.cluster_cidr,
+            service_cidr: s.spec.service_cidr,
+            node_ports: services::NODE_PORTS,
+        };
+        let slices = cluster::FileSource::new(self.dir.join("cluster"))
+            .load()
+            .map_err(|e| e.to_string())?
+            .endpoint_slices;
+        let rs = proxy::plan(&cfg, &s.services, &slices).map_err(|e| e.to_string())?;
+        let to_node = s.nodes.iter().any(|n| n.ip == dst);
+        let mut out = format!("on {node}: ");
+        out += &proxy::explain(
+            &rs,
+            &proxy::Packet {
+                src,
+                dst,
+                proto,
+                dport,
+                to_node,
+            },
+        );
+        if let Some(owner) = s.nodes.iter().find(|n| n.pod_cidr.contains(&dst)) {
+            out += &format!(
+                "
+{dst} is in {}'s pod CIDR {}",
+                owner.name, owner.pod_cidr
+            );
+        }
+        Ok(out)
+    }
+
     /// Runs `argv` inside a pod's network namespace (and its hostname), as `kubectl exec`.
     pub fn exec(&self, pod: &str, namespace: &str, argv: &[String]) -> Result<i32, String> {
         let s = self.load()?;

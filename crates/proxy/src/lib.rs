@@ -10,4 +10,4 @@ pub mod trace;
 pub use apply::Applier;
 pub use model::{Config, Proto};
 pub use plan::{plan, Ruleset};
-pub use trace::{trace, Hop, Packet, Verdict};
+pub use trace::{explain, trace, Hop, Packet, Verdict};

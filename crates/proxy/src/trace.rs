@@ -99,3 +99,44 @@ fn walk(rs: &Ruleset, chain: &str, p: &Packet, mut masq: bool, depth: usize) -> 
     }
     Verdict::Untouched
 }
+
+/// The walk as text for `flatnet lab explain`: which frontend matched and where the packet goes.
+pub fn explain(rs: &Ruleset, p: &Packet) -> String {
+    let what = format!(
+        "{} {}:{} -> {}:{}",
+        p.proto.as_str(),
+        p.src,
+        "*",
+        p.dst,
+        p.dport
+    );
+    let key = (p.dst, p.proto, p.dport);
+    let frontend = rs
+        .service_ips
+        .get(&key)
+        .or_else(|| {
+            p.to_node
+                .then(|| rs.node_ports.get(&(p.proto, p.dport)))
+                .flatten()
+        })
+        .and_then(|c| rs.comments.get(c))
+        .map(|c| format!(" (Service port {c})"))
+        .unwrap_or_default();
+    match trace(rs, p) {
+        Verdict::Untouched => format!("{what}: not a Service frontend; routed as is"),
+        Verdict::Rejected => format!("{what}: a Service without usable endpoints: rejected at once (TCP reset / ICMP unreachable)"),
+        Verdict::Dropped => format!("{what}{frontend}: dropped (source not allowed, or no endpoint on this node for a Local policy)"),
+        Verdict::Dnat(hops) => {
+            let mut o = format!("{what}{frontend}: DNAT to one of {}:", hops.len());
+            for h in hops {
+                o += &format!(
+                    "\n  {}:{}{}",
+                    h.ip,
+                    h.port,
+                    if h.masquerade { "  (source masqueraded to the node's address)" } else { "  (source kept)" }
+                );
+            }
+            o
+        }
+    }
+}

@@ -572,3 +572,26 @@ fn node_ports_without_endpoints_reject_and_leave_no_dangling_chain() {
     );
     assert!(rs.chains.is_empty(), "{:?}", rs.chains.keys());
 }
+
+#[test]
+fn explain_names_the_service_port_and_each_destination() {
+    let s = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}),
+    );
+    let rs = plan(
+        &cfg(),
+        &[s],
+        &[slice(
+            "web",
+            "http",
+            8080,
+            &[("10.244.1.2", "node-2", true, true, false)],
+        )],
+    )
+    .unwrap();
+    let text = proxy::explain(&rs, &pkt(POD, "10.96.0.10", 80));
+    assert!(text.contains("Service port default/web:http"), "{text}");
+    assert!(text.contains("10.244.1.2:8080  (source kept)"), "{text}");
+    assert!(proxy::explain(&rs, &pkt(POD, "10.96.0.99", 80)).contains("not a Service frontend"));
+}
