@@ -30,6 +30,10 @@ pub struct AgentArgs {
     /// The NodePort range, FIRST-LAST.
     #[arg(long, default_value = "30000-32767")]
     pub node_port_range: String,
+    /// After each complete sync, write the fingerprint of the state it applied here (so a lab or
+    /// a test can wait for the agent to catch up).
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
     /// Sync once, print what changed, exit.
     #[arg(long)]
     pub once: bool,
@@ -71,6 +75,7 @@ pub fn run(a: AgentArgs) -> ExitCode {
         backend,
         service_cidr: a.service_cidr,
         node_ports,
+        status_file: a.status_file,
     };
     if a.once || a.dry_run {
         let result = netlink::Netlink::connect()

@@ -59,6 +59,7 @@ pub struct Agent {
     pub backend: Backend,
     pub service_cidr: Ipv4Net,
     pub node_ports: (u16, u16),
+    pub status_file: Option<std::path::PathBuf>,
 }
 
 /// Where this node sits: the link and subnet holding its node IP.
@@ -188,6 +189,11 @@ impl Agent {
                         }
                         if routed.is_ok() && proxied.is_ok() {
                             seen = Some(fp);
+                            if let Some(f) = &self.status_file {
+                                let tmp = f.with_extension("tmp");
+                                let _ = std::fs::write(&tmp, fp.to_string())
+                                    .and_then(|()| std::fs::rename(&tmp, f));
+                            }
                         }
                     }
                     Err(e) => self.log(&format!("reading cluster state (will retry): {e}")),

@@ -387,6 +387,7 @@ impl Lab {
             &dir.join("net.d/10-flatnet.conflist"),
             &serde_json::to_string_pretty(&conflist).expect("json"),
         )?;
+        std::fs::create_dir_all(self.dir.join("status")).map_err(|e| io("status", e))?;
         let info = NodeInfo {
             name: n.name.clone(),
             ip: n.ip,
@@ -411,6 +412,11 @@ impl Lab {
                 self.dir.join("cluster").display().to_string(),
                 "--net-conf".into(),
                 self.dir.join("net-conf.json").display().to_string(),
+                "--status-file".into(),
+                self.dir
+                    .join(format!("status/{}", n.name))
+                    .display()
+                    .to_string(),
             ],
             &[],
             &self.dir.join(format!("logs/agent-{}.log", n.name)),
@@ -451,6 +457,39 @@ impl Lab {
         }
     }
 
+    /// Waits until every agent has applied the cluster state as it is now (each writes the
+    /// fingerprint of what it applied), so traffic works when a command returns.
+    fn wait_synced(&self, s: &State) -> Result<(), String> {
+        let want = cluster::FileSource::new(self.dir.join("cluster"))
+            .fingerprint()
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let behind: Vec<&str> = s
+                .nodes
+                .iter()
+                .filter(|n| {
+                    std::fs::read_to_string(self.dir.join(format!("status/{}", n.name)))
+                        .ok()
+                        .as_deref()
+                        != Some(want.as_str())
+                })
+                .map(|n| n.name.as_str())
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "agents did not apply the cluster state within 15 s: {} (see {}/logs)",
+                    behind.join(", "),
+                    self.dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Makes the running pods match the manifests: creates missing ones, removes extra or changed
     /// ones (pods keep their node while it exists).
     pub fn reconcile(&self) -> Result<(), String> {
@@ -488,6 +527,7 @@ impl Lab {
             .collect();
         let errors = self.create_pods(&mut s, todo);
         self.publish_services(&mut s, &m.services)?;
+        self.wait_synced(&s)?;
         if errors.is_empty() {
             Ok(())
         } else {
