@@ -606,6 +606,10 @@ impl Lab {
             if let Some(slice) =
                 services::endpoint_slice(svc, &s.pods, |p| pod_status(p) == "Running")
             {
+                if slice.endpoints.as_ref().is_none_or(|e| e.is_empty()) {
+                    // As kubectl would not stop you either: a warning, not an error.
+                    eprintln!("warning: Service {ns}/{name}: spec.selector matches no pod");
+                }
                 want.insert(
                     self.dir.join("cluster/endpointslices").join(&file),
                     serde_json::to_string_pretty(&slice).expect("json"),
