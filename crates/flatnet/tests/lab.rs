@@ -616,3 +616,67 @@ fn services_balance_reject_without_endpoints_and_follow_endpoint_changes() {
         "connections still spread after scaling to one replica"
     );
 }
+
+#[test]
+fn affinity_internal_local_policy_and_source_ranges() {
+    let Some(lab) = TestLab::new() else { return };
+    let extra = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec: {selector: {app: web}, sessionAffinity: ClientIP, ports: [{port: 80, targetPort: 9000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: near}
+spec: {selector: {app: web}, internalTrafficPolicy: Local, ports: [{port: 80, targetPort: 9000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: guarded}
+spec: {type: LoadBalancer, selector: {app: web}, loadBalancerSourceRanges: [192.0.2.0/24], ports: [{port: 80, targetPort: 9000}]}
+"#;
+    let f = lab.file("{nodes: 3, backend: vxlan}", &format!("{SERVICES}{extra}"));
+    lab.up(&f);
+    let st = lab.status();
+    let client = lab.ns("pod.default.client");
+    // ClientIP affinity: one client keeps its backend.
+    assert_eq!(
+        backends(&client, cluster_ip(&st, "sticky"), 80, 10).len(),
+        1,
+        "affinity did not hold"
+    );
+    // internalTrafficPolicy Local: only the client's node's endpoint (the client is on node-1).
+    let here: Vec<String> = st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["node"] == "node-1" && p["name"].as_str().unwrap().starts_with("web-"))
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !here.is_empty(),
+        "the spread put no web pod beside the client: {st}"
+    );
+    let seen = backends(&client, cluster_ip(&st, "near"), 80, 10);
+    assert!(
+        seen.iter().all(|b| here.contains(b)),
+        "{seen:?} not all on node-1 ({here:?})"
+    );
+    // loadBalancerSourceRanges: the lab internet (203.0.113.10) is not in 192.0.2.0/24.
+    let lb: IpAddr = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "guarded")
+        .unwrap()["externalIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let inet = lab.ns("internet");
+    assert!(
+        try_hello(&inet, lb, 80, Duration::from_millis(700)).is_err(),
+        "a source outside the ranges got through"
+    );
+}
