@@ -425,12 +425,34 @@ impl Lab {
         Ok(())
     }
 
+    /// Polls `laggards` until it names none; after 15 s, an error naming them.
+    fn wait_for(
+        &self,
+        what: &str,
+        mut laggards: impl FnMut() -> Result<Vec<String>, String>,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let behind = laggards()?;
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{what} within 15 s: {} (see {}/logs)",
+                    behind.join(", "),
+                    self.dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until every agent has routed every other node (the lab is usable when `up` returns).
     fn wait_converged(&self, s: &State) -> Result<(), String> {
         let lab = self.name();
-        let deadline = Instant::now() + Duration::from_secs(15);
         let want = s.nodes.len().saturating_sub(1);
-        loop {
+        self.wait_for("agents did not converge", || {
             let mut behind = Vec::new();
             for n in &s.nodes {
                 let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
@@ -443,18 +465,8 @@ impl Lab {
                     behind.push(format!("{} ({ours}/{want} routes)", n.name));
                 }
             }
-            if behind.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "agents did not converge within 15 s: {} (see {}/logs)",
-                    behind.join(", "),
-                    self.dir.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(behind)
+        })
     }
 
     /// Waits until every agent has applied the cluster state as it is now (each writes the
@@ -463,10 +475,8 @@ impl Lab {
         let want = cluster::FileSource::new(self.dir.join("cluster"))
             .fingerprint()
             .to_string();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let behind: Vec<&str> = s
-                .nodes
+        self.wait_for("agents did not apply the cluster state", || {
+            Ok(s.nodes
                 .iter()
                 .filter(|n| {
                     std::fs::read_to_string(self.dir.join(format!("status/{}", n.name)))
@@ -474,20 +484,9 @@ impl Lab {
                         .as_deref()
                         != Some(want.as_str())
                 })
-                .map(|n| n.name.as_str())
-                .collect();
-            if behind.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "agents did not apply the cluster state within 15 s: {} (see {}/logs)",
-                    behind.join(", "),
-                    self.dir.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                .map(|n| n.name.clone())
+                .collect())
+        })
     }
 
     /// Makes the running pods match the manifests: creates missing ones, removes extra or changed

@@ -28,6 +28,23 @@ pub struct Allocations {
     pub lb_ips: BTreeMap<String, Ipv4Addr>,
 }
 
+/// `allocs[key]` if it has one; else the first free candidate, recorded as used and allocated.
+fn sticky<V: Copy + Ord>(
+    allocs: &mut BTreeMap<String, V>,
+    used: &mut BTreeSet<V>,
+    key: &str,
+    mut candidates: impl Iterator<Item = V>,
+    full: impl FnOnce() -> String,
+) -> Result<V, String> {
+    if let Some(v) = allocs.get(key) {
+        return Ok(*v);
+    }
+    let v = candidates.find(|v| !used.contains(v)).ok_or_else(full)?;
+    used.insert(v);
+    allocs.insert(key.to_string(), v);
+    Ok(v)
+}
+
 fn key(svc: &Service) -> String {
     let (ns, name) = namespaced(&svc.metadata);
     format!("{ns}/{name}")
@@ -62,40 +79,27 @@ pub fn allocate(s: &mut State, services: &[Service]) -> Result<Vec<Service>, Str
         let spec = svc.spec.get_or_insert_with(Default::default);
         let ty = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
         if ty != "ExternalName" && spec.cluster_ip.as_deref().is_none_or(str::is_empty) {
-            let ip = match s.allocations.cluster_ips.get(&k) {
-                Some(ip) => *ip,
-                None => {
-                    let base = u32::from(cidr.network());
-                    let ip = (FIRST_OFFSET..(1u32 << (32 - cidr.prefix_len())) - 1)
-                        .map(|o| Ipv4Addr::from(base + o))
-                        .find(|ip| !used_ips.contains(ip))
-                        .ok_or_else(|| {
-                            format!("Service {k}: spec.clusterIP: the service CIDR {cidr} is full")
-                        })?;
-                    used_ips.insert(ip);
-                    s.allocations.cluster_ips.insert(k.clone(), ip);
-                    ip
-                }
-            };
+            let base = u32::from(cidr.network());
+            let ip = sticky(
+                &mut s.allocations.cluster_ips,
+                &mut used_ips,
+                &k,
+                (FIRST_OFFSET..(1u32 << (32 - cidr.prefix_len())) - 1)
+                    .map(|o| Ipv4Addr::from(base + o)),
+                || format!("Service {k}: spec.clusterIP: the service CIDR {cidr} is full"),
+            )?;
             spec.cluster_ip = Some(ip.to_string());
             spec.cluster_ips = Some(vec![ip.to_string()]);
         }
         if ty == "LoadBalancer" {
             let pool = s.spec.load_balancer_pool;
-            let ip = match s.allocations.lb_ips.get(&k) {
-                Some(ip) => *ip,
-                None => {
-                    let ip = pool
-                        .hosts()
-                        .find(|ip| !used_lb.contains(ip))
-                        .ok_or_else(|| {
-                            format!("Service {k}: the load-balancer pool {pool} is full")
-                        })?;
-                    used_lb.insert(ip);
-                    s.allocations.lb_ips.insert(k.clone(), ip);
-                    ip
-                }
-            };
+            let ip = sticky(
+                &mut s.allocations.lb_ips,
+                &mut used_lb,
+                &k,
+                pool.hosts(),
+                || format!("Service {k}: the load-balancer pool {pool} is full"),
+            )?;
             svc.status = serde_json::from_value(
                 json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}),
             )
@@ -107,39 +111,25 @@ pub fn allocate(s: &mut State, services: &[Service]) -> Result<Vec<Service>, Str
                 if p.node_port.is_some() {
                     continue;
                 }
-                let pk = format!("{k}/{i}");
-                let port = match s.allocations.node_ports.get(&pk) {
-                    Some(n) => *n,
-                    None => {
-                        let n = (NODE_PORTS.0..=NODE_PORTS.1)
-                            .find(|n| !used_ports.contains(n))
-                            .ok_or_else(|| format!("Service {k}: spec.ports[{i}].nodePort: the NodePort range is full"))?;
-                        used_ports.insert(n);
-                        s.allocations.node_ports.insert(pk, n);
-                        n
-                    }
-                };
+                let port = sticky(
+                    &mut s.allocations.node_ports,
+                    &mut used_ports,
+                    &format!("{k}/{i}"),
+                    NODE_PORTS.0..=NODE_PORTS.1,
+                    || format!("Service {k}: spec.ports[{i}].nodePort: the NodePort range is full"),
+                )?;
                 p.node_port = Some(i32::from(port));
             }
         }
         let local = spec.external_traffic_policy.as_deref() == Some("Local");
         if ty == "LoadBalancer" && local && spec.health_check_node_port.is_none() {
-            let pk = format!("{k}/health");
-            let port = match s.allocations.node_ports.get(&pk) {
-                Some(n) => *n,
-                None => {
-                    let n = (NODE_PORTS.0..=NODE_PORTS.1)
-                        .find(|n| !used_ports.contains(n))
-                        .ok_or_else(|| {
-                            format!(
-                                "Service {k}: spec.healthCheckNodePort: the NodePort range is full"
-                            )
-                        })?;
-                    used_ports.insert(n);
-                    s.allocations.node_ports.insert(pk, n);
-                    n
-                }
-            };
+            let port = sticky(
+                &mut s.allocations.node_ports,
+                &mut used_ports,
+                &format!("{k}/health"),
+                NODE_PORTS.0..=NODE_PORTS.1,
+                || format!("Service {k}: spec.healthCheckNodePort: the NodePort range is full"),
+            )?;
             spec.health_check_node_port = Some(i32::from(port));
         }
         out.push(svc);

@@ -201,7 +201,7 @@ fn node_port_cluster_policy_masquerades_and_local_policy_keeps_the_client() {
 }
 
 #[test]
-fn local_policy_without_local_endpoints_drops_external_traffic() {
+fn node_ports_without_usable_endpoints_drop_or_reject() {
     let s = svc(
         "np",
         json!({"type": "NodePort", "clusterIP": "10.96.0.11", "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30080}]}),
@@ -221,6 +221,18 @@ fn local_policy_without_local_endpoints_drops_external_traffic() {
         trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 30080)),
         Verdict::Dropped
     );
+    // No ready endpoint anywhere: rejected, and no chain left pointing at a missing one.
+    let s = svc(
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30080}]}),
+    );
+    let none = [("10.244.1.2", "node-2", false, false, false)];
+    let rs = plan(&cfg(), &[s], &[slice("np", "", 8080, &none)]).unwrap();
+    assert_eq!(
+        trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 30080)),
+        Verdict::Rejected
+    );
+    assert!(rs.chains.is_empty(), "{:?}", rs.chains.keys());
 }
 
 #[test]
@@ -547,30 +559,6 @@ fn a_change_to_one_service_sends_only_its_own_lines() {
     );
     assert!(d.contains("add element ip flatnet-proxy no-endpoint-services { 10.96.1.8 . tcp . 80 : goto reject-chain }"), "{d}");
     assert!(d.contains("delete chain"), "{d}");
-}
-
-#[test]
-fn node_ports_without_endpoints_reject_and_leave_no_dangling_chain() {
-    let s = svc(
-        "np",
-        json!({"type": "NodePort", "clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30080}]}),
-    );
-    let rs = plan(
-        &cfg(),
-        &[s],
-        &[slice(
-            "np",
-            "",
-            8080,
-            &[("10.244.1.2", "node-2", false, false, false)],
-        )],
-    )
-    .unwrap();
-    assert_eq!(
-        trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 30080)),
-        Verdict::Rejected
-    );
-    assert!(rs.chains.is_empty(), "{:?}", rs.chains.keys());
 }
 
 #[test]
