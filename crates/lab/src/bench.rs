@@ -55,11 +55,11 @@ pub fn bring_up(root: &Path, nodes: usize, sizes: &[usize]) -> Result<(), String
     Ok(())
 }
 
-/// Runs iperf3 from `client` to `server_ip` (a server started in `server`); returns Gbit/s.
+/// Runs iperf3 from `client` to `server_ip` (a server started in `server`, listening on all its
+/// addresses, so `server_ip` may also be a Service's); returns Gbit/s.
 fn iperf(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, secs: u32) -> Result<f64, String> {
     let mut srv = Command::new("iperf3");
-    srv.args(["-s", "-1", "-B"])
-        .arg(server_ip.to_string())
+    srv.args(["-s", "-1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     infra::enter(&mut srv, server, "iperf-server", false);
@@ -234,9 +234,11 @@ pub fn throughput(root: &Path, secs: u32, rounds: usize) -> Result<(), String> {
     let mut labs: Vec<Lab> = Vec::new();
     let result = (|| -> Result<(), String> {
         let baselines = raw_baselines(&raw)?;
-        let workloads = "apiVersion: v1\nkind: Pod\nmetadata: {name: client}\nspec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: near}\nspec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: far}\nspec: {nodeName: node-2, containers: [{name: c, image: x, command: [sleep, infinity]}]}\n";
+        let workloads = "apiVersion: v1\nkind: Pod\nmetadata: {name: client}\nspec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: near}\nspec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: far, labels: {app: far}}\nspec: {nodeName: node-2, containers: [{name: c, image: x, command: [sleep, infinity]}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: far}\nspec: {selector: {app: far}, ports: [{port: 5201}]}\n";
         // (label, client, server, server IP, baseline index)
         let mut paths: Vec<(String, NetNs, NetNs, Ipv4Addr, usize)> = Vec::new();
+        // (client, server, pod IP, ClusterIP) of the host-gw lab's cross-node pair
+        let mut via_service = None;
         for backend in ["host-gw", "vxlan"] {
             let name = format!("ip{}{}", &backend[..2], std::process::id() % 10_000);
             let f = lab_file(root, &name, 2, backend, workloads)?;
@@ -256,6 +258,30 @@ pub fn throughput(root: &Path, secs: u32, rounds: usize) -> Result<(), String> {
                     near,
                     near_ip,
                     0,
+                ));
+                let cluster_ip = s
+                    .services
+                    .iter()
+                    .find_map(|svc| {
+                        svc.spec
+                            .as_ref()?
+                            .cluster_ip
+                            .as_deref()?
+                            .parse::<Ipv4Addr>()
+                            .ok()
+                    })
+                    .ok_or("the far Service has no ClusterIP")?;
+                via_service = Some((
+                    pod("client")?.0,
+                    infra::open_ns(
+                        &s.pods
+                            .iter()
+                            .find(|p| p.name == "far")
+                            .ok_or("pod missing")?
+                            .netns,
+                    )?,
+                    far_ip,
+                    cluster_ip,
                 ));
                 paths.push((
                     "cross node: flatnet host-gw".into(),
@@ -293,6 +319,25 @@ pub fn throughput(root: &Path, secs: u32, rounds: usize) -> Result<(), String> {
             }
             let (o, t) = (median(ours), median(theirs));
             println!("{label:<30} {o:>8.2} {blabel:<38} {t:>8.2} {:>6.2}x", o / t);
+        }
+        if let Some((c, srv, pod_ip, cluster_ip)) = via_service {
+            let (mut svc, mut direct) = (Vec::new(), Vec::new());
+            for r in 0..rounds {
+                if r % 2 == 0 {
+                    svc.push(iperf(&c, &srv, cluster_ip, secs)?);
+                    direct.push(iperf(&c, &srv, pod_ip, secs)?);
+                } else {
+                    direct.push(iperf(&c, &srv, pod_ip, secs)?);
+                    svc.push(iperf(&c, &srv, cluster_ip, secs)?);
+                }
+            }
+            let (o, t) = (median(svc), median(direct));
+            println!(
+                "{:<30} {o:>8.2} {:<38} {t:>8.2} {:>6.2}x",
+                "host-gw via ClusterIP",
+                "the same pod by its IP",
+                o / t
+            );
         }
         Ok(())
     })();
