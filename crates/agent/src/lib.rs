@@ -84,13 +84,18 @@ fn underlay(nl: &Netlink, ip: Ipv4Addr) -> Result<(u32, Ipv4Net, u32), String> {
 }
 
 impl Agent {
-    /// This node's plan for `state`, and the index of its underlay device.
-    pub fn plan(&self, nl: &Netlink, state: &ClusterState) -> Result<(routing::Plan, u32), String> {
-        let me: &NodeInfo = state
+    /// This node in `state`.
+    fn me<'a>(&self, state: &'a ClusterState) -> Result<&'a NodeInfo, String> {
+        state
             .nodes
             .iter()
             .find(|n| n.name == self.node)
-            .ok_or_else(|| format!("node {:?} is not in the cluster state (yet)", self.node))?;
+            .ok_or_else(|| format!("node {:?} is not in the cluster state (yet)", self.node))
+    }
+
+    /// This node's plan for `state`, and the index of its underlay device.
+    pub fn plan(&self, nl: &Netlink, state: &ClusterState) -> Result<(routing::Plan, u32), String> {
+        let me = self.me(state)?;
         let (dev, subnet, mtu) = underlay(nl, me.ip)?;
         let cfg = routing::Config {
             backend: self.backend,
@@ -114,11 +119,7 @@ impl Agent {
 
     /// The service proxy's plan for `state` on this node.
     pub fn proxy_plan(&self, state: &ClusterState) -> Result<proxy::Ruleset, String> {
-        let me = state
-            .nodes
-            .iter()
-            .find(|n| n.name == self.node)
-            .ok_or_else(|| format!("node {:?} is not in the cluster state (yet)", self.node))?;
+        let me = self.me(state)?;
         let cfg = proxy::Config {
             node: self.node.clone(),
             node_ips: vec![me.ip],

@@ -271,18 +271,7 @@ pub fn throughput(root: &Path, secs: u32, rounds: usize) -> Result<(), String> {
                             .ok()
                     })
                     .ok_or("the far Service has no ClusterIP")?;
-                via_service = Some((
-                    pod("client")?.0,
-                    infra::open_ns(
-                        &s.pods
-                            .iter()
-                            .find(|p| p.name == "far")
-                            .ok_or("pod missing")?
-                            .netns,
-                    )?,
-                    far_ip,
-                    cluster_ip,
-                ));
+                via_service = Some((pod("client")?.0, pod("far")?.0, far_ip, cluster_ip));
                 paths.push((
                     "cross node: flatnet host-gw".into(),
                     pod("client")?.0,

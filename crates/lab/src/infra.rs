@@ -147,24 +147,23 @@ pub struct Proc {
     pub start: u64,
 }
 
+/// A process's state letter and kernel start time (fields 3 and 22 of /proc/PID/stat, counted
+/// after the command name's closing parenthesis).
+fn stat(pid: i32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = text.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.nth(18)?.parse().ok()?))
+}
+
 fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, counted after the command name's closing parenthesis.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    stat(pid).map(|(_, start)| start)
 }
 
 impl Proc {
+    /// Still this process (not a recycled pid) and not a zombie.
     pub fn alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start)
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
+        stat(self.pid).is_some_and(|(state, start)| start == self.start && state != 'Z')
     }
 
     /// Kills the process group (a workload's children too), if it is still this process.

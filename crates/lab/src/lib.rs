@@ -69,6 +69,17 @@ impl PodRecord {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// `kubectl get pods`' STATUS: Running while every process runs.
+    pub fn status(&self) -> &'static str {
+        if self.error.is_some() {
+            "Error"
+        } else if self.procs.iter().all(Proc::alive) {
+            "Running"
+        } else {
+            "Completed"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,7 +257,7 @@ impl Lab {
             progress("nodes", i + 1, state.nodes.len());
         }
         lab.save(&state)?;
-        lab.wait_converged(&state)?;
+        lab.wait_synced(&state)?;
         state.complete = true;
         lab.save(&state)?;
         lab.reconcile()?;
@@ -448,27 +459,6 @@ impl Lab {
         }
     }
 
-    /// Waits until every agent has routed every other node (the lab is usable when `up` returns).
-    fn wait_converged(&self, s: &State) -> Result<(), String> {
-        let lab = self.name();
-        let want = s.nodes.len().saturating_sub(1);
-        self.wait_for("agents did not converge", || {
-            let mut behind = Vec::new();
-            for n in &s.nodes {
-                let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
-                let routes = infra::nl(&ns)?.routes(true).map_err(|e| e.to_string())?;
-                let ours = routes
-                    .iter()
-                    .filter(|r| r.protocol == Some(routing::PROTOCOL))
-                    .count();
-                if ours != want {
-                    behind.push(format!("{} ({ours}/{want} routes)", n.name));
-                }
-            }
-            Ok(behind)
-        })
-    }
-
     /// Waits until every agent has applied the cluster state as it is now (each writes the
     /// fingerprint of what it applied), so traffic works when a command returns.
     fn wait_synced(&self, s: &State) -> Result<(), String> {
@@ -602,9 +592,7 @@ impl Lab {
                 self.dir.join("cluster/services").join(&file),
                 serde_json::to_string_pretty(svc).expect("json"),
             );
-            if let Some(slice) =
-                services::endpoint_slice(svc, &s.pods, |p| pod_status(p) == "Running")
-            {
+            if let Some(slice) = services::endpoint_slice(svc, &s.pods) {
                 if slice.endpoints.as_ref().is_none_or(|e| e.is_empty()) {
                     // As kubectl would not stop you either: a warning, not an error.
                     eprintln!("warning: Service {ns}/{name}: spec.selector matches no pod");
@@ -664,16 +652,10 @@ impl Lab {
                 .and_then(|sp| sp.external_traffic_policy.as_deref())
                 == Some("Local");
             let node = if local {
-                services::endpoint_slice(svc, &s.pods, |p| pod_status(p) == "Running")
-                    .and_then(|sl| {
-                        sl.endpoints?
-                            .into_iter()
-                            .filter(|e| {
-                                e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false)
-                            })
-                            .filter_map(|e| e.node_name)
-                            .min()
-                    })
+                services::ready_endpoints(svc, &s.pods)
+                    .into_iter()
+                    .filter_map(|(_, node)| node)
+                    .min()
                     .and_then(|n| s.nodes.iter().find(|x| x.name == n))
             } else {
                 s.nodes.first()
@@ -970,6 +952,7 @@ impl Lab {
         }
         let _ = netns::delete_named(&node_ns);
         let _ = std::fs::remove_dir_all(self.node_dir(name));
+        let _ = std::fs::remove_file(self.dir.join(format!("status/{name}")));
         Ok(())
     }
 
@@ -1009,7 +992,7 @@ impl Lab {
             return Err(e);
         }
         self.save(&s)?;
-        self.wait_converged(&s)?;
+        self.wait_synced(&s)?;
         self.reconcile()
     }
 
@@ -1031,7 +1014,7 @@ impl Lab {
         s.spec.nodes.retain(|n| n.name != name);
         s.nodes.retain(|n| n.name != name);
         self.save(&s)?;
-        self.wait_converged(&s)?;
+        self.wait_synced(&s)?;
         self.reconcile()
     }
 
@@ -1151,7 +1134,7 @@ impl Lab {
             let pods: Vec<Value> = s
                 .pods
                 .iter()
-                .map(|p| json!({"namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip, "status": pod_status(p)}))
+                .map(|p| json!({"namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip, "status": p.status()}))
                 .chain(s.pending.iter().map(|(k, why)| json!({"key": k, "status": "Pending", "reason": why})))
                 .collect();
             let nodes: Vec<Value> = s
@@ -1200,7 +1183,7 @@ impl Lab {
                 "{:<12} {:<36} {:<10} {:<16} {}\n",
                 p.namespace,
                 p.name,
-                pod_status(p),
+                p.status(),
                 p.ip.map(|i| i.to_string()).unwrap_or_default(),
                 p.node
             );
@@ -1219,7 +1202,10 @@ impl Lab {
             );
             for svc in &s.services {
                 let r = service_row(svc);
-                let eps = self.endpoints_of(svc);
+                let eps: Vec<String> = services::ready_endpoints(svc, &s.pods)
+                    .into_iter()
+                    .map(|(addr, _)| addr)
+                    .collect();
                 out += &format!(
                     "{:<12} {:<20} {:<13} {:<15} {:<15} {:<24} {}\n",
                     r["namespace"].as_str().unwrap_or(""),
@@ -1240,34 +1226,6 @@ impl Lab {
             }
         }
         Ok(out)
-    }
-
-    /// `ip:port` of each ready endpoint of `svc`, from its published EndpointSlice.
-    fn endpoints_of(&self, svc: &Service) -> Vec<String> {
-        let (ns, name) = namespaced(&svc.metadata);
-        let path = self
-            .dir
-            .join(format!("cluster/endpointslices/{ns}.{name}.json"));
-        let Ok(slice) = std::fs::read_to_string(path).map_err(|_| ()).and_then(|t| {
-            serde_json::from_str::<k8s_openapi::api::discovery::v1::EndpointSlice>(&t)
-                .map_err(|_| ())
-        }) else {
-            return Vec::new();
-        };
-        let port = slice
-            .ports
-            .iter()
-            .flatten()
-            .next()
-            .and_then(|p| p.port)
-            .unwrap_or(0);
-        slice
-            .endpoints
-            .iter()
-            .flatten()
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            .flat_map(|e| e.addresses.iter().map(move |a| format!("{a}:{port}")))
-            .collect()
     }
 }
 
@@ -1296,14 +1254,4 @@ fn service_row(svc: &Service) -> Value {
         .collect();
     json!({"namespace": ns, "name": name, "type": spec.type_.unwrap_or_else(|| "ClusterIP".into()),
            "clusterIP": spec.cluster_ip.unwrap_or_default(), "externalIP": lb.join(","), "ports": ports.join(",")})
-}
-
-fn pod_status(p: &PodRecord) -> &'static str {
-    if p.error.is_some() {
-        "Error"
-    } else if p.procs.iter().all(Proc::alive) {
-        "Running"
-    } else {
-        "Completed"
-    }
 }

@@ -139,11 +139,7 @@ pub fn allocate(s: &mut State, services: &[Service]) -> Result<Vec<Service>, Str
 
 /// The EndpointSlice of one Service: its selector's pods in its namespace, ready while their
 /// processes run; named `targetPort`s resolved through each pod's declared ports.
-pub fn endpoint_slice(
-    svc: &Service,
-    pods: &[PodRecord],
-    ready: impl Fn(&PodRecord) -> bool,
-) -> Option<EndpointSlice> {
+pub fn endpoint_slice(svc: &Service, pods: &[PodRecord]) -> Option<EndpointSlice> {
     let (ns, name) = namespaced(&svc.metadata);
     let spec = svc.spec.as_ref()?;
     let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
@@ -172,7 +168,7 @@ pub fn endpoint_slice(
     let endpoints: Vec<_> = members
         .iter()
         .map(|p| {
-            let r = ready(p);
+            let r = p.status() == "Running";
             json!({"addresses": [p.ip.expect("filtered").to_string()], "nodeName": p.node,
                    "conditions": {"ready": r, "serving": r, "terminating": false},
                    "targetRef": {"kind": "Pod", "namespace": p.namespace, "name": p.name}})
@@ -185,4 +181,30 @@ pub fn endpoint_slice(
         "ports": ports, "endpoints": endpoints
     }))
     .ok()
+}
+
+/// The ready endpoints of `svc` as `ip:port` (its first port) and the node each runs on.
+pub fn ready_endpoints(svc: &Service, pods: &[PodRecord]) -> Vec<(String, Option<String>)> {
+    let Some(slice) = endpoint_slice(svc, pods) else {
+        return Vec::new();
+    };
+    let port = slice
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .and_then(|p| p.port)
+        .unwrap_or(0);
+    slice
+        .endpoints
+        .into_iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+        .flat_map(|e| {
+            let node = e.node_name.clone();
+            e.addresses
+                .into_iter()
+                .map(move |a| (format!("{a}:{port}"), node.clone()))
+        })
+        .collect()
 }
