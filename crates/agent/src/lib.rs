@@ -117,17 +117,44 @@ impl Agent {
         routing::apply(nl, &plan, dev)
     }
 
-    /// The service proxy's plan for `state` on this node.
-    pub fn proxy_plan(&self, state: &ClusterState) -> Result<proxy::Ruleset, String> {
+    /// The service proxy's view of this node.
+    pub fn proxy_config(&self, state: &ClusterState) -> Result<proxy::Config, String> {
         let me = self.me(state)?;
-        let cfg = proxy::Config {
+        Ok(proxy::Config {
             node: self.node.clone(),
             node_ips: vec![me.ip],
             cluster_cidr: self.cluster_cidr,
             service_cidr: self.service_cidr,
             node_ports: self.node_ports,
+        })
+    }
+
+    /// Brings the service proxy up to `state`: only changed Services are re-planned and sent.
+    fn sync_proxy(
+        &self,
+        proxy: &mut Option<proxy::Proxy>,
+        state: &ClusterState,
+    ) -> Result<proxy::Report, String> {
+        let cfg = self.proxy_config(state)?;
+        let p = match proxy {
+            Some(p) => {
+                p.set_config(cfg);
+                p
+            }
+            None => proxy.insert(proxy::Proxy::new(cfg)?),
         };
-        proxy::plan(&cfg, &state.services, &state.endpoint_slices).map_err(|e| e.to_string())
+        p.replace_all(&state.services, &state.endpoint_slices);
+        let before = p.errors.clone();
+        let report = p.sync();
+        for (svc, e) in &p.errors {
+            if before.get(svc) != Some(e) {
+                self.log(&format!(
+                    "Service {}/{} not applied (its last good rules stay): {e}",
+                    svc.0, svc.1
+                ));
+            }
+        }
+        report
     }
 
     fn log(&self, msg: &str) {
@@ -160,7 +187,7 @@ impl Agent {
         };
         let mut seen = None;
         let mut last = Instant::now() - Duration::from_secs(3600);
-        let mut proxy = proxy::Applier::default();
+        let mut proxy = None;
         let mut health = health::HealthChecks::default();
         loop {
             let fp = self.source.fingerprint();
@@ -173,17 +200,19 @@ impl Agent {
                             Ok(_) => {}
                             Err(e) => self.log(&format!("routing sync failed (will retry): {e}")),
                         }
-                        // A bad Service keeps the last good proxy table in place.
-                        let proxied = self.proxy_plan(&state).and_then(|rs| {
+                        let proxied = self.sync_proxy(&mut proxy, &state);
+                        if let Some(p) = &proxy {
                             let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
-                            for (port, e) in health.update(&rs.health_checks, any) {
+                            for (port, e) in health.update(&p.health_checks(), any) {
                                 self.log(&format!("healthCheckNodePort {port}: {e}"));
                             }
-                            proxy.sync(rs)
-                        });
+                        }
                         match &proxied {
-                            Ok(0) => {}
-                            Ok(n) => self.log(&format!("service proxy synced: {n} nft lines")),
+                            Ok(r) if r.objects == 0 => {}
+                            Ok(r) => self.log(&format!(
+                                "service proxy synced: {} Services, {} kernel objects",
+                                r.services, r.objects
+                            )),
                             Err(e) => {
                                 self.log(&format!("service proxy sync failed (will retry): {e}"))
                             }

@@ -1,6 +1,9 @@
 //! The nftables transaction writer: a whole script goes to one `nft -f -`, which the kernel applies
 //! as a single atomic transaction — either every change lands or none does. One process per sync,
-//! never one per rule.
+//! never one per rule. [`netlink`] speaks nf_tables natively for appliers that send many small
+//! changes to large tables, where `nft` would read the whole table back first.
+
+pub mod netlink;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

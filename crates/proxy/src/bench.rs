@@ -1,9 +1,9 @@
-//! `flatnet proxy bench`: what a sync costs at scale, in a throw-away namespace — planning, the
-//! cold start (empty kernel → full table in one transaction), one Service added and one
-//! endpoint changed with N present (plan + diff + apply).
+//! `flatnet proxy bench`: what a sync costs at scale, in a throw-away namespace — the cold start
+//! (empty kernel → full table), one Service added and one endpoint changed with N present
+//! (plan, diff and apply), and a restarted agent adopting the table. Memory is the process's RSS, which
+//! holds the objects as an agent does.
 
-use crate::plan::{diff, plan};
-use crate::{Applier, Config};
+use crate::{Config, Proxy, Report};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::time::{Duration, Instant};
@@ -51,11 +51,8 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the sizes in `sizes` (Services × `endpoints` each) inside `ns`.
+/// Runs the sizes in `sizes` (Services × `endpoints` each), each in a namespace of its own.
 pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
-    let tmp = netns::TempNetNs::new("fnb-proxy")
-        .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
-    let ns = tmp.ns();
     let cfg = Config {
         node: "node-0".into(),
         node_ips: vec!["172.18.0.2".parse().expect("ip")],
@@ -64,44 +61,60 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
         node_ports: (30000, 32767),
     };
     println!(
-        "{:>8} {:>10} {:>12} {:>12} {:>14} {:>14} {:>10}",
-        "services", "endpoints", "plan", "cold start", "+1 service", "1 endpoint", "RSS"
+        "{:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>10}",
+        "services", "endpoints", "cold start", "+1 service", "1 endpoint", "restart adopt", "RSS"
     );
     for &n in sizes {
-        let mut services: Vec<Service> = (0..n).map(service).collect();
-        let mut slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, endpoints, 0)).collect();
-        let t = Instant::now();
-        let full = plan(&cfg, &services, &slices).map_err(|e| e.to_string())?;
-        let plan_time = t.elapsed();
-        let mut applier = Applier::default();
-        let t = Instant::now();
-        ns.run(|| applier.sync(full.clone()))
+        let tmp = netns::TempNetNs::new("fnb-proxy")
+            .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
+        let ns = tmp.ns();
+        let services: Vec<Service> = (0..n).map(service).collect();
+        let slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, endpoints, 0)).collect();
+        let timed =
+            |f: &mut dyn FnMut() -> Result<Report, String>| -> Result<(Duration, Report), String> {
+                let t = Instant::now();
+                let r = ns.run(f).map_err(|e| e.to_string())??;
+                Ok((t.elapsed(), r))
+            };
+        let mut proxy = ns
+            .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
-        let cold = t.elapsed();
-        // One Service more.
-        services.push(service(n));
-        slices.push(slice(n, endpoints, 0));
-        let t = Instant::now();
-        let more = plan(&cfg, &services, &slices).map_err(|e| e.to_string())?;
-        ns.run(|| applier.sync(more.clone()))
+        let (cold, _) = timed(&mut || {
+            proxy.replace_all(&services, &slices);
+            proxy.sync()
+        })?;
+        let (added, _) = timed(&mut || {
+            proxy.upsert_service(service(n));
+            proxy.upsert_slice(slice(n, endpoints, 0));
+            proxy.sync()
+        })?;
+        let (one, report) = timed(&mut || {
+            proxy.upsert_slice(slice(n / 2, endpoints, 4_000_000));
+            proxy.sync()
+        })?;
+        let rss = rss_kib() / 1024;
+        drop(proxy);
+        // A restarted agent: a new process state adopts the table; nothing should be sent.
+        let mut again = ns
+            .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
-        let added = t.elapsed();
-        // One endpoint of one Service changes.
-        slices[n / 2] = slice(n / 2, endpoints, 4_000_000);
-        let t = Instant::now();
-        let changed = plan(&cfg, &services, &slices).map_err(|e| e.to_string())?;
-        let lines = diff(&more, &changed).lines().count();
-        ns.run(|| applier.sync(changed))
-            .map_err(|e| e.to_string())??;
-        let one = t.elapsed();
+        let (adopt, adopted) = timed(&mut || {
+            again.replace_all(&services, &slices);
+            again.upsert_service(service(n));
+            again.upsert_slice(slice(n, endpoints, 0));
+            again.upsert_slice(slice(n / 2, endpoints, 4_000_000));
+            again.sync()
+        })?;
         println!(
-            "{n:>8} {:>10} {:>12} {:>12} {:>14} {:>14} {:>7} MiB   ({lines} lines for the endpoint change)",
+            "{n:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>6} MiB   ({} objects for the endpoint change, {} after restart)",
             n * endpoints,
-            ms(plan_time),
             ms(cold),
             ms(added),
             ms(one),
-            rss_kib() / 1024
+            ms(adopt),
+            rss,
+            report.objects,
+            adopted.objects,
         );
     }
     Ok(())

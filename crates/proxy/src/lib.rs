@@ -5,9 +5,11 @@ pub mod apply;
 pub mod bench;
 pub mod model;
 pub mod plan;
+pub mod sync;
 pub mod trace;
 
 pub use apply::Applier;
 pub use model::{Config, Proto};
 pub use plan::{plan, Ruleset};
+pub use sync::{Proxy, Report};
 pub use trace::{explain, trace, Hop, Packet, Verdict};

@@ -8,8 +8,8 @@
 //!   load-balancer IP to the Service port's chain; `service-nodeports` maps `l4proto . dport` on
 //!   the node's own addresses. Per Service port: 1 map element per frontend, 1–3 chains, and
 //!   1 chain per endpoint.
-//! - The Service chain `svc_*` picks an endpoint with `numgen random mod N` (a verdict map again),
-//!   after pinning the client to its last endpoint when `sessionAffinity: ClientIP` (one set with
+//! - The Service chain `svc_*` picks an endpoint at random (`numgen random mod N−i` per arm, see
+//!   [`random_arms`]), after pinning the client to its last endpoint when `sessionAffinity: ClientIP` (one set with
 //!   timeouts per endpoint). External frontends go through `ext_*` first: masquerade for
 //!   `externalTrafficPolicy: Cluster`; for `Local`, pods take the cluster path and everyone else
 //!   only this node's endpoints, unmasqueraded, so the client address survives.
@@ -19,17 +19,18 @@
 //!   `loadBalancerSourceRanges` are a filter-hook lookup in `firewall-ips` before DNAT.
 //! - Masquerade is a mark (`0x4000`) set anywhere above and acted on once at postrouting.
 
-use crate::model::{service_ports, usable, Config, Proto, SvcPort};
+use crate::model::{service_ports, usable, Config, Endpoint, Proto, SvcPort};
 use cluster::manifests::namespaced;
 use cluster::ModelError;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
+pub const TABLE_NAME: &str = "flatnet-proxy";
 pub const TABLE: &str = "ip flatnet-proxy";
 pub const MASQ_MARK: u32 = 0x4000;
 
@@ -38,7 +39,7 @@ pub type IpKey = (Ipv4Addr, Proto, u16);
 /// `l4proto . dport`
 pub type PortKey = (Proto, u16);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Rule {
     /// Mark for masquerade unless the source is inside this CIDR (the cluster).
     MasqUnlessFrom(Ipv4Net),
@@ -53,26 +54,33 @@ pub enum Rule {
     Sticky(String, String),
     /// Remember the client in this set (affinity).
     Remember(String, u32),
-    /// One of these chains, at random.
+    /// One of these chains, uniformly at random (see [`random_arms`]).
     Random(Vec<String>),
     Goto(String),
     Dnat(Ipv4Addr, u16, Proto),
+    /// Leave the chain (the packet goes on) when the source is inside this CIDR.
+    ReturnIfFrom(Ipv4Net),
     Drop,
 }
 
+/// A node's table, or one Service's share of it (a fragment: see [`plan_service`]). Chains are
+/// named after their content, so two rulesets with a chain of the same name agree on its rules;
+/// that makes a diff a matter of names, and lets an applier adopt a table by listing names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub service_ips: BTreeMap<IpKey, String>,
     pub node_ports: BTreeMap<PortKey, String>,
     pub no_endpoints: BTreeSet<IpKey>,
     pub no_endpoint_node_ports: BTreeSet<PortKey>,
-    /// Load-balancer frontends with source ranges: traffic from elsewhere is dropped.
-    pub firewall: BTreeMap<IpKey, Vec<Ipv4Net>>,
+    /// Load-balancer frontends with source ranges → the chain that drops other sources.
+    pub firewall: BTreeMap<IpKey, String>,
     pub chains: BTreeMap<String, Vec<Rule>>,
     /// Chain → the Service port it belongs to (a comment in the ruleset).
     pub comments: BTreeMap<String, String>,
     /// `healthCheckNodePort` → this node's endpoint count (for `externalTrafficPolicy: Local`).
     pub health_checks: BTreeMap<u16, usize>,
+    /// Affinity sets (one per endpoint of a `sessionAffinity: ClientIP` Service) → timeout.
+    pub sets: BTreeMap<String, u32>,
 }
 
 fn hash(s: &str) -> String {
@@ -82,14 +90,43 @@ fn hash(s: &str) -> String {
         .collect()
 }
 
-/// A chain name: kind, a hash of what it serves, and a readable tail.
-fn chain_name(kind: &str, id: &str) -> String {
+/// A chain or set name: kind, a hash of what it serves and does, and a readable tail.
+fn object_name(kind: &str, id: &str, content: &str) -> String {
     let tail: String = id
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .take(40)
         .collect();
-    format!("{kind}_{}_{tail}", hash(id))
+    format!("{kind}_{}_{tail}", hash(&format!("{id}|{content}")))
+}
+
+fn chain_name(kind: &str, id: &str, rules: &[Rule]) -> String {
+    object_name(kind, id, &format!("{rules:?}"))
+}
+
+/// A Service's identity: namespace and name.
+pub type ServiceKey = (String, String);
+
+/// The EndpointSlices of each Service (by the `kubernetes.io/service-name` label).
+pub fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&EndpointSlice>> {
+    let mut by: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
+    for s in slices {
+        if let Some(svc) = service_of(s) {
+            by.entry(svc).or_default().push(s);
+        }
+    }
+    by
+}
+
+/// The Service an EndpointSlice belongs to.
+pub fn service_of(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let (ns, _) = namespaced(&slice.metadata);
+    let name = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")?;
+    Some((ns, name.clone()))
 }
 
 /// Plans the whole table for this node. Errors name the Service and field (a ClusterIP outside
@@ -100,77 +137,97 @@ pub fn plan(
     slices: &[EndpointSlice],
 ) -> Result<Ruleset, ModelError> {
     let mut rs = Ruleset::default();
-    let mut node_port_owner: BTreeMap<PortKey, String> = BTreeMap::new();
+    let by_service = slices_by_service(slices);
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by_key(|s| namespaced(&s.metadata));
+    let mut node_port_owner: HashMap<PortKey, String> = HashMap::new();
     for svc in sorted {
-        let (ns, name) = namespaced(&svc.metadata);
-        let own: Vec<&EndpointSlice> = slices
-            .iter()
-            .filter(|s| {
-                let (sns, _) = namespaced(&s.metadata);
-                sns == ns
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("kubernetes.io/service-name"))
-                        == Some(&name)
-            })
-            .collect();
-        for (i, sp) in service_ports(cfg, svc, &own)?.into_iter().enumerate() {
-            if let Some(np) = sp.node_port {
-                if let Some(other) = node_port_owner.insert((sp.proto, np), sp.id.clone()) {
-                    return Err(ModelError::new(
-                        format!("Service {ns}/{name}"),
-                        format!("spec.ports[{i}].nodePort"),
-                        format!("{np}/{} is already used by {other}", sp.proto.as_str()),
-                    ));
-                }
-            }
-            add_port(&mut rs, cfg, &sp);
+        let key = namespaced(&svc.metadata);
+        let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let fragment = plan_service(cfg, svc, own, |port| node_port_owner.get(&port).cloned())?;
+        for port in fragment
+            .node_ports
+            .keys()
+            .chain(&fragment.no_endpoint_node_ports)
+        {
+            node_port_owner.insert(*port, format!("{}/{}", key.0, key.1));
         }
+        rs.merge(fragment);
+    }
+    Ok(rs)
+}
+
+/// One Service's fragment of the table, from its own EndpointSlices. `taken` says which other
+/// Service already holds a NodePort, if any.
+pub fn plan_service(
+    cfg: &Config,
+    svc: &Service,
+    own: &[&EndpointSlice],
+    taken: impl Fn(PortKey) -> Option<String>,
+) -> Result<Ruleset, ModelError> {
+    let (ns, name) = namespaced(&svc.metadata);
+    let mut rs = Ruleset::default();
+    let mut mine = BTreeSet::new();
+    for (i, sp) in service_ports(cfg, svc, own)?.into_iter().enumerate() {
+        if let Some(np) = sp.node_port {
+            let key = (sp.proto, np);
+            if let Some(other) =
+                taken(key).or_else(|| (!mine.insert(key)).then(|| format!("{ns}/{name} itself")))
+            {
+                return Err(ModelError::new(
+                    format!("Service {ns}/{name}"),
+                    format!("spec.ports[{i}].nodePort"),
+                    format!("{np}/{} is already used by {other}", sp.proto.as_str()),
+                ));
+            }
+        }
+        add_port(&mut rs, cfg, &sp);
     }
     Ok(rs)
 }
 
 fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
-    let svc = chain_name("svc", &sp.id);
-    let ext = chain_name("ext", &sp.id);
     let cluster_eps = usable(&sp.endpoints, &cfg.node, sp.internal_local);
     let any_eps = !usable(&sp.endpoints, &cfg.node, false).is_empty();
     let local_eps = usable(&sp.endpoints, &cfg.node, true);
-    let ep_chain =
-        |e: &crate::model::Endpoint| chain_name("ep", &format!("{}/{}:{}", sp.id, e.ip, e.port));
-    // Endpoint chains.
+    // Endpoint chains (and their affinity sets), named by what they do.
     let mut all_eps = cluster_eps.clone();
     all_eps.extend(local_eps.iter().copied());
     all_eps.sort();
     all_eps.dedup();
+    let mut ep_chains: BTreeMap<&Endpoint, (String, Option<String>)> = BTreeMap::new();
     for e in &all_eps {
-        let name = ep_chain(e);
+        let ep_id = format!("{}/{}:{}", sp.id, e.ip, e.port);
         let mut rules = vec![Rule::MasqIfFrom(e.ip)];
-        if let Some(t) = sp.affinity {
-            rules.push(Rule::Remember(format!("aff_{}", &name[3..]), t));
-        }
+        let set = sp.affinity.map(|t| {
+            let set = object_name("aff", &ep_id, &t.to_string());
+            rules.push(Rule::Remember(set.clone(), t));
+            rs.sets.insert(set.clone(), t);
+            set
+        });
         rules.push(Rule::Dnat(e.ip, e.port, sp.proto));
+        let name = chain_name("ep", &ep_id, &rules);
         rs.comments
             .insert(name.clone(), format!("{} -> {}:{}", sp.id, e.ip, e.port));
-        rs.chains.insert(name, rules);
+        rs.chains.insert(name.clone(), rules);
+        ep_chains.insert(e, (name, set));
     }
-    let pick = |eps: &[&crate::model::Endpoint]| -> Vec<Rule> {
+    let pick = |eps: &[&Endpoint]| -> Vec<Rule> {
         let mut rules = Vec::new();
-        if sp.affinity.is_some() {
-            for e in eps {
-                let c = ep_chain(e);
-                rules.push(Rule::Sticky(format!("aff_{}", &c[3..]), c));
+        for e in eps {
+            if let (chain, Some(set)) = &ep_chains[e] {
+                rules.push(Rule::Sticky(set.clone(), chain.clone()));
             }
         }
-        rules.push(Rule::Random(eps.iter().map(|e| ep_chain(e)).collect()));
+        rules.push(Rule::Random(
+            eps.iter().map(|e| ep_chains[e].0.clone()).collect(),
+        ));
         rules
     };
     // The cluster path: ClusterIPs, and pods using external frontends.
     let mut svc_rules = vec![Rule::MasqUnlessFrom(cfg.cluster_cidr)];
     svc_rules.extend(pick(&cluster_eps));
+    let svc = chain_name("svc", &sp.id, &svc_rules);
     let external_used =
         any_eps && (sp.node_port.is_some() || !sp.external_ips.is_empty() || !sp.lb_ips.is_empty());
     if !cluster_eps.is_empty() || external_used {
@@ -202,11 +259,11 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
         return;
     }
     let ext_rules = if sp.external_local {
-        let local = chain_name("local", &sp.id);
         let mut local_rules = pick(&local_eps);
         if local_eps.is_empty() {
             local_rules = vec![Rule::Drop];
         }
+        let local = chain_name("local", &sp.id, &local_rules);
         rs.comments
             .insert(local.clone(), format!("{} (local endpoints)", sp.id));
         rs.chains.insert(local.clone(), local_rules);
@@ -217,6 +274,7 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
     } else {
         vec![Rule::Masq, Rule::Goto(svc.clone())]
     };
+    let ext = chain_name("ext", &sp.id, &ext_rules);
     rs.comments
         .insert(ext.clone(), format!("{} (external)", sp.id));
     rs.chains.insert(ext.clone(), ext_rules);
@@ -231,7 +289,15 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
                     .iter()
                     .map(|ip| Ipv4Net::new(*ip, 32).expect("/32")),
             );
-            rs.firewall.insert(key, ranges);
+            let mut rules: Vec<Rule> = ranges.into_iter().map(Rule::ReturnIfFrom).collect();
+            rules.push(Rule::Drop);
+            let fw = chain_name("fw", &format!("{}@{}", sp.id, key.0), &rules);
+            rs.comments.insert(
+                fw.clone(),
+                format!("{} (source ranges of {})", sp.id, key.0),
+            );
+            rs.chains.insert(fw.clone(), rules);
+            rs.firewall.insert(key, fw);
         }
     }
     if let Some(np) = sp.node_port {
@@ -242,91 +308,17 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
     }
 }
 
-impl Ruleset {
-    /// The whole table as one `nft -f` script (created fresh: `add table` + `delete table` first).
-    pub fn render(&self) -> String {
-        let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "add table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{"
-        );
-        let map = |o: &mut String, name: &str, key_type: &str, elems: Vec<String>| {
-            let _ = writeln!(o, "  map {name} {{\n    type {key_type} : verdict");
-            if !elems.is_empty() {
-                let _ = writeln!(
-                    o,
-                    "    elements = {{\n      {}\n    }}",
-                    elems.join(",\n      ")
-                );
-            }
-            let _ = writeln!(o, "  }}");
-        };
-        const IP_KEY: &str = "ipv4_addr . inet_proto . inet_service";
-        const PORT_KEY: &str = "inet_proto . inet_service";
-        let ip_map = |o: &mut String, name: &str, elems: Vec<String>| map(o, name, IP_KEY, elems);
-        let port_map =
-            |o: &mut String, name: &str, elems: Vec<String>| map(o, name, PORT_KEY, elems);
-        let k3 = |(ip, p, port): &IpKey| format!("{ip} . {} . {port}", p.as_str());
-        let k2 = |(p, port): &PortKey| format!("{} . {port}", p.as_str());
-        ip_map(
-            &mut o,
-            "service-ips",
-            self.service_ips
-                .iter()
-                .map(|(k, c)| format!("{} : goto {c}", k3(k)))
-                .collect(),
-        );
-        port_map(
-            &mut o,
-            "service-nodeports",
-            self.node_ports
-                .iter()
-                .map(|(k, c)| format!("{} : goto {c}", k2(k)))
-                .collect(),
-        );
-        ip_map(
-            &mut o,
-            "no-endpoint-services",
-            self.no_endpoints
-                .iter()
-                .map(|k| format!("{} : goto reject-chain", k3(k)))
-                .collect(),
-        );
-        port_map(
-            &mut o,
-            "no-endpoint-nodeports",
-            self.no_endpoint_node_ports
-                .iter()
-                .map(|k| format!("{} : goto reject-chain", k2(k)))
-                .collect(),
-        );
-        let mut fw_chains = Vec::new();
-        ip_map(
-            &mut o,
-            "firewall-ips",
-            self.firewall
-                .iter()
-                .map(|(k, ranges)| {
-                    let c = chain_name("fw", &k3(k));
-                    fw_chains.push((c.clone(), ranges));
-                    format!("{} : goto {c}", k3(k))
-                })
-                .collect(),
-        );
-        let mut sets: BTreeMap<String, u32> = BTreeMap::new();
-        for rules in self.chains.values() {
-            for r in rules {
-                if let Rule::Remember(set, t) = r {
-                    sets.insert(set.clone(), *t);
-                }
-            }
-        }
-        for (set, t) in &sets {
-            let _ = writeln!(o, "  set {set} {{\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout {t}s\n  }}");
-        }
-        let _ = writeln!(
-            o,
-            "  chain reject-chain {{\n    reject\n  }}
+/// The five verdict maps, in the order a packet meets them.
+pub const IP_MAPS: [&str; 3] = ["firewall-ips", "no-endpoint-services", "service-ips"];
+pub const PORT_MAPS: [&str; 2] = ["no-endpoint-nodeports", "service-nodeports"];
+pub const REJECT_CHAIN: &str = "reject-chain";
+
+/// The fixed part of the table: base chains and helpers every Service shares.
+fn fixed_chains() -> String {
+    format!(
+        "  chain {REJECT_CHAIN} {{
+    reject
+  }}
   chain filter-prerouting {{
     type filter hook prerouting priority -110; policy accept;
     ip daddr . meta l4proto . th dport vmap @firewall-ips
@@ -365,20 +357,178 @@ impl Ruleset {
   chain services {{
     ip daddr . meta l4proto . th dport vmap @service-ips
     fib daddr type local meta l4proto . th dport vmap @service-nodeports
-  }}"
-        );
-        for (c, ranges) in fw_chains {
-            let list: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
-            let _ = writeln!(
-                o,
-                "  chain {c} {{\n    ip saddr != {{ {} }} drop\n  }}",
-                list.join(", ")
-            );
+  }}
+"
+    )
+}
+
+/// The table's comment: names the version of the fixed part, so an applier adopts a table
+/// only when its fixed part is the one this build writes.
+pub fn table_comment() -> String {
+    format!("flatnet service proxy {}", hash(&fixed_chains()))
+}
+
+fn k3((ip, p, port): &IpKey) -> String {
+    format!("{ip} . {} . {port}", p.as_str())
+}
+
+fn k2((p, port): &PortKey) -> String {
+    format!("{} . {port}", p.as_str())
+}
+
+/// A map key of either shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Ip(IpKey),
+    Port(PortKey),
+}
+
+/// One map's changes: its name, keys to delete, then elements (key, chain) to add.
+pub type MapChange = (&'static str, Vec<Key>, Vec<(Key, String)>);
+
+/// The changes that turn one ruleset into another, by name (see [`Ruleset`]). An applier sends
+/// them in this order, so nothing is ever referred to before it exists or after it is gone:
+/// new sets, new chains, map elements, then the chains and sets nothing refers to any more.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub new_sets: Vec<(String, u32)>,
+    /// Name, rules, comment.
+    pub new_chains: Vec<(String, Vec<Rule>, Option<String>)>,
+    pub maps: Vec<MapChange>,
+    pub gone_chains: Vec<String>,
+    pub gone_sets: Vec<String>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.new_sets.is_empty()
+            && self.new_chains.is_empty()
+            && self.maps.is_empty()
+            && self.gone_chains.is_empty()
+            && self.gone_sets.is_empty()
+    }
+
+    /// Adds the diff of another, disjoint fragment.
+    pub fn extend(&mut self, other: Diff) {
+        self.new_sets.extend(other.new_sets);
+        self.new_chains.extend(other.new_chains);
+        self.gone_chains.extend(other.gone_chains);
+        self.gone_sets.extend(other.gone_sets);
+        for (map, delete, add) in other.maps {
+            match self.maps.iter_mut().find(|(m, ..)| *m == map) {
+                Some((_, d, a)) => {
+                    d.extend(delete);
+                    a.extend(add);
+                }
+                None => self.maps.push((map, delete, add)),
+            }
         }
+    }
+
+    /// Objects touched (chains, rules, elements, sets): what a sync costs the kernel.
+    pub fn size(&self) -> usize {
+        self.new_sets.len()
+            + self
+                .new_chains
+                .iter()
+                .map(|(_, r, _)| 1 + r.len())
+                .sum::<usize>()
+            + self
+                .maps
+                .iter()
+                .map(|(_, d, a)| d.len() + a.len())
+                .sum::<usize>()
+            + self.gone_chains.len()
+            + self.gone_sets.len()
+    }
+}
+
+impl Ruleset {
+    /// Adds a disjoint fragment (another Service's) to this ruleset.
+    pub fn merge(&mut self, other: Ruleset) {
+        self.service_ips.extend(other.service_ips);
+        self.node_ports.extend(other.node_ports);
+        self.no_endpoints.extend(other.no_endpoints);
+        self.no_endpoint_node_ports
+            .extend(other.no_endpoint_node_ports);
+        self.firewall.extend(other.firewall);
+        self.chains.extend(other.chains);
+        self.comments.extend(other.comments);
+        self.health_checks.extend(other.health_checks);
+        self.sets.extend(other.sets);
+    }
+
+    /// Every map's elements, keyed as the kernel holds them (target chain by name).
+    pub fn map_elements(&self) -> BTreeMap<&'static str, BTreeMap<Key, String>> {
+        let ip = |m: &BTreeMap<IpKey, String>| {
+            m.iter()
+                .map(|(k, c)| (Key::Ip(*k), c.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let port = |m: &BTreeMap<PortKey, String>| {
+            m.iter()
+                .map(|(k, c)| (Key::Port(*k), c.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let reject_ip = self
+            .no_endpoints
+            .iter()
+            .map(|k| (Key::Ip(*k), REJECT_CHAIN.to_string()))
+            .collect();
+        let reject_port = self
+            .no_endpoint_node_ports
+            .iter()
+            .map(|k| (Key::Port(*k), REJECT_CHAIN.to_string()))
+            .collect();
+        BTreeMap::from([
+            ("firewall-ips", ip(&self.firewall)),
+            ("no-endpoint-services", reject_ip),
+            ("service-ips", ip(&self.service_ips)),
+            ("no-endpoint-nodeports", reject_port),
+            ("service-nodeports", port(&self.node_ports)),
+        ])
+    }
+
+    /// The whole table as one `nft -f` script (created fresh: `add table` + `delete table`
+    /// first). What the native applier builds is the same table.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "add table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n  comment {}",
+            nft::quote(&table_comment())
+        );
+        for (name, elements) in self.map_elements() {
+            let key_type = if IP_MAPS.contains(&name) {
+                "ipv4_addr . inet_proto . inet_service"
+            } else {
+                "inet_proto . inet_service"
+            };
+            let _ = writeln!(o, "  map {name} {{\n    type {key_type} : verdict");
+            if !elements.is_empty() {
+                let list: Vec<String> = elements
+                    .iter()
+                    .map(|(k, c)| match k {
+                        Key::Ip(k) => format!("{} : goto {c}", k3(k)),
+                        Key::Port(k) => format!("{} : goto {c}", k2(k)),
+                    })
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "    elements = {{\n      {}\n    }}",
+                    list.join(",\n      ")
+                );
+            }
+            let _ = writeln!(o, "  }}");
+        }
+        for (set, t) in &self.sets {
+            let _ = writeln!(o, "  set {set} {{\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout {t}s\n  }}");
+        }
+        o.push_str(&fixed_chains());
         for (name, rules) in &self.chains {
             let _ = writeln!(o, "  chain {name} {{");
             if let Some(c) = self.comments.get(name) {
-                let _ = writeln!(o, "    comment \"{}\"", c.replace('"', "'"));
+                let _ = writeln!(o, "    comment {}", nft::quote(c));
             }
             for r in rules {
                 let _ = writeln!(o, "    {}", render_rule(r));
@@ -388,6 +538,18 @@ impl Ruleset {
         o.push_str("}\n");
         o
     }
+}
+
+/// The arms of a uniform random pick over `chains`, one rule each: arm `i` takes the packet
+/// with probability 1/(N−i) of what reaches it (`numgen random mod (N−i)` is 0), the last takes
+/// the rest; each endpoint ends up with 1/N. Plain rules rather than one `numgen … vmap`, whose
+/// anonymous map costs the kernel a walk over every set of the table when it is created.
+pub fn random_arms(chains: &[String]) -> impl Iterator<Item = (Option<u32>, &String)> {
+    let n = chains.len() as u32;
+    chains
+        .iter()
+        .enumerate()
+        .map(move |(i, c)| ((i as u32 + 1 < n).then_some(n - i as u32), c))
 }
 
 fn render_rule(r: &Rule) -> String {
@@ -401,142 +563,64 @@ fn render_rule(r: &Rule) -> String {
         // Only reachable through a path whose own endpoints are all elsewhere (e.g. internal
         // policy Local with none here): nothing to pick, the packet goes nowhere.
         Rule::Random(chains) if chains.is_empty() => "drop".into(),
-        Rule::Random(chains) => {
-            let arms: Vec<String> = chains
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("{i} : goto {c}"))
-                .collect();
-            format!(
-                "numgen random mod {} vmap {{ {} }}",
-                chains.len(),
-                arms.join(", ")
-            )
-        }
+        Rule::Random(chains) => random_arms(chains)
+            .map(|(modulus, c)| match modulus {
+                Some(m) => format!("numgen random mod {m} 0 goto {c}"),
+                None => format!("goto {c}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n    "),
         Rule::Goto(c) => format!("goto {c}"),
         Rule::Dnat(ip, port, p) => format!("meta l4proto {} dnat to {ip}:{port}", p.as_str()),
+        Rule::ReturnIfFrom(c) => format!("ip saddr {c} return"),
         Rule::Drop => "drop".into(),
     }
 }
 
-/// The changes that turn `old` into `new`, as one `nft -f` script (empty when nothing changed):
-/// new chains first, then map and set elements, then the chains nothing refers to any more.
-/// Unchanged chains and elements are not sent, so one Service's change costs its own lines.
-pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
-    let mut o = String::new();
-    let t = TABLE;
-    let sets = |rs: &Ruleset| -> BTreeMap<String, u32> {
-        rs.chains
-            .values()
-            .flatten()
-            .filter_map(|r| match r {
-                Rule::Remember(s, timeout) => Some((s.clone(), *timeout)),
-                _ => None,
-            })
-            .collect()
-    };
-    let (old_sets, new_sets) = (sets(old), sets(new));
-    for (s, timeout) in &new_sets {
-        if old_sets.get(s) != Some(timeout) {
-            let _ = writeln!(
-                o,
-                "add set {t} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
-            );
-        }
-    }
-    // Declare every changed chain before any rule refers to one.
-    let changed: Vec<(&String, &Vec<Rule>)> = new
-        .chains
-        .iter()
-        .filter(|(name, rules)| old.chains.get(*name) != Some(*rules))
-        .collect();
-    for (name, _) in &changed {
-        let _ = writeln!(o, "add chain {t} {name}\nflush chain {t} {name}");
-    }
-    for (name, rules) in &changed {
-        for r in *rules {
-            let _ = writeln!(o, "add rule {t} {name} {}", render_rule(r));
-        }
-    }
-    let k3 = |(ip, p, port): &IpKey| format!("{ip} . {} . {port}", p.as_str());
-    let k2 = |(p, port): &PortKey| format!("{} . {port}", p.as_str());
-    map_diff(
-        &mut o,
-        "service-ips",
-        &old.service_ips,
-        &new.service_ips,
-        k3,
-        |c| format!("goto {c}"),
-    );
-    map_diff(
-        &mut o,
-        "service-nodeports",
-        &old.node_ports,
-        &new.node_ports,
-        k2,
-        |c| format!("goto {c}"),
-    );
-    let reject = |s: &BTreeSet<IpKey>| s.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
-    let reject2 = |s: &BTreeSet<PortKey>| s.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
-    map_diff(
-        &mut o,
-        "no-endpoint-services",
-        &reject(&old.no_endpoints),
-        &reject(&new.no_endpoints),
-        k3,
-        |_| "goto reject-chain".into(),
-    );
-    map_diff(
-        &mut o,
-        "no-endpoint-nodeports",
-        &reject2(&old.no_endpoint_node_ports),
-        &reject2(&new.no_endpoint_node_ports),
-        k2,
-        |_| "goto reject-chain".into(),
-    );
-    if old.firewall != new.firewall {
-        // Rare (source ranges changed): rewrite the firewall map and its chains whole.
-        let _ = writeln!(o, "flush map {t} firewall-ips");
-        for (k, ranges) in &new.firewall {
-            let c = chain_name("fw", &k3(k));
-            let list: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
-            let _ = writeln!(o, "add chain {t} {c}\nflush chain {t} {c}\nadd rule {t} {c} ip saddr != {{ {} }} drop", list.join(", "));
-            let _ = writeln!(o, "add element {t} firewall-ips {{ {} : goto {c} }}", k3(k));
-        }
-        for k in old
-            .firewall
+/// What turns `old` into `new`. Chains are compared by name only (names hash their rules), so
+/// the cost is that of the two rulesets' sizes, and nothing unchanged is sent.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> Diff {
+    let (old_sets, new_sets) = (&old.sets, &new.sets);
+    let mut d = Diff {
+        new_sets: new_sets
+            .iter()
+            .filter(|(s, _)| !old_sets.contains_key(*s))
+            .map(|(s, t)| (s.clone(), *t))
+            .collect(),
+        new_chains: new
+            .chains
+            .iter()
+            .filter(|(name, _)| !old.chains.contains_key(*name))
+            .map(|(name, rules)| (name.clone(), rules.clone(), new.comments.get(name).cloned()))
+            .collect(),
+        gone_chains: old
+            .chains
             .keys()
-            .filter(|k| !new.firewall.contains_key(*k))
-        {
-            let _ = writeln!(o, "delete chain {t} {}", chain_name("fw", &k3(k)));
+            .filter(|n| !new.chains.contains_key(*n))
+            .cloned()
+            .collect(),
+        gone_sets: old_sets
+            .keys()
+            .filter(|s| !new_sets.contains_key(*s))
+            .cloned()
+            .collect(),
+        maps: Vec::new(),
+    };
+    let (old_maps, new_maps) = (old.map_elements(), new.map_elements());
+    for (map, new_elements) in new_maps {
+        let old_elements = &old_maps[map];
+        let delete: Vec<Key> = old_elements
+            .iter()
+            .filter(|(k, c)| new_elements.get(*k) != Some(*c))
+            .map(|(k, _)| *k)
+            .collect();
+        let add: Vec<(Key, String)> = new_elements
+            .into_iter()
+            .filter(|(k, c)| old_elements.get(k) != Some(c))
+            .collect();
+        if !delete.is_empty() || !add.is_empty() {
+            d.maps.push((map, delete, add));
         }
     }
-    for name in old.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
-        let _ = writeln!(o, "delete chain {t} {name}");
-    }
-    for s in old_sets.keys().filter(|s| !new_sets.contains_key(*s)) {
-        let _ = writeln!(o, "delete set {t} {s}");
-    }
-    o
-}
-
-fn map_diff<K: Ord, V: PartialEq>(
-    o: &mut String,
-    map: &str,
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    key: impl Fn(&K) -> String,
-    verdict: impl Fn(&V) -> String,
-) {
-    let t = TABLE;
-    for (k, v) in old {
-        if new.get(k) != Some(v) {
-            let _ = writeln!(o, "delete element {t} {map} {{ {} }}", key(k));
-        }
-    }
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            let _ = writeln!(o, "add element {t} {map} {{ {} : {} }}", key(k), verdict(v));
-        }
-    }
+    d
 }

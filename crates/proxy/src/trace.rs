@@ -38,8 +38,8 @@ pub enum Verdict {
 
 pub fn trace(rs: &Ruleset, p: &Packet) -> Verdict {
     let key = (p.dst, p.proto, p.dport);
-    if let Some(ranges) = rs.firewall.get(&key) {
-        if !ranges.iter().any(|r| r.contains(&p.src)) {
+    if let Some(fw) = rs.firewall.get(&key) {
+        if walk(rs, fw, p, false, 0) == Verdict::Dropped {
             return Verdict::Dropped;
         }
     }
@@ -94,6 +94,8 @@ fn walk(rs: &Ruleset, chain: &str, p: &Packet, mut masq: bool, depth: usize) -> 
                     masquerade: masq,
                 }])
             }
+            Rule::ReturnIfFrom(c) if c.contains(&p.src) => return Verdict::Untouched,
+            Rule::ReturnIfFrom(_) => {}
             Rule::Drop => return Verdict::Dropped,
         }
     }

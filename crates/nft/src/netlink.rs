@@ -1,0 +1,711 @@
+//! nf_tables over netlink, natively: a [`Batch`] of table/chain/rule/set/element messages that
+//! the kernel applies as one atomic transaction, sent with one `sendmsg` and no process spawned,
+//! and the few dumps an applier needs to adopt what a previous run left (chain names, set names,
+//! map elements). Only the expressions flatnet uses are encoded; their layout mirrors what
+//! `nft --debug=netlink` shows for the same rule, so `nft list` prints them the usual way.
+
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use nix::sys::socket::{setsockopt, sockopt};
+use std::os::fd::AsRawFd;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLA_F_NESTED: u16 = 0x8000;
+
+// nf_tables message types.
+const GETTABLE: u16 = 1;
+const NEWCHAIN: u16 = 3;
+const GETCHAIN: u16 = 4;
+const DELCHAIN: u16 = 5;
+const NEWRULE: u16 = 6;
+const DELRULE: u16 = 8;
+const NEWSET: u16 = 9;
+const GETSET: u16 = 10;
+const DELSET: u16 = 11;
+const NEWSETELEM: u16 = 12;
+const GETSETELEM: u16 = 13;
+const DELSETELEM: u16 = 14;
+
+const SET_TIMEOUT: u32 = 0x10;
+const SET_EVAL: u32 = 0x20;
+/// nft's datatype numbers, which `nft list` uses to print keys.
+pub const TYPE_IPV4_ADDR: u32 = 7;
+
+/// The family of a table (`NFPROTO_*`).
+pub const FAMILY_IPV4: u8 = 2;
+
+/// Where a verdict sends the packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    Accept,
+    Return,
+    Jump(String),
+    Goto(String),
+}
+
+impl Verdict {
+    fn code(&self) -> i32 {
+        match self {
+            Verdict::Drop => 0,
+            Verdict::Accept => 1,
+            Verdict::Return => -5,
+            Verdict::Jump(_) => -3,
+            Verdict::Goto(_) => -4,
+        }
+    }
+    fn chain(&self) -> Option<&str> {
+        match self {
+            Verdict::Jump(c) | Verdict::Goto(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// Registers: 0 is the verdict, 1–4 are the 16-byte ones nft uses for single values.
+pub const REG_VERDICT: u32 = 0;
+pub const REG_1: u32 = 1;
+pub const REG_2: u32 = 2;
+
+/// The expressions flatnet's rules are made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// Loads `len` bytes at `offset` of the network (1) or transport (2) header.
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// `meta` key (`NFT_META_*`) into a register.
+    Meta { key: u32, dreg: u32 },
+    /// Register compared with data: `eq` or not.
+    Cmp { sreg: u32, eq: bool, data: Vec<u8> },
+    /// `reg = (reg & mask) ^ xor`.
+    Bitwise {
+        reg: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    /// Data into a register.
+    Immediate { dreg: u32, data: Vec<u8> },
+    /// A verdict.
+    Verdict(Verdict),
+    /// `numgen random mod modulus` into a register.
+    Random { modulus: u32, dreg: u32 },
+    /// A set lookup: a match.
+    Lookup { set: String, sreg: u32 },
+    /// `update @set { key }`: adds the key or refreshes its timeout.
+    Update { set: String, sreg: u32 },
+    /// DNAT to the address in `addr` and the port in `port` (IPv4).
+    Dnat { addr: u32, port: u32 },
+}
+
+/// A verdict-map element: key bytes and where it sends.
+pub type Element = (Vec<u8>, Verdict);
+
+/// Attribute writer: nested TLVs, each padded to 4 bytes.
+#[derive(Default)]
+struct Attrs(Vec<u8>);
+
+impl Attrs {
+    fn put(&mut self, ty: u16, data: &[u8]) -> &mut Self {
+        let len = 4 + data.len();
+        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.0.extend_from_slice(&ty.to_ne_bytes());
+        self.0.extend_from_slice(data);
+        self.0.resize(self.0.len().next_multiple_of(4), 0);
+        self
+    }
+    fn str(&mut self, ty: u16, s: &str) -> &mut Self {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.put(ty, &b)
+    }
+    fn u32(&mut self, ty: u16, v: u32) -> &mut Self {
+        self.put(ty, &v.to_be_bytes())
+    }
+    fn nest(&mut self, ty: u16, f: impl FnOnce(&mut Attrs)) -> &mut Self {
+        let mut inner = Attrs::default();
+        f(&mut inner);
+        self.put(ty | NLA_F_NESTED, &inner.0)
+    }
+}
+
+/// `nft`'s comment encoding (a userdata TLV of type 0, NUL-terminated).
+fn comment_udata(comment: &str) -> Vec<u8> {
+    let mut v = vec![0u8, (comment.len() + 1).min(255) as u8];
+    v.extend_from_slice(&comment.as_bytes()[..comment.len().min(254)]);
+    v.push(0);
+    v
+}
+
+/// The comment in a userdata blob (TLVs of one-byte type and length), or "".
+fn udata_comment(udata: Option<&[u8]>) -> String {
+    let mut b = udata.unwrap_or_default();
+    while b.len() >= 2 {
+        let (ty, len) = (b[0], b[1] as usize);
+        let Some(value) = b.get(2..2 + len) else {
+            break;
+        };
+        if ty == 0 {
+            return string(value);
+        }
+        b = &b[2 + len..];
+    }
+    String::new()
+}
+
+fn data_value(a: &mut Attrs, ty: u16, data: &[u8]) {
+    a.nest(ty, |d| {
+        d.put(1, data);
+    });
+}
+
+fn data_verdict(a: &mut Attrs, ty: u16, v: &Verdict) {
+    a.nest(ty, |d| {
+        d.nest(2, |vd| {
+            vd.put(1, &v.code().to_be_bytes());
+            if let Some(c) = v.chain() {
+                vd.str(2, c);
+            }
+        });
+    });
+}
+
+fn expr(list: &mut Attrs, e: &Expr) {
+    let (name, body): (&str, Attrs) = {
+        let mut b = Attrs::default();
+        let name = match e {
+            Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            } => {
+                b.u32(1, *dreg).u32(2, *base).u32(3, *offset).u32(4, *len);
+                "payload"
+            }
+            Expr::Meta { key, dreg } => {
+                b.u32(2, *key).u32(1, *dreg);
+                "meta"
+            }
+            Expr::Cmp { sreg, eq, data } => {
+                b.u32(1, *sreg).u32(2, if *eq { 0 } else { 1 });
+                data_value(&mut b, 3, data);
+                "cmp"
+            }
+            Expr::Bitwise { reg, mask, xor } => {
+                b.u32(1, *reg).u32(2, *reg).u32(3, mask.len() as u32);
+                data_value(&mut b, 4, mask);
+                data_value(&mut b, 5, xor);
+                "bitwise"
+            }
+            Expr::Immediate { dreg, data } => {
+                b.u32(1, *dreg);
+                data_value(&mut b, 2, data);
+                "immediate"
+            }
+            Expr::Verdict(v) => {
+                b.u32(1, REG_VERDICT);
+                data_verdict(&mut b, 2, v);
+                "immediate"
+            }
+            Expr::Random { modulus, dreg } => {
+                b.u32(1, *dreg).u32(2, *modulus).u32(3, 1).u32(4, 0);
+                "numgen"
+            }
+            Expr::Lookup { set, sreg } => {
+                b.str(1, set).u32(2, *sreg);
+                "lookup"
+            }
+            Expr::Update { set, sreg } => {
+                b.str(1, set).u32(3, 1).u32(4, *sreg);
+                "dynset"
+            }
+            Expr::Dnat { addr, port } => {
+                // NF_NAT_RANGE_PROTO_SPECIFIED, as nft sends for `dnat to a:p`.
+                b.u32(1, 1)
+                    .u32(2, FAMILY_IPV4 as u32)
+                    .u32(3, *addr)
+                    .u32(5, *port)
+                    .u32(7, 2);
+                "nat"
+            }
+        };
+        (name, b)
+    };
+    list.nest(1, |el| {
+        el.str(1, name);
+        el.nest(2, |d| d.0.extend_from_slice(&body.0));
+    });
+}
+
+/// One transaction's messages. Nothing reaches the kernel until [`Conn::commit`].
+pub struct Batch {
+    family: u8,
+    table: String,
+    buf: Vec<u8>,
+    messages: u32,
+    next_set_id: u32,
+}
+
+impl Batch {
+    pub fn new(family: u8, table: &str) -> Batch {
+        Batch {
+            family,
+            table: table.to_string(),
+            buf: Vec::new(),
+            messages: 0,
+            next_set_id: 1,
+        }
+    }
+
+    /// How many messages are queued.
+    pub fn len(&self) -> u32 {
+        self.messages
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    fn msg(&mut self, ty: u16, flags: u16, attrs: &Attrs) {
+        push_msg(
+            &mut self.buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | ty,
+            NLM_F_REQUEST | flags,
+            0,
+            self.family,
+            0,
+            &attrs.0,
+        );
+        self.messages += 1;
+    }
+
+    fn table_attr(&self, a: &mut Attrs) {
+        a.str(1, &self.table);
+    }
+
+    /// Creates a regular chain (no error if it exists) with an optional comment.
+    pub fn add_chain(&mut self, name: &str, comment: Option<&str>) {
+        let mut a = Attrs::default();
+        self.table_attr(&mut a);
+        a.str(3, name);
+        if let Some(c) = comment {
+            a.put(12, &comment_udata(c));
+        }
+        self.msg(NEWCHAIN, NLM_F_CREATE, &a);
+    }
+
+    /// Deletes a chain and the rules in it.
+    pub fn delete_chain(&mut self, name: &str) {
+        let mut a = Attrs::default();
+        self.table_attr(&mut a);
+        a.str(3, name);
+        self.msg(DELCHAIN, 0, &a);
+    }
+
+    /// Removes every rule of a chain.
+    pub fn flush_chain(&mut self, name: &str) {
+        let mut a = Attrs::default();
+        self.table_attr(&mut a);
+        a.str(2, name);
+        self.msg(DELRULE, 0, &a);
+    }
+
+    /// Appends a rule to a chain.
+    pub fn add_rule(&mut self, chain: &str, exprs: &[Expr]) {
+        let mut a = Attrs::default();
+        self.table_attr(&mut a);
+        a.str(2, chain);
+        a.nest(4, |l| {
+            for e in exprs {
+                expr(l, e);
+            }
+        });
+        self.msg(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &a);
+    }
+
+    /// A named IPv4-address set whose members expire `timeout_s` after their last update
+    /// (`flags dynamic,timeout`), for `update @set { ip saddr }`.
+    pub fn add_timeout_set(&mut self, name: &str, timeout_s: u32) {
+        let id = self.next_set_id;
+        self.next_set_id += 1;
+        let mut a = Attrs::default();
+        self.table_attr(&mut a);
+        a.str(2, name)
+            .u32(3, SET_TIMEOUT | SET_EVAL)
+            .u32(4, TYPE_IPV4_ADDR)
+            .u32(5, 4)
+            .u32(10, id)
+            .put(11, &(u64::from(timeout_s) * 1000).to_be_bytes());
+        self.msg(NEWSET, NLM_F_CREATE, &a);
+    }
+
+    pub fn delete_set(&mut self, name: &str) {
+        let mut a = Attrs::default();
+        self.table_attr(&mut a);
+        a.str(2, name);
+        self.msg(DELSET, 0, &a);
+    }
+
+    fn elements(&mut self, ty: u16, set: &str, set_id: Option<u32>, elements: &[Element]) {
+        // Kept well under the 64 KiB a netlink attribute can hold.
+        for chunk in elements.chunks(256) {
+            let mut a = Attrs::default();
+            self.table_attr(&mut a);
+            a.str(2, set);
+            if let Some(id) = set_id {
+                a.u32(4, id);
+            }
+            a.nest(3, |list| {
+                for (key, v) in chunk {
+                    list.nest(1, |el| {
+                        data_value(el, 1, key);
+                        if ty == NEWSETELEM {
+                            data_verdict(el, 2, v);
+                        }
+                    });
+                }
+            });
+            self.msg(ty, if ty == NEWSETELEM { NLM_F_CREATE } else { 0 }, &a);
+        }
+    }
+
+    /// Adds verdict-map elements (the key must not be present).
+    pub fn add_elements(&mut self, map: &str, elements: &[Element]) {
+        self.elements(NEWSETELEM, map, None, elements);
+    }
+
+    /// Deletes map elements by key.
+    pub fn delete_elements(&mut self, map: &str, keys: &[Vec<u8>]) {
+        let elements: Vec<Element> = keys.iter().map(|k| (k.clone(), Verdict::Drop)).collect();
+        self.elements(DELSETELEM, map, None, &elements);
+    }
+}
+
+fn push_msg(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_id: u16, a: &[u8]) {
+    let len = 16 + 4 + a.len();
+    buf.extend_from_slice(&(len as u32).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.push(family);
+    buf.push(0);
+    buf.extend_from_slice(&res_id.to_be_bytes());
+    buf.extend_from_slice(a);
+}
+
+/// A netlink message as received.
+struct Msg<'a> {
+    ty: u16,
+    seq: u32,
+    payload: &'a [u8],
+}
+
+fn messages(buf: &[u8]) -> Vec<Msg<'_>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
+        if len < 16 || at + len > buf.len() {
+            break;
+        }
+        out.push(Msg {
+            ty: u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2")),
+            seq: u32::from_ne_bytes(buf[at + 8..at + 12].try_into().expect("4")),
+            payload: &buf[at + 16..at + len],
+        });
+        at += len.next_multiple_of(4);
+    }
+    out
+}
+
+/// Attributes of a message body (type without the nested flag, data).
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((ty, &b[4..len]));
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+    }
+    out
+}
+
+fn attr<'a>(list: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
+    list.iter().find(|(t, _)| *t == ty).map(|(_, d)| *d)
+}
+
+fn string(b: &[u8]) -> String {
+    String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or_default()).into_owned()
+}
+
+/// What the message with sequence number `seq` in `buf` did, e.g. `NEWRULE in chain svc_…`.
+fn describe(buf: &[u8], seq: u32) -> String {
+    let Some(m) = messages(buf).into_iter().find(|m| m.seq == seq) else {
+        return "a message".into();
+    };
+    let what = match m.ty & 0xff {
+        NEWCHAIN => "creating chain",
+        DELCHAIN => "deleting chain",
+        NEWRULE => "adding a rule to chain",
+        DELRULE => "flushing chain",
+        NEWSET => "creating set",
+        DELSET => "deleting set",
+        NEWSETELEM => "adding elements to",
+        DELSETELEM => "deleting elements from",
+        _ => "message",
+    };
+    let at = attrs(m.payload.get(4..).unwrap_or_default());
+    let name = match m.ty & 0xff {
+        NEWCHAIN | DELCHAIN => attr(&at, 3),
+        _ => attr(&at, 2),
+    };
+    format!("{what} {}", name.map(string).unwrap_or_default())
+}
+
+/// A netfilter netlink socket in the calling thread's network namespace.
+pub struct Conn {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Conn {
+    pub fn open() -> std::io::Result<Conn> {
+        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Conn { socket, seq: 1 })
+    }
+
+    /// Sends `batch` as one transaction; an error names the first message the kernel refused.
+    pub fn commit(&mut self, batch: Batch) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Sequence numbers: begin, each message, end. Only the last message asks for an ack;
+        // failures are reported whatever the flags.
+        let first = self.seq;
+        let mut buf = Vec::with_capacity(batch.buf.len() + 64);
+        push_msg(
+            &mut buf,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            first,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        let mut at = 0;
+        let mut seq = first;
+        let mut last_seq = first;
+        let mut body = batch.buf;
+        while at < body.len() {
+            let len = u32::from_ne_bytes(body[at..at + 4].try_into().expect("4")) as usize;
+            seq += 1;
+            body[at + 8..at + 12].copy_from_slice(&seq.to_ne_bytes());
+            if at + len >= body.len() {
+                let flags = u16::from_ne_bytes([body[at + 6], body[at + 7]]) | NLM_F_ACK;
+                body[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+                last_seq = seq;
+            }
+            at += len;
+        }
+        buf.extend_from_slice(&body);
+        push_msg(
+            &mut buf,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            seq + 1,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        self.seq = seq + 2;
+        self.grow_send_buffer(buf.len());
+        self.socket
+            .send(&buf, 0)
+            .map_err(|e| format!("sending {} nftables messages: {e}", batch.messages))?;
+        let mut failure: Option<String> = None;
+        loop {
+            let (data, _) = self
+                .socket
+                .recv_from_full()
+                .map_err(|e| format!("reading the kernel's answer: {e}"))?;
+            for m in messages(&data) {
+                if m.ty != NLMSG_ERROR || m.payload.len() < 4 {
+                    continue;
+                }
+                let code = i32::from_ne_bytes(m.payload[..4].try_into().expect("4"));
+                if code != 0 && failure.is_none() {
+                    failure = Some(format!(
+                        "the kernel refused {} (message {} of {}): {}",
+                        describe(&buf, m.seq),
+                        m.seq - first,
+                        batch.messages,
+                        std::io::Error::from_raw_os_error(-code)
+                    ));
+                }
+                if m.seq == last_seq {
+                    return failure.map_or(Ok(()), Err);
+                }
+            }
+        }
+    }
+
+    fn grow_send_buffer(&self, len: usize) {
+        // A batch must travel in one sendmsg; as root the buffer may exceed the sysctl limit.
+        let size = (len + 4096).max(1 << 20);
+        // SAFETY: the descriptor is our own socket's and outlives this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
+        // Best effort: without it a large batch fails with a clear EMSGSIZE.
+        let _ = setsockopt(&fd, sockopt::SndBufForce, &size);
+    }
+
+    fn dump(&mut self, ty: u16, family: u8, a: &Attrs) -> Result<Vec<Vec<u8>>, String> {
+        let seq = self.seq;
+        self.seq += 1;
+        let mut buf = Vec::new();
+        push_msg(
+            &mut buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | ty,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            family,
+            0,
+            &a.0,
+        );
+        self.socket
+            .send(&buf, 0)
+            .map_err(|e| format!("asking the kernel for a dump: {e}"))?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self
+                .socket
+                .recv_from_full()
+                .map_err(|e| format!("reading a dump: {e}"))?;
+            for m in messages(&data) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = i32::from_ne_bytes(m.payload[..4].try_into().expect("4"));
+                        if code == -2 {
+                            // No such table or set: nothing to list.
+                            return Ok(out);
+                        }
+                        if code != 0 {
+                            return Err(format!(
+                                "dump: {}",
+                                std::io::Error::from_raw_os_error(-code)
+                            ));
+                        }
+                    }
+                    _ => out.push(m.payload.get(4..).unwrap_or_default().to_vec()),
+                }
+            }
+        }
+    }
+
+    /// The comment of a table: `None` when there is no such table, `Some("")` for none.
+    pub fn table_comment(&mut self, family: u8, table: &str) -> Result<Option<String>, String> {
+        let mut a = Attrs::default();
+        a.str(1, table);
+        Ok(self.dump(GETTABLE, family, &a)?.iter().find_map(|body| {
+            let at = attrs(body);
+            (string(attr(&at, 1)?) == table).then(|| udata_comment(attr(&at, 6)))
+        }))
+    }
+
+    /// The chains of `table` (name, comment).
+    pub fn chains(&mut self, family: u8, table: &str) -> Result<Vec<(String, String)>, String> {
+        let mut a = Attrs::default();
+        a.str(1, table);
+        Ok(self
+            .dump(GETCHAIN, family, &a)?
+            .iter()
+            .filter_map(|body| {
+                let at = attrs(body);
+                (string(attr(&at, 1)?) == table).then(|| {
+                    let comment = udata_comment(attr(&at, 12));
+                    (string(attr(&at, 3).unwrap_or_default()), comment)
+                })
+            })
+            .collect())
+    }
+
+    /// The named sets and maps of `table`.
+    pub fn sets(&mut self, family: u8, table: &str) -> Result<Vec<String>, String> {
+        let mut a = Attrs::default();
+        a.str(1, table);
+        Ok(self
+            .dump(GETSET, family, &a)?
+            .iter()
+            .filter_map(|body| {
+                let at = attrs(body);
+                (string(attr(&at, 1)?) == table).then(|| string(attr(&at, 2).unwrap_or_default()))
+            })
+            .filter(|name| !name.starts_with("__"))
+            .collect())
+    }
+
+    /// The elements of a verdict map.
+    pub fn map_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        map: &str,
+    ) -> Result<Vec<Element>, String> {
+        let mut a = Attrs::default();
+        a.str(1, table).str(2, map);
+        let mut out = Vec::new();
+        for body in self.dump(GETSETELEM, family, &a)? {
+            for (ty, list) in attrs(&body) {
+                if ty != 3 {
+                    continue;
+                }
+                for (_, el) in attrs(list) {
+                    let el = attrs(el);
+                    let key = attr(&el, 1)
+                        .and_then(|k| attr(&attrs(k), 1))
+                        .unwrap_or_default()
+                        .to_vec();
+                    let Some(v) = attr(&el, 2).and_then(|d| attr(&attrs(d), 2)) else {
+                        continue;
+                    };
+                    let v = attrs(v);
+                    let code = attr(&v, 1)
+                        .and_then(|c| c.try_into().ok())
+                        .map(i32::from_be_bytes)
+                        .unwrap_or(0);
+                    let chain = attr(&v, 2).map(string).unwrap_or_default();
+                    let verdict = match code {
+                        -3 => Verdict::Jump(chain),
+                        -4 => Verdict::Goto(chain),
+                        -5 => Verdict::Return,
+                        1 => Verdict::Accept,
+                        _ => Verdict::Drop,
+                    };
+                    out.push((key, verdict));
+                }
+            }
+        }
+        Ok(out)
+    }
+}

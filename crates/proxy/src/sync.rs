@@ -1,0 +1,262 @@
+//! The incremental proxy: keeps the Services and EndpointSlices it was told of, re-plans only
+//! the Services whose objects changed (each Service's fragment of the table is independent, see
+//! [`plan_service`]) and sends only their [`diff`] — one transaction per sync. The first sync
+//! adopts what the kernel already holds (see [`Applier::adopt`]), so a restarted agent changes
+//! nothing that is still right.
+
+use crate::apply::Applier;
+use crate::model::Config;
+use crate::plan::{diff, plan_service, service_of, Diff, PortKey, Ruleset, ServiceKey};
+use cluster::manifests::namespaced;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Services re-planned.
+    pub services: usize,
+    /// Kernel objects sent (chains, rules, elements, sets).
+    pub objects: usize,
+}
+
+pub struct Proxy {
+    cfg: Config,
+    services: HashMap<ServiceKey, Service>,
+    /// Each Service's slices by slice name.
+    slices: HashMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    /// (namespace, slice name) → the Service it was filed under.
+    slice_owner: HashMap<ServiceKey, ServiceKey>,
+    /// What the kernel holds, per Service.
+    applied: HashMap<ServiceKey, Ruleset>,
+    node_port_owner: HashMap<PortKey, ServiceKey>,
+    dirty: BTreeSet<ServiceKey>,
+    /// The last error of each Service that could not be planned (it keeps its last good rules).
+    pub errors: BTreeMap<ServiceKey, String>,
+    applier: Applier,
+    /// Whether `applied` is known to match the kernel (else the next sync adopts first).
+    adopted: bool,
+}
+
+impl Proxy {
+    /// A proxy for the calling thread's network namespace.
+    pub fn new(cfg: Config) -> Result<Proxy, String> {
+        Ok(Proxy {
+            cfg,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_owner: HashMap::new(),
+            applied: HashMap::new(),
+            node_port_owner: HashMap::new(),
+            dirty: BTreeSet::new(),
+            errors: BTreeMap::new(),
+            applier: Applier::new()?,
+            adopted: false,
+        })
+    }
+
+    /// New node facts (addresses, CIDRs): every Service is re-planned.
+    pub fn set_config(&mut self, cfg: Config) {
+        if cfg != self.cfg {
+            self.cfg = cfg;
+            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(self.applied.keys().cloned());
+        }
+    }
+
+    pub fn upsert_service(&mut self, svc: Service) {
+        let key = namespaced(&svc.metadata);
+        if self.services.get(&key) != Some(&svc) {
+            self.services.insert(key.clone(), svc);
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn delete_service(&mut self, key: &ServiceKey) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
+        let id = namespaced(&slice.metadata);
+        let owner = service_of(&slice);
+        if let Some(old) = self.slice_owner.get(&id).cloned() {
+            if Some(&old) != owner.as_ref() {
+                self.delete_slice(&id);
+            }
+        }
+        let Some(owner) = owner else {
+            return; // not a Service's slice
+        };
+        let own = self.slices.entry(owner.clone()).or_default();
+        if own.get(&id.1) != Some(&slice) {
+            own.insert(id.1.clone(), slice);
+            self.slice_owner.insert(id, owner.clone());
+            self.dirty.insert(owner);
+        }
+    }
+
+    pub fn delete_slice(&mut self, id: &ServiceKey) {
+        if let Some(owner) = self.slice_owner.remove(id) {
+            if let Some(own) = self.slices.get_mut(&owner) {
+                own.remove(&id.1);
+                if own.is_empty() {
+                    self.slices.remove(&owner);
+                }
+            }
+            self.dirty.insert(owner);
+        }
+    }
+
+    /// Makes the known objects exactly these (a full listing), marking only what changed.
+    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        let keep: BTreeSet<ServiceKey> = services.iter().map(|s| namespaced(&s.metadata)).collect();
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete_service(&k);
+        }
+        for s in services {
+            self.upsert_service(s.clone());
+        }
+        let keep: BTreeSet<ServiceKey> = slices.iter().map(|s| namespaced(&s.metadata)).collect();
+        let gone: Vec<ServiceKey> = self
+            .slice_owner
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete_slice(&k);
+        }
+        for s in slices {
+            self.upsert_slice(s.clone());
+        }
+    }
+
+    /// `healthCheckNodePort` → this node's endpoint count, over every Service.
+    pub fn health_checks(&self) -> BTreeMap<u16, usize> {
+        self.applied
+            .values()
+            .flat_map(|r| r.health_checks.iter().map(|(p, n)| (*p, *n)))
+            .collect()
+    }
+
+    /// The whole table as applied (for tools and tests; costs a copy of everything).
+    pub fn ruleset(&self) -> Ruleset {
+        let mut rs = Ruleset::default();
+        for r in self.applied.values() {
+            rs.merge(r.clone());
+        }
+        rs
+    }
+
+    /// Re-plans the changed Services and sends what differs, in one transaction (the first sync
+    /// adopts the kernel's table and sends whatever differs from the whole plan).
+    pub fn sync(&mut self) -> Result<Report, String> {
+        let dirty: Vec<ServiceKey> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let mut planned: Vec<(ServiceKey, Ruleset)> = Vec::with_capacity(dirty.len());
+        for key in &dirty {
+            let new = match self.services.get(key) {
+                None => Ruleset::default(),
+                Some(svc) => {
+                    let own: Vec<&EndpointSlice> = self
+                        .slices
+                        .get(key)
+                        .map(|m| m.values().collect())
+                        .unwrap_or_default();
+                    let owners = &self.node_port_owner;
+                    let taken = |p: PortKey| {
+                        owners
+                            .get(&p)
+                            .filter(|o| *o != key)
+                            .map(|(ns, name)| format!("{ns}/{name}"))
+                    };
+                    match plan_service(&self.cfg, svc, &own, taken) {
+                        Ok(r) => {
+                            self.errors.remove(key);
+                            r
+                        }
+                        Err(e) => {
+                            self.errors.insert(key.clone(), e.to_string());
+                            continue; // keeps its last good fragment
+                        }
+                    }
+                }
+            };
+            // Claim NodePorts now, so a later Service in this sync sees them taken.
+            for p in new.node_ports.keys().chain(&new.no_endpoint_node_ports) {
+                self.node_port_owner.insert(*p, key.clone());
+            }
+            planned.push((key.clone(), new));
+        }
+        let result = if self.adopted {
+            let mut d = Diff::default();
+            for (key, new) in &planned {
+                let empty = Ruleset::default();
+                let old = self.applied.get(key).unwrap_or(&empty);
+                d.extend(diff(old, new));
+            }
+            let objects = d.size();
+            self.applier.apply(&d).map(|()| objects)
+        } else {
+            self.adopt_and_apply(&planned)
+        };
+        match result {
+            Ok(objects) => {
+                for (key, new) in planned {
+                    if let Some(old) = self.applied.get(&key) {
+                        for p in old.node_ports.keys().chain(&old.no_endpoint_node_ports) {
+                            if !new.node_ports.contains_key(p)
+                                && !new.no_endpoint_node_ports.contains(p)
+                                && self.node_port_owner.get(p) == Some(&key)
+                            {
+                                self.node_port_owner.remove(p);
+                            }
+                        }
+                    }
+                    if new == Ruleset::default() {
+                        self.applied.remove(&key);
+                    } else {
+                        self.applied.insert(key, new);
+                    }
+                }
+                Ok(Report {
+                    services: dirty.len(),
+                    objects,
+                })
+            }
+            Err(e) => {
+                // The kernel may hold part of it: learn what it holds before the next try.
+                self.adopted = false;
+                self.dirty.extend(dirty);
+                Err(e)
+            }
+        }
+    }
+
+    fn adopt_and_apply(&mut self, planned: &[(ServiceKey, Ruleset)]) -> Result<usize, String> {
+        let held = self.applier.adopt()?;
+        let mut want = Ruleset::default();
+        let replanned: BTreeSet<&ServiceKey> = planned.iter().map(|(k, _)| k).collect();
+        for (key, r) in &self.applied {
+            if !replanned.contains(key) {
+                want.merge(r.clone());
+            }
+        }
+        for (_, r) in planned {
+            want.merge(r.clone());
+        }
+        let d = diff(&held, &want);
+        let objects = d.size();
+        self.applier.apply(&d)?;
+        self.adopted = true;
+        Ok(objects)
+    }
+}
