@@ -680,3 +680,80 @@ spec: {type: LoadBalancer, selector: {app: web}, loadBalancerSourceRanges: [192.
         "a source outside the ranges got through"
     );
 }
+
+/// A client keeps connecting to a ClusterIP while every agent is killed and restarted (each
+/// adopts the table its predecessor left) and while the Deployment scales down and up: not one
+/// connection fails.
+#[test]
+fn connections_survive_agent_restarts_and_endpoint_churn() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file("{nodes: 2, backend: vxlan}", SERVICES);
+    lab.up(&f);
+    let web = cluster_ip(&lab.status(), "web");
+    let client = lab.ns("pod.default.client");
+    assert!(
+        try_backends(&client, web, 80, 4).is_some(),
+        "the Service answers"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let client = lab.ns("pod.default.client");
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                match try_hello(&client, web, 80, Duration::from_secs(2)) {
+                    Ok(line) if !field(&line, "pod").is_empty() => ok += 1,
+                    Ok(line) => failed.push(format!("odd answer {line:?}")),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failed)
+        })
+    };
+    let state_file = lab.root.path().join(&lab.name).join("state.json");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    for agent in state["agents"].as_object().unwrap().values() {
+        let pid = agent["pid"].as_i64().unwrap() as i32;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    lab.up(&f);
+    let agents = lab.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["agent"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        agents.iter().all(|a| a == "Running"),
+        "agents after up: {agents:?}"
+    );
+    for replicas in ["replicas: 1", "replicas: 4", "replicas: 2"] {
+        let f = lab.file(
+            "{nodes: 2, backend: vxlan}",
+            &SERVICES.replace("replicas: 3", replicas),
+        );
+        let out = lab.flatnet(&["apply", f.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok >= 20, "only {ok} connections made");
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+}

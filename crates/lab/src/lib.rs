@@ -225,6 +225,7 @@ impl Lab {
         let lab = Lab::find(root, Some(&spec.name))?;
         if let Ok(s) = lab.load() {
             if s.complete && s.spec == spec && lab.infra_alive(&s) {
+                lab.restart_dead_agents()?;
                 lab.store_manifests(files)?;
                 lab.reconcile()?;
                 return Ok(lab);
@@ -284,8 +285,36 @@ impl Lab {
         s.nodes
             .iter()
             .all(|n| have.contains(&ns_name(&lab, &format!("node.{}", n.name))))
-            && s.agents.values().all(Proc::alive)
             && have.contains(&ns_name(&lab, "router"))
+    }
+
+    /// Like a kubelet restarting a crashed DaemonSet pod: agents that died are started again,
+    /// and each adopts the rules its predecessor left (nothing is flushed).
+    fn restart_dead_agents(&self) -> Result<(), String> {
+        let mut s = self.load()?;
+        let lab = self.name();
+        let mut restarted = false;
+        for n in &s.nodes.clone() {
+            if s.agents.get(&n.name).is_some_and(Proc::alive) {
+                continue;
+            }
+            let ns = netns::NetNs::open(netns::named_path(&ns_name(
+                &lab,
+                &format!("node.{}", n.name),
+            )))
+            .map_err(|e| format!("node {}'s namespace: {e}", n.name))?;
+            eprintln!(
+                "lab {lab}: agent of {} was not running; restarting it",
+                n.name
+            );
+            let agent = self.spawn_agent(&ns, &n.name)?;
+            s.agents.insert(n.name.clone(), agent);
+            restarted = true;
+        }
+        if restarted {
+            self.save(&s)?;
+        }
+        Ok(())
     }
 
     fn build_infra(&self, s: &mut State) -> Result<(), String> {
@@ -409,14 +438,21 @@ impl Lab {
             &self.dir.join(format!("cluster/nodes/{}.json", n.name)),
             &serde_json::to_string_pretty(&info.to_node()).expect("json"),
         )?;
-        let agent = infra::spawn(
-            &ns,
-            &n.name,
+        let agent = self.spawn_agent(&ns, &n.name)?;
+        s.agents.insert(n.name.clone(), agent);
+        Ok(())
+    }
+
+    /// Starts `node`'s agent in its namespace (a restarted agent adopts what the last one left).
+    fn spawn_agent(&self, ns: &netns::NetNs, node: &str) -> Result<Proc, String> {
+        infra::spawn(
+            ns,
+            node,
             &[
                 self.exe.display().to_string(),
                 "agent".into(),
                 "--node".into(),
-                n.name.clone(),
+                node.to_string(),
                 "--source".into(),
                 "file".into(),
                 "--dir".into(),
@@ -425,15 +461,13 @@ impl Lab {
                 self.dir.join("net-conf.json").display().to_string(),
                 "--status-file".into(),
                 self.dir
-                    .join(format!("status/{}", n.name))
+                    .join(format!("status/{node}"))
                     .display()
                     .to_string(),
             ],
             &[],
-            &self.dir.join(format!("logs/agent-{}.log", n.name)),
-        )?;
-        s.agents.insert(n.name.clone(), agent);
-        Ok(())
+            &self.dir.join(format!("logs/agent-{node}.log")),
+        )
     }
 
     /// Polls `laggards` until it names none; after 15 s, an error naming them.
