@@ -118,7 +118,7 @@ impl Agent {
     }
 
     /// The service proxy's view of this node.
-    pub fn proxy_config(&self, state: &ClusterState) -> Result<proxy::Config, String> {
+    fn proxy_config(&self, state: &ClusterState) -> Result<proxy::Config, String> {
         let me = self.me(state)?;
         Ok(proxy::Config {
             node: self.node.clone(),

@@ -298,11 +298,7 @@ impl Lab {
             if s.agents.get(&n.name).is_some_and(Proc::alive) {
                 continue;
             }
-            let ns = netns::NetNs::open(netns::named_path(&ns_name(
-                &lab,
-                &format!("node.{}", n.name),
-            )))
-            .map_err(|e| format!("node {}'s namespace: {e}", n.name))?;
+            let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
             eprintln!(
                 "lab {lab}: agent of {} was not running; restarting it",
                 n.name

@@ -26,7 +26,6 @@ const NEWCHAIN: u16 = 3;
 const GETCHAIN: u16 = 4;
 const DELCHAIN: u16 = 5;
 const NEWRULE: u16 = 6;
-const DELRULE: u16 = 8;
 const NEWSET: u16 = 9;
 const GETSET: u16 = 10;
 const DELSET: u16 = 11;
@@ -291,14 +290,16 @@ impl Batch {
         self.messages += 1;
     }
 
-    fn table_attr(&self, a: &mut Attrs) {
+    /// Attributes of a message about an object of this batch's table.
+    fn attrs(&self) -> Attrs {
+        let mut a = Attrs::default();
         a.str(1, &self.table);
+        a
     }
 
     /// Creates a regular chain (no error if it exists) with an optional comment.
     pub fn add_chain(&mut self, name: &str, comment: Option<&str>) {
-        let mut a = Attrs::default();
-        self.table_attr(&mut a);
+        let mut a = self.attrs();
         a.str(3, name);
         if let Some(c) = comment {
             a.put(12, &comment_udata(c));
@@ -308,24 +309,14 @@ impl Batch {
 
     /// Deletes a chain and the rules in it.
     pub fn delete_chain(&mut self, name: &str) {
-        let mut a = Attrs::default();
-        self.table_attr(&mut a);
+        let mut a = self.attrs();
         a.str(3, name);
         self.msg(DELCHAIN, 0, &a);
     }
 
-    /// Removes every rule of a chain.
-    pub fn flush_chain(&mut self, name: &str) {
-        let mut a = Attrs::default();
-        self.table_attr(&mut a);
-        a.str(2, name);
-        self.msg(DELRULE, 0, &a);
-    }
-
     /// Appends a rule to a chain.
     pub fn add_rule(&mut self, chain: &str, exprs: &[Expr]) {
-        let mut a = Attrs::default();
-        self.table_attr(&mut a);
+        let mut a = self.attrs();
         a.str(2, chain);
         a.nest(4, |l| {
             for e in exprs {
@@ -340,8 +331,7 @@ impl Batch {
     pub fn add_timeout_set(&mut self, name: &str, timeout_s: u32) {
         let id = self.next_set_id;
         self.next_set_id += 1;
-        let mut a = Attrs::default();
-        self.table_attr(&mut a);
+        let mut a = self.attrs();
         a.str(2, name)
             .u32(3, SET_TIMEOUT | SET_EVAL)
             .u32(4, TYPE_IPV4_ADDR)
@@ -352,8 +342,7 @@ impl Batch {
     }
 
     pub fn delete_set(&mut self, name: &str) {
-        let mut a = Attrs::default();
-        self.table_attr(&mut a);
+        let mut a = self.attrs();
         a.str(2, name);
         self.msg(DELSET, 0, &a);
     }
@@ -361,8 +350,7 @@ impl Batch {
     fn elements(&mut self, ty: u16, set: &str, set_id: Option<u32>, elements: &[Element]) {
         // Kept well under the 64 KiB a netlink attribute can hold.
         for chunk in elements.chunks(256) {
-            let mut a = Attrs::default();
-            self.table_attr(&mut a);
+            let mut a = self.attrs();
             a.str(2, set);
             if let Some(id) = set_id {
                 a.u32(4, id);
@@ -463,7 +451,6 @@ fn describe(buf: &[u8], seq: u32) -> String {
         NEWCHAIN => "creating chain",
         DELCHAIN => "deleting chain",
         NEWRULE => "adding a rule to chain",
-        DELRULE => "flushing chain",
         NEWSET => "creating set",
         DELSET => "deleting set",
         NEWSETELEM => "adding elements to",

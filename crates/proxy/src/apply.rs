@@ -11,7 +11,8 @@
 
 use crate::model::Proto;
 use crate::plan::{
-    random_arms, table_comment, Diff, Key, Rule, Ruleset, IP_MAPS, PORT_MAPS, TABLE, TABLE_NAME,
+    chain_kind, random_arms, table_comment, Diff, Key, Rule, Ruleset, AFFINITY, IP_MAPS,
+    MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
 };
 use ipnet::Ipv4Net;
 use nft::netlink::{Batch, Conn, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
@@ -19,7 +20,6 @@ use std::net::Ipv4Addr;
 
 /// Messages per transaction when a diff has to be split.
 const CHUNK: usize = 20_000;
-const MASQUERADE_CHAIN: &str = "mark-for-masquerade";
 
 fn proto_number(p: Proto) -> u8 {
     match p {
@@ -205,10 +205,7 @@ impl Applier {
         }
         let mut held = Ruleset::default();
         for (name, comment) in self.conn.chains(FAMILY_IPV4, TABLE_NAME)? {
-            let dynamic = ["ep_", "svc_", "ext_", "local_", "fw_"]
-                .iter()
-                .any(|p| name.starts_with(p));
-            if dynamic {
+            if chain_kind(&name).is_some() {
                 if !comment.is_empty() {
                     held.comments.insert(name.clone(), comment);
                 }
@@ -216,7 +213,10 @@ impl Applier {
             }
         }
         for set in self.conn.sets(FAMILY_IPV4, TABLE_NAME)? {
-            if set.starts_with("aff_") {
+            if set
+                .split_once('_')
+                .is_some_and(|(kind, _)| kind == AFFINITY)
+            {
                 held.sets.insert(set, 0);
             }
         }
@@ -282,13 +282,8 @@ impl Applier {
             self.conn.commit(std::mem::replace(&mut b, self.batch()))?;
         }
         // A chain can go only once nothing refers to it: referrers first.
-        let rank = |n: &String| {
-            ["ext_", "local_", "svc_"]
-                .iter()
-                .position(|p| n.starts_with(p))
-        };
         let mut gone: Vec<&String> = diff.gone_chains.iter().collect();
-        gone.sort_by_key(|n| rank(n).unwrap_or(3));
+        gone.sort_by_key(|n| chain_kind(n));
         for name in gone {
             b.delete_chain(name);
             self.flush_if_full(&mut b, chunked)?;

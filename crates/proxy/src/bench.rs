@@ -84,12 +84,12 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             proxy.sync()
         })?;
         let (added, _) = timed(&mut || {
-            proxy.upsert_service(service(n));
-            proxy.upsert_slice(slice(n, endpoints, 0));
+            proxy.upsert_service(&service(n));
+            proxy.upsert_slice(&slice(n, endpoints, 0));
             proxy.sync()
         })?;
         let (one, report) = timed(&mut || {
-            proxy.upsert_slice(slice(n / 2, endpoints, 4_000_000));
+            proxy.upsert_slice(&slice(n / 2, endpoints, 4_000_000));
             proxy.sync()
         })?;
         let rss = rss_kib() / 1024;
@@ -100,9 +100,9 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             .map_err(|e| e.to_string())??;
         let (adopt, adopted) = timed(&mut || {
             again.replace_all(&services, &slices);
-            again.upsert_service(service(n));
-            again.upsert_slice(slice(n, endpoints, 0));
-            again.upsert_slice(slice(n / 2, endpoints, 4_000_000));
+            again.upsert_service(&service(n));
+            again.upsert_slice(&slice(n, endpoints, 0));
+            again.upsert_slice(&slice(n / 2, endpoints, 4_000_000));
             again.sync()
         })?;
         println!(

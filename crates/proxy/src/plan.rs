@@ -33,6 +33,19 @@ use std::net::Ipv4Addr;
 pub const TABLE_NAME: &str = "flatnet-proxy";
 pub const TABLE: &str = "ip flatnet-proxy";
 pub const MASQ_MARK: u32 = 0x4000;
+/// The chain that marks a packet for masquerade.
+pub const MASQUERADE_CHAIN: &str = "mark-for-masquerade";
+/// Per-Service chain kinds (the name's prefix), referrers before what they refer to (`ext` goes
+/// to `local` and `svc`, those to `ep`): the order in which they can be deleted.
+pub const CHAIN_KINDS: [&str; 5] = ["ext", "local", "svc", "ep", "fw"];
+/// The prefix of affinity sets.
+pub const AFFINITY: &str = "aff";
+
+/// A per-Service chain's place in [`CHAIN_KINDS`]; `None` for the table's fixed chains.
+pub fn chain_kind(name: &str) -> Option<usize> {
+    let (kind, _) = name.split_once('_')?;
+    CHAIN_KINDS.iter().position(|k| *k == kind)
+}
 
 /// `daddr . l4proto . dport`
 pub type IpKey = (Ipv4Addr, Proto, u16);
@@ -108,7 +121,7 @@ fn chain_name(kind: &str, id: &str, rules: &[Rule]) -> String {
 pub type ServiceKey = (String, String);
 
 /// The EndpointSlices of each Service (by the `kubernetes.io/service-name` label).
-pub fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&EndpointSlice>> {
+fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&EndpointSlice>> {
     let mut by: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
     for s in slices {
         if let Some(svc) = service_of(s) {
@@ -145,11 +158,7 @@ pub fn plan(
         let key = namespaced(&svc.metadata);
         let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
         let fragment = plan_service(cfg, svc, own, |port| node_port_owner.get(&port).cloned())?;
-        for port in fragment
-            .node_ports
-            .keys()
-            .chain(&fragment.no_endpoint_node_ports)
-        {
+        for port in fragment.claimed_node_ports() {
             node_port_owner.insert(*port, format!("{}/{}", key.0, key.1));
         }
         rs.merge(fragment);
@@ -200,7 +209,7 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
         let ep_id = format!("{}/{}:{}", sp.id, e.ip, e.port);
         let mut rules = vec![Rule::MasqIfFrom(e.ip)];
         let set = sp.affinity.map(|t| {
-            let set = object_name("aff", &ep_id, &t.to_string());
+            let set = object_name(AFFINITY, &ep_id, &t.to_string());
             rules.push(Rule::Remember(set.clone(), t));
             rs.sets.insert(set.clone(), t);
             set
@@ -351,7 +360,7 @@ fn fixed_chains() -> String {
     meta mark set meta mark ^ {MASQ_MARK:#x}
     masquerade fully-random
   }}
-  chain mark-for-masquerade {{
+  chain {MASQUERADE_CHAIN} {{
     meta mark set meta mark | {MASQ_MARK:#x}
   }}
   chain services {{
@@ -444,6 +453,11 @@ impl Diff {
 }
 
 impl Ruleset {
+    /// The NodePorts this ruleset serves or rejects on.
+    pub fn claimed_node_ports(&self) -> impl Iterator<Item = &PortKey> {
+        self.node_ports.keys().chain(&self.no_endpoint_node_ports)
+    }
+
     /// Adds a disjoint fragment (another Service's) to this ruleset.
     pub fn merge(&mut self, other: Ruleset) {
         self.service_ips.extend(other.service_ips);
@@ -554,9 +568,9 @@ pub fn random_arms(chains: &[String]) -> impl Iterator<Item = (Option<u32>, &Str
 
 fn render_rule(r: &Rule) -> String {
     match r {
-        Rule::MasqUnlessFrom(c) => format!("ip saddr != {c} jump mark-for-masquerade"),
-        Rule::Masq => "jump mark-for-masquerade".into(),
-        Rule::MasqIfFrom(ip) => format!("ip saddr {ip} jump mark-for-masquerade"),
+        Rule::MasqUnlessFrom(c) => format!("ip saddr != {c} jump {MASQUERADE_CHAIN}"),
+        Rule::Masq => format!("jump {MASQUERADE_CHAIN}"),
+        Rule::MasqIfFrom(ip) => format!("ip saddr {ip} jump {MASQUERADE_CHAIN}"),
         Rule::GotoIfFrom(c, chain) => format!("ip saddr {c} goto {chain}"),
         Rule::Sticky(set, chain) => format!("ip saddr @{set} goto {chain}"),
         Rule::Remember(set, _) => format!("update @{set} {{ ip saddr }}"),

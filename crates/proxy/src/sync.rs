@@ -10,6 +10,7 @@ use crate::plan::{diff, plan_service, service_of, Diff, PortKey, Ruleset, Servic
 use cluster::manifests::namespaced;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What one sync did.
@@ -65,10 +66,10 @@ impl Proxy {
         }
     }
 
-    pub fn upsert_service(&mut self, svc: Service) {
+    pub fn upsert_service(&mut self, svc: &Service) {
         let key = namespaced(&svc.metadata);
-        if self.services.get(&key) != Some(&svc) {
-            self.services.insert(key.clone(), svc);
+        if self.services.get(&key) != Some(svc) {
+            self.services.insert(key.clone(), svc.clone());
             self.dirty.insert(key);
         }
     }
@@ -79,9 +80,9 @@ impl Proxy {
         }
     }
 
-    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         let id = namespaced(&slice.metadata);
-        let owner = service_of(&slice);
+        let owner = service_of(slice);
         if let Some(old) = self.slice_owner.get(&id).cloned() {
             if Some(&old) != owner.as_ref() {
                 self.delete_slice(&id);
@@ -91,8 +92,8 @@ impl Proxy {
             return; // not a Service's slice
         };
         let own = self.slices.entry(owner.clone()).or_default();
-        if own.get(&id.1) != Some(&slice) {
-            own.insert(id.1.clone(), slice);
+        if own.get(&id.1) != Some(slice) {
+            own.insert(id.1.clone(), slice.clone());
             self.slice_owner.insert(id, owner.clone());
             self.dirty.insert(owner);
         }
@@ -112,31 +113,17 @@ impl Proxy {
 
     /// Makes the known objects exactly these (a full listing), marking only what changed.
     pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) {
-        let keep: BTreeSet<ServiceKey> = services.iter().map(|s| namespaced(&s.metadata)).collect();
-        let gone: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
+        for k in absent(self.services.keys(), services.iter().map(|s| &s.metadata)) {
             self.delete_service(&k);
         }
         for s in services {
-            self.upsert_service(s.clone());
+            self.upsert_service(s);
         }
-        let keep: BTreeSet<ServiceKey> = slices.iter().map(|s| namespaced(&s.metadata)).collect();
-        let gone: Vec<ServiceKey> = self
-            .slice_owner
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
+        for k in absent(self.slice_owner.keys(), slices.iter().map(|s| &s.metadata)) {
             self.delete_slice(&k);
         }
         for s in slices {
-            self.upsert_slice(s.clone());
+            self.upsert_slice(s);
         }
     }
 
@@ -146,15 +133,6 @@ impl Proxy {
             .values()
             .flat_map(|r| r.health_checks.iter().map(|(p, n)| (*p, *n)))
             .collect()
-    }
-
-    /// The whole table as applied (for tools and tests; costs a copy of everything).
-    pub fn ruleset(&self) -> Ruleset {
-        let mut rs = Ruleset::default();
-        for r in self.applied.values() {
-            rs.merge(r.clone());
-        }
-        rs
     }
 
     /// Re-plans the changed Services and sends what differs, in one transaction (the first sync
@@ -191,7 +169,7 @@ impl Proxy {
                 }
             };
             // Claim NodePorts now, so a later Service in this sync sees them taken.
-            for p in new.node_ports.keys().chain(&new.no_endpoint_node_ports) {
+            for p in new.claimed_node_ports() {
                 self.node_port_owner.insert(*p, key.clone());
             }
             planned.push((key.clone(), new));
@@ -211,14 +189,12 @@ impl Proxy {
         match result {
             Ok(objects) => {
                 for (key, new) in planned {
-                    if let Some(old) = self.applied.get(&key) {
-                        for p in old.node_ports.keys().chain(&old.no_endpoint_node_ports) {
-                            if !new.node_ports.contains_key(p)
-                                && !new.no_endpoint_node_ports.contains(p)
-                                && self.node_port_owner.get(p) == Some(&key)
-                            {
-                                self.node_port_owner.remove(p);
-                            }
+                    // NodePorts the Service no longer uses are free again.
+                    let old = self.applied.get(&key).into_iter();
+                    for p in old.flat_map(Ruleset::claimed_node_ports) {
+                        let kept = new.claimed_node_ports().any(|q| q == p);
+                        if !kept && self.node_port_owner.get(p) == Some(&key) {
+                            self.node_port_owner.remove(p);
                         }
                     }
                     if new == Ruleset::default() {
@@ -259,4 +235,13 @@ impl Proxy {
         self.adopted = true;
         Ok(objects)
     }
+}
+
+/// The keys held that a full listing no longer has.
+fn absent<'a>(
+    held: impl Iterator<Item = &'a ServiceKey>,
+    listed: impl Iterator<Item = &'a ObjectMeta>,
+) -> Vec<ServiceKey> {
+    let listed: BTreeSet<ServiceKey> = listed.map(namespaced).collect();
+    held.filter(|k| !listed.contains(*k)).cloned().collect()
 }
