@@ -62,6 +62,8 @@ pub struct ClusterState {
     pub nodes: Vec<NodeInfo>,
     pub services: Vec<k8s_openapi::api::core::v1::Service>,
     pub endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    /// Pods (DNS answers `a-b-c-d.<ns>.pod` only for pods that exist, in its `verified` mode).
+    pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
 }
 
 /// A directory of `*.yaml`, `*.yml` and `*.json` manifests, read whole on each load.
@@ -129,6 +131,7 @@ impl FileSource {
             nodes,
             services: all.services,
             endpoint_slices: all.endpoint_slices,
+            pods: all.pods,
         })
     }
 }

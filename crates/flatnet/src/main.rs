@@ -29,6 +29,8 @@ enum Cmd {
     Agent(agent::cli::AgentArgs),
     /// The lab's built-in workload: HTTP and TCP/UDP echo naming the pod and the client it saw.
     Serve(serve::ServeArgs),
+    /// The cluster DNS server: the Kubernetes DNS specification's records, forwarding, cache.
+    Dns(dns::cli::DnsArgs),
     /// Service-proxy tools: sync cost benchmark.
     Proxy {
         #[command(subcommand)]
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::Lab(a) => lab::cli::run(a),
         Cmd::Agent(a) => agent::cli::run(a),
         Cmd::Serve(a) => serve::main(a),
+        Cmd::Dns(a) => dns::cli::main(a),
         Cmd::Proxy {
             tool: ProxyTool::Bench { sizes, endpoints },
         } => match proxy::bench::run(&sizes, endpoints) {

@@ -1,0 +1,120 @@
+//! `flatnet dns`: the command line.
+
+use crate::forward::resolv_conf_servers;
+use crate::server::{run, Options};
+use crate::zone::{PodMode, ZoneConfig};
+use clap::Args;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct DnsArgs {
+    /// Address for UDP and TCP.
+    #[arg(long, default_value = "0.0.0.0:53")]
+    pub listen: SocketAddr,
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub domain: String,
+    /// The file source: a directory of manifests (Services, EndpointSlices, Pods). Without
+    /// it the zone holds only its apex records and `--record`s.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Upstream server for names outside the zone (IP or IP:PORT; repeat for more, tried in
+    /// order). Default: the nameservers of --resolv-conf.
+    #[arg(long = "upstream")]
+    pub upstreams: Vec<String>,
+    /// Where the default upstreams come from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Answer only from the zone: names outside it get REFUSED.
+    #[arg(long, conflicts_with = "upstreams")]
+    pub no_forward: bool,
+    /// Which `a-b-c-d.<ns>.pod.<domain>` names are answered.
+    #[arg(long, value_enum, default_value = "verified")]
+    pub pods: PodMode,
+    /// TTL of the zone's records and negative answers, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub ttl: u32,
+    /// A fixed A/AAAA record, NAME=IP (repeatable).
+    #[arg(long = "record", value_parser = parse_record)]
+    pub records: Vec<(String, IpAddr)>,
+    /// HTTP address for /health, /ready and /metrics (empty: none).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub http: String,
+    /// Per-attempt upstream timeout, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Forwarded answers kept at most.
+    #[arg(long, default_value_t = 10_000)]
+    pub cache_size: usize,
+    /// Worker threads (and UDP sockets); default: the CPUs this process may run on.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+fn parse_record(s: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--record {s:?}: expected NAME=IP"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("--record {s:?}: {ip:?} is not an IP address"))?;
+    Ok((name.to_string(), ip))
+}
+
+fn upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("--upstream {s:?}: expected IP or IP:PORT"))
+}
+
+fn options(a: DnsArgs) -> Result<Options, String> {
+    let upstreams = if a.no_forward {
+        Vec::new()
+    } else if a.upstreams.is_empty() {
+        let text = std::fs::read_to_string(&a.resolv_conf)
+            .map_err(|e| format!("--resolv-conf {}: {e}", a.resolv_conf.display()))?;
+        resolv_conf_servers(&text)
+    } else {
+        a.upstreams
+            .iter()
+            .map(|s| upstream(s))
+            .collect::<Result<_, _>>()?
+    };
+    let http = match a.http.as_str() {
+        "" => None,
+        h => Some(
+            h.parse()
+                .map_err(|_| format!("--http {h:?}: expected IP:PORT"))?,
+        ),
+    };
+    Ok(Options {
+        listen: a.listen,
+        http,
+        dir: a.dir,
+        zone: ZoneConfig {
+            domain: a.domain,
+            ttl: a.ttl,
+            pods: a.pods,
+            records: a.records,
+        },
+        upstreams,
+        timeout: Duration::from_millis(a.timeout_ms),
+        cache_size: a.cache_size.max(1),
+        workers: a
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    })
+}
+
+pub fn main(a: DnsArgs) -> ExitCode {
+    match options(a).and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Prometheus metrics of the DNS server (text format on `/metrics`), named after CoreDNS's.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub proto: &'static str,
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub rcode: &'static str,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub responses: Family<ResponseLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_entries: Gauge,
+    pub upstream_seconds: Histogram,
+    pub upstream_failures: Counter,
+    pub zone_names: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            responses: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_entries: Gauge::default(),
+            upstream_seconds: Histogram::new(exponential_buckets(0.00025, 2.0, 16)),
+            upstream_failures: Counter::default(),
+            zone_names: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The registry `/metrics` encodes (metrics are shared handles, so this is cheap).
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("flatnet_dns");
+        r.register(
+            "requests",
+            "Queries received, by transport and type",
+            self.requests.clone(),
+        );
+        r.register(
+            "responses",
+            "Responses sent, by rcode",
+            self.responses.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "Forwarded questions answered from the cache",
+            self.cache_hits.clone(),
+        );
+        r.register(
+            "cache_misses",
+            "Forwarded questions not in the cache",
+            self.cache_misses.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Answers in the cache",
+            self.cache_entries.clone(),
+        );
+        r.register(
+            "upstream_request_duration_seconds",
+            "Time for an upstream server to answer",
+            self.upstream_seconds.clone(),
+        );
+        r.register(
+            "upstream_failures",
+            "Upstream attempts that failed",
+            self.upstream_failures.clone(),
+        );
+        r.register(
+            "zone_names",
+            "Owner names in the cluster zone",
+            self.zone_names.clone(),
+        );
+        r
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
+        out
+    }
+}

@@ -1,0 +1,379 @@
+//! The server: UDP and TCP on one port, `/health`, `/ready` and `/metrics` over HTTP, and a
+//! watcher that rebuilds the zone when the cluster state changes.
+//!
+//! Why not hickory-server's `Server`: it builds a request object, a response handle and the
+//! answer through its record-set machinery for every query, in a task per request. Here a
+//! UDP question the zone owns is answered inline on the receiving task (parse, one hash lookup,
+//! encode, send), one `SO_REUSEPORT` socket per worker thread so the kernel spreads clients
+//! over cores; only forwarded questions get a task of their own. hickory-proto still does all
+//! wire-format work.
+
+use crate::answer::{self, Step};
+use crate::forward::{Forwarder, Upstream};
+use crate::metrics::{Metrics, RequestLabels, ResponseLabels};
+use crate::zone::{Zone, ZoneConfig};
+use cluster::FileSource;
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Record, RecordType};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+/// Forwarded questions in flight at once; beyond it a question gets SERVFAIL at once rather
+/// than memory without bound.
+const MAX_IN_FLIGHT: usize = 10_000;
+/// How long a TCP or HTTP client may stay silent.
+const IDLE: Duration = Duration::from_secs(10);
+
+pub struct Options {
+    pub listen: SocketAddr,
+    pub http: Option<SocketAddr>,
+    /// The file source's directory; `None`: a zone without cluster objects.
+    pub dir: Option<PathBuf>,
+    pub zone: ZoneConfig,
+    pub upstreams: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub cache_size: usize,
+    pub workers: usize,
+}
+
+pub struct Server {
+    zone: RwLock<Arc<Zone>>,
+    forwarder: Forwarder,
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+    in_flight: Semaphore,
+}
+
+/// The type of the first question, read straight off the wire (for metrics).
+fn question_type(packet: &[u8]) -> RecordType {
+    let mut i = 12;
+    while let Some(&len) = packet.get(i) {
+        if len == 0 || len & 0xc0 != 0 {
+            break;
+        }
+        i += 1 + len as usize;
+    }
+    i += if packet.get(i).is_some_and(|l| l & 0xc0 != 0) {
+        2
+    } else {
+        1
+    };
+    match packet.get(i..i + 2) {
+        Some(t) => RecordType::from(u16::from_be_bytes([t[0], t[1]])),
+        None => RecordType::Unknown(0),
+    }
+}
+
+fn rcode_of(reply: &[u8]) -> &'static str {
+    match reply.get(3).map(|b| b & 0x0f) {
+        Some(0) => "NOERROR",
+        Some(1) => "FORMERR",
+        Some(2) => "SERVFAIL",
+        Some(3) => "NXDOMAIN",
+        Some(4) => "NOTIMP",
+        Some(5) => "REFUSED",
+        _ => "OTHER",
+    }
+}
+
+impl Server {
+    pub fn new(opts: &Options, metrics: Arc<Metrics>) -> Server {
+        Server {
+            zone: RwLock::new(Arc::new(Zone::build(&opts.zone, &Default::default()))),
+            forwarder: Forwarder::new(
+                opts.upstreams.clone(),
+                opts.timeout,
+                opts.cache_size,
+                metrics.clone(),
+            ),
+            metrics,
+            ready: AtomicBool::new(opts.dir.is_none()),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        }
+    }
+
+    pub fn zone(&self) -> Arc<Zone> {
+        self.zone.read().expect("zone").clone()
+    }
+
+    pub fn set_zone(&self, z: Zone) {
+        self.metrics.zone_names.set(z.len() as i64);
+        *self.zone.write().expect("zone") = Arc::new(z);
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    fn count(&self, proto: &'static str, packet: &[u8], reply: &[u8]) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                proto,
+                r#type: question_type(packet).into(),
+            })
+            .inc();
+        self.metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                rcode: rcode_of(reply),
+            })
+            .inc();
+    }
+
+    /// The reply to a forwarded question.
+    async fn forward(
+        &self,
+        request: Box<Message>,
+        query: Query,
+        prefix: Vec<Record>,
+        limit: usize,
+    ) -> Vec<u8> {
+        let up = if self.forwarder.upstreams.is_empty() {
+            Upstream {
+                // Not recursive without upstreams: REFUSED, as an authoritative-only server.
+                rcode: if prefix.is_empty() {
+                    ResponseCode::Refused
+                } else {
+                    ResponseCode::NoError
+                },
+                answers: Vec::new(),
+                authorities: Vec::new(),
+                additionals: Vec::new(),
+            }
+        } else {
+            self.forwarder.resolve(&query).await
+        };
+        let mut m = answer::response(&request, up.rcode);
+        m.answers = prefix;
+        m.answers.extend(up.answers);
+        m.authorities = up.authorities;
+        m.additionals = up.additionals;
+        answer::encode(&m, limit)
+    }
+
+    /// One message in, its reply out (`None`: silence), forwarding inline (TCP's path).
+    async fn reply(&self, packet: &[u8], limit: usize) -> Option<Vec<u8>> {
+        let step = answer::handle(&self.zone(), packet, |_| limit);
+        match step {
+            Step::Reply(b) => Some(b),
+            Step::Drop => None,
+            Step::Forward {
+                request,
+                query,
+                prefix,
+            } => Some(self.forward(request, query, prefix, limit).await),
+        }
+    }
+}
+
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+async fn udp_loop(server: Arc<Server>, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let Ok((n, src)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let packet = &buf[..n];
+        match answer::handle(&server.zone(), packet, answer::udp_limit) {
+            Step::Reply(b) => {
+                server.count("udp", packet, &b);
+                let _ = sock.send_to(&b, src).await;
+            }
+            Step::Drop => {}
+            Step::Forward {
+                request,
+                query,
+                prefix,
+            } => {
+                let limit = answer::udp_limit(&request);
+                let Ok(permit) = server.in_flight.try_acquire() else {
+                    let b =
+                        answer::encode(&answer::response(&request, ResponseCode::ServFail), limit);
+                    server.count("udp", packet, &b);
+                    let _ = sock.send_to(&b, src).await;
+                    continue;
+                };
+                permit.forget();
+                let (server, sock, packet) = (server.clone(), sock.clone(), packet.to_vec());
+                tokio::spawn(async move {
+                    let b = server.forward(request, query, prefix, limit).await;
+                    server.in_flight.add_permits(1);
+                    server.count("udp", &packet, &b);
+                    let _ = sock.send_to(&b, src).await;
+                });
+            }
+        }
+    }
+}
+
+async fn tcp_conn(server: Arc<Server>, mut s: TcpStream) {
+    loop {
+        let Ok(Ok(len)) = tokio::time::timeout(IDLE, s.read_u16()).await else {
+            return;
+        };
+        let mut buf = vec![0u8; len as usize];
+        if !matches!(
+            tokio::time::timeout(IDLE, s.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let Some(b) = server.reply(&buf, 65535).await else {
+            continue;
+        };
+        server.count("tcp", &buf, &b);
+        let mut framed = (b.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&b);
+        if s.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn http_conn(server: Arc<Server>, mut s: TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+        match tokio::time::timeout(IDLE, s.read(&mut buf[n..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(k)) => n += k,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/health" => ("200 OK", "OK\n".to_string()),
+        "/ready" if server.ready.load(Ordering::Relaxed) => ("200 OK", "OK\n".to_string()),
+        "/ready" => (
+            "503 Service Unavailable",
+            "waiting for the first sync\n".to_string(),
+        ),
+        "/metrics" => ("200 OK", server.metrics.encode()),
+        _ => (
+            "404 Not Found",
+            "try /health, /ready or /metrics\n".to_string(),
+        ),
+    };
+    let _ = s
+        .write_all(
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+}
+
+/// Rebuilds the zone whenever the source's files change (polled every 100 ms, so records follow
+/// a Service or EndpointSlice change within a second).
+fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig) {
+    let mut last = None;
+    loop {
+        let fp = source.fingerprint();
+        if last != Some(fp) {
+            match source.load() {
+                Ok(state) => {
+                    server.set_zone(Zone::build(&cfg, &state));
+                    last = Some(fp);
+                }
+                Err(e) => eprintln!("flatnet dns: {e}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs the server until the process is killed.
+pub fn run(opts: Options) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::default());
+    let server = Arc::new(Server::new(&opts, metrics));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.workers.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    rt.block_on(async {
+        let bind_err =
+            |what: &str, e: std::io::Error| format!("binding {what} {}: {e}", opts.listen);
+        for _ in 0..opts.workers.max(1) {
+            let std_sock = reuseport_udp(opts.listen).map_err(|e| bind_err("UDP", e))?;
+            let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(|e| bind_err("UDP", e))?);
+            tokio::spawn(udp_loop(server.clone(), sock));
+        }
+        let tcp = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| bind_err("TCP", e))?;
+        let s = server.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = tcp.accept().await {
+                tokio::spawn(tcp_conn(s.clone(), conn));
+            }
+        });
+        if let Some(addr) = opts.http {
+            let http = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding HTTP {addr}: {e}"))?;
+            let s = server.clone();
+            tokio::spawn(async move {
+                while let Ok((conn, _)) = http.accept().await {
+                    tokio::spawn(http_conn(s.clone(), conn));
+                }
+            });
+        }
+        if let Some(dir) = opts.dir.clone() {
+            let (s, cfg) = (server.clone(), opts.zone.clone());
+            std::thread::spawn(move || watch(s, FileSource::new(dir), cfg));
+        } else {
+            server.set_zone(Zone::build(&opts.zone, &Default::default()));
+        }
+        eprintln!(
+            "flatnet dns: {} on {} (UDP, TCP), upstreams {:?}",
+            opts.zone.domain, opts.listen, opts.upstreams
+        );
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_type_is_read_off_the_wire() {
+        let mut m = Message::query();
+        m.add_query(Query::query(
+            "a.b.example.".parse().unwrap(),
+            RecordType::SRV,
+        ));
+        assert_eq!(question_type(&m.to_vec().unwrap()), RecordType::SRV);
+        assert_eq!(question_type(&[0; 5]), RecordType::Unknown(0));
+    }
+}
