@@ -52,6 +52,9 @@ pub struct DnsArgs {
     /// Worker threads (and UDP sockets); default: the CPUs this process may run on.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// After each zone load, write the loaded state's fingerprint to DIR/<hostname>.
+    #[arg(long)]
+    pub status_dir: Option<PathBuf>,
 }
 
 fn parse_record(s: &str) -> Result<(String, IpAddr), String> {
@@ -106,6 +109,7 @@ fn options(a: DnsArgs) -> Result<Options, String> {
         workers: a
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        status_dir: a.status_dir,
     })
 }
 

@@ -40,6 +40,9 @@ pub struct Options {
     pub timeout: Duration,
     pub cache_size: usize,
     pub workers: usize,
+    /// After each zone load, write the fingerprint of the state it loaded to `<dir>/<hostname>`
+    /// (so a lab or a test can wait for every replica to catch up).
+    pub status_dir: Option<PathBuf>,
 }
 
 pub struct Server {
@@ -293,7 +296,11 @@ async fn http_conn(server: Arc<Server>, mut s: TcpStream) {
 
 /// Rebuilds the zone whenever the source's files change (polled every 100 ms, so records follow
 /// a Service or EndpointSlice change within a second).
-fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig) {
+fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig, status_dir: Option<PathBuf>) {
+    let status = status_dir.map(|d| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        d.join(host.trim())
+    });
     let mut last = None;
     loop {
         let fp = source.fingerprint();
@@ -302,6 +309,14 @@ fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig) {
                 Ok(state) => {
                     server.set_zone(Zone::build(&cfg, &state));
                     last = Some(fp);
+                    if let Some(path) = &status {
+                        let tmp = path.with_extension("tmp");
+                        let written = std::fs::write(&tmp, fp.to_string())
+                            .and_then(|()| std::fs::rename(&tmp, path));
+                        if let Err(e) = written {
+                            eprintln!("flatnet dns: {}: {e}", path.display());
+                        }
+                    }
                 }
                 Err(e) => eprintln!("flatnet dns: {e}"),
             }
@@ -348,8 +363,8 @@ pub fn run(opts: Options) -> Result<(), String> {
             });
         }
         if let Some(dir) = opts.dir.clone() {
-            let (s, cfg) = (server.clone(), opts.zone.clone());
-            std::thread::spawn(move || watch(s, FileSource::new(dir), cfg));
+            let (s, cfg, status) = (server.clone(), opts.zone.clone(), opts.status_dir.clone());
+            std::thread::spawn(move || watch(s, FileSource::new(dir), cfg, status));
         } else {
             server.set_zone(Zone::build(&opts.zone, &Default::default()));
         }

@@ -155,11 +155,22 @@ spec:
     spec: {containers: [{name: web, image: flatnet-serve}]}
 "#;
 
+/// The pods of namespace `default` (the lab runs its DNS pods in `kube-system`).
+fn workload_pods(st: &Value) -> Vec<Value> {
+    st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["namespace"] == "default")
+        .cloned()
+        .collect()
+}
+
 /// All pairs of pods (same node and across nodes) talk without NAT; every pod reaches the lab
 /// internet, which sees the pod's node address.
 fn check_pod_network(lab: &TestLab) {
     let st = lab.status();
-    let pods = st["pods"].as_array().unwrap();
+    let pods = workload_pods(&st);
     assert!(pods.len() >= 4, "{st}");
     let nodes: std::collections::BTreeSet<&str> =
         pods.iter().map(|p| p["node"].as_str().unwrap()).collect();
@@ -175,10 +186,10 @@ fn check_pod_network(lab: &TestLab) {
             .unwrap()
             .to_string()
     };
-    for a in pods {
+    for a in &pods {
         let a_ns = lab.ns(&format!("pod.default.{}", a["name"].as_str().unwrap()));
         let a_ip = a["ip"].as_str().unwrap();
-        for b in pods {
+        for b in &pods {
             let b_ip: IpAddr = b["ip"].as_str().unwrap().parse().unwrap();
             let line = hello(&a_ns, b_ip, 9000);
             assert_eq!(field(&line, "pod"), b["name"].as_str().unwrap(), "{line}");
@@ -315,7 +326,7 @@ fn down_leaves_nothing_and_up_recovers_from_a_kill() {
     );
     let _ = child.wait();
     lab.up(&f);
-    assert_eq!(lab.status()["pods"].as_array().unwrap().len(), 40);
+    assert_eq!(workload_pods(&lab.status()).len(), 40);
     // Idempotent: a second up changes nothing and keeps the pods' addresses.
     let before = lab.status();
     lab.up(&f);
@@ -755,5 +766,221 @@ fn connections_survive_agent_restarts_and_endpoint_churn() {
         "{} of {} failed: {failed:?}",
         failed.len(),
         ok + failed.len()
+    );
+}
+
+const DNS_WORKLOADS: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: web, image: x, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns-test-service}
+spec:
+  clusterIP: None
+  selector: {dns-test: "true"}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dns-querier-1, labels: {dns-test: "true"}}
+spec:
+  hostname: dns-querier-1
+  subdomain: dns-test-service
+  containers: [{name: web, image: x}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: www.example.com}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}
+"#;
+
+impl TestLab {
+    /// `dig +short ARGS` from the client pod (through its resolv.conf: kube-dns).
+    fn dig(&self, args: &str) -> String {
+        let mut argv = vec![
+            "exec", "client", "--", "dig", "+time=2", "+tries=2", "+short",
+        ];
+        argv.extend(args.split_whitespace());
+        let out = self.flatnet(&argv);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `dig`'s status line word (NOERROR, NXDOMAIN, …) and the authority section's types.
+    fn dig_status(&self, args: &str) -> (String, Vec<String>) {
+        let mut argv = vec!["exec", "client", "--", "dig", "+time=2", "+tries=2"];
+        argv.extend(args.split_whitespace());
+        let out = String::from_utf8_lossy(&self.flatnet(&argv).stdout).to_string();
+        let status = out
+            .split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("")
+            .to_string();
+        let authority = out
+            .split(";; AUTHORITY SECTION:")
+            .nth(1)
+            .map(|s| {
+                s.lines()
+                    .skip(1)
+                    .take_while(|l| !l.trim().is_empty())
+                    .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (status, authority)
+    }
+}
+
+/// The Kubernetes e2e DNS tests' cases, with dig from a pod through kube-dns (10.96.0.10):
+/// services, partial names through the search list, SRV, PTR, headless services with pod
+/// hostname and subdomain, ExternalName followed to the lab internet, pod names, negative
+/// answers with the SOA, TCP, forwarding, and records following `lab apply` at once.
+#[test]
+fn cluster_dns_answers_per_the_specification() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file("{nodes: 3, backend: host-gw}", DNS_WORKLOADS);
+    lab.up(&f);
+    let st = lab.status();
+    let ip_of = |name: &str| {
+        st["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let shop_web = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web" && s["namespace"] == "shop")
+        .unwrap()["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The pod's resolv.conf is the kubelet's.
+    let out = lab.flatnet(&["exec", "client", "--", "cat", "/etc/resolv.conf"]);
+    let resolv = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        resolv.contains("nameserver 10.96.0.10")
+            && resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local")
+            && resolv.contains("options ndots:5"),
+        "{resolv}"
+    );
+    // Services: full, partial (search list) names, over UDP and TCP.
+    assert_eq!(lab.dig("web.shop.svc.cluster.local"), shop_web);
+    assert_eq!(lab.dig("+tcp WEB.Shop.svc.cluster.local"), shop_web);
+    assert_eq!(
+        lab.dig("kubernetes-dns-missing.default.svc.cluster.local"),
+        ""
+    );
+    for name in ["web.shop", "web.shop.svc"] {
+        let out = lab.flatnet(&["exec", "client", "--", "getent", "hosts", name]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.starts_with(&shop_web), "getent hosts {name}: {text:?}");
+    }
+    assert_eq!(
+        lab.dig("SRV _http._tcp.web.shop.svc.cluster.local"),
+        "0 100 80 web.shop.svc.cluster.local."
+    );
+    let reverse: Vec<&str> = shop_web.split('.').rev().collect();
+    assert_eq!(
+        lab.dig(&format!("PTR {}.in-addr.arpa", reverse.join("."))),
+        "web.shop.svc.cluster.local."
+    );
+    assert_eq!(
+        lab.dig("kube-dns.kube-system.svc.cluster.local"),
+        "10.96.0.10"
+    );
+    assert_eq!(lab.dig("TXT dns-version.cluster.local"), "\"1.0.1\"");
+    // Headless Service with a pod's hostname and subdomain.
+    let querier = ip_of("dns-querier-1");
+    assert_eq!(
+        lab.dig("dns-test-service.default.svc.cluster.local"),
+        querier
+    );
+    assert_eq!(
+        lab.dig("dns-querier-1.dns-test-service.default.svc.cluster.local"),
+        querier
+    );
+    assert_eq!(
+        lab.dig("SRV _http._tcp.dns-test-service.default.svc.cluster.local"),
+        "0 100 8080 dns-querier-1.dns-test-service.default.svc.cluster.local."
+    );
+    // Pods by address, in their own namespace only (verified).
+    let dashed = querier.replace('.', "-");
+    assert_eq!(
+        lab.dig(&format!("{dashed}.default.pod.cluster.local")),
+        querier
+    );
+    let (status, _) = lab.dig_status(&format!("{dashed}.shop.pod.cluster.local"));
+    assert_eq!(status, "NXDOMAIN");
+    // ExternalName: a CNAME, followed through the upstream in the lab internet.
+    assert_eq!(
+        lab.dig("ext.default.svc.cluster.local"),
+        "www.example.com.\n203.0.113.10"
+    );
+    assert_eq!(lab.dig("www.example.com"), "203.0.113.10");
+    // Negative answers: NXDOMAIN and NODATA, each with the zone's SOA.
+    let (status, auth) = lab.dig_status("nope.default.svc.cluster.local");
+    assert_eq!(
+        (status.as_str(), auth),
+        ("NXDOMAIN", vec!["SOA".to_string()])
+    );
+    let (status, auth) = lab.dig_status("AAAA web.shop.svc.cluster.local");
+    assert_eq!(
+        (status.as_str(), auth),
+        ("NOERROR", vec!["SOA".to_string()])
+    );
+    // A new Service is in DNS when `lab apply` returns.
+    let more = lab.root.path().join("more.yaml");
+    std::fs::write(
+        &more,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: late}\nspec: {selector: {app: late}, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let out = lab.flatnet(&["apply", more.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let late = cluster_ip(&lab.status(), "late").to_string();
+    assert_eq!(lab.dig("late.default.svc.cluster.local"), late);
+    // Metrics through the Service's metrics port.
+    let out = lab.flatnet(&[
+        "exec",
+        "client",
+        "--",
+        "curl",
+        "-s",
+        "http://kube-dns.kube-system:9153/metrics",
+    ]);
+    let metrics = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        metrics.contains("flatnet_dns_requests_total{proto=\"udp\",type=\"A\"}"),
+        "{metrics}"
     );
 }

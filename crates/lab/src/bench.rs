@@ -62,14 +62,14 @@ fn iperf(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, secs: u32) -> Resu
     srv.args(["-s", "-1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    infra::enter(&mut srv, server, "iperf-server", false);
+    infra::enter(&mut srv, server, "iperf-server", false, None);
     let mut srv = srv
         .spawn()
         .map_err(|e| format!("iperf3 (install the iperf3 package): {e}"))?;
     std::thread::sleep(Duration::from_millis(200));
     let mut cli = Command::new("iperf3");
     cli.args(["-c", &server_ip.to_string(), "-t", &secs.to_string(), "-J"]);
-    infra::enter(&mut cli, client, "iperf-client", false);
+    infra::enter(&mut cli, client, "iperf-client", false, None);
     let out = cli.output().map_err(|e| format!("iperf3: {e}"))?;
     let _ = srv.kill();
     let _ = srv.wait();

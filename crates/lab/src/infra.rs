@@ -6,6 +6,7 @@ use netlink::{Netlink, Request, RouteSpec, VethEnd};
 use netns::NetNs;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::ffi::CStr;
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;
 use std::os::unix::process::CommandExt;
@@ -182,11 +183,23 @@ impl Proc {
 }
 
 /// Makes `cmd` start inside namespace `ns` with its own UTS namespace named `hostname` (a pod's
-/// hostname is its name, a node's its name), optionally in a new session.
-pub fn enter(cmd: &mut Command, ns: &NetNs, hostname: &str, new_session: bool) {
+/// hostname is its name, a node's its name), optionally in a new session. With `resolv_conf`,
+/// also in a private mount namespace where that file is `/etc/resolv.conf` (as the kubelet
+/// gives each pod its own, and as `ip netns exec` does with `/etc/netns/<name>/`); the host's
+/// file is never touched.
+pub fn enter(
+    cmd: &mut Command,
+    ns: &NetNs,
+    hostname: &str,
+    new_session: bool,
+    resolv_conf: Option<&Path>,
+) {
+    use nix::mount::{mount, MsFlags};
     let fd = ns.fd();
     let host = hostname.to_string();
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    let resolv =
+        resolv_conf.and_then(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok());
+    // SAFETY: only async-signal-safe syscalls between fork and exec (paths prepared before).
     unsafe {
         cmd.pre_exec(move || {
             nix::sched::setns(
@@ -195,6 +208,24 @@ pub fn enter(cmd: &mut Command, ns: &NetNs, hostname: &str, new_session: bool) {
             )?;
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)?;
             nix::unistd::sethostname(&host)?;
+            if let Some(r) = &resolv {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+                // Private first, so the bind below never propagates to the host.
+                mount(
+                    None::<&CStr>,
+                    c"/",
+                    None::<&CStr>,
+                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    None::<&CStr>,
+                )?;
+                mount(
+                    Some(r.as_c_str()),
+                    c"/etc/resolv.conf",
+                    None::<&CStr>,
+                    MsFlags::MS_BIND,
+                    None::<&CStr>,
+                )?;
+            }
             if new_session {
                 nix::unistd::setsid()?;
             }
@@ -211,6 +242,7 @@ pub fn spawn(
     argv: &[String],
     env: &[(String, String)],
     log: &Path,
+    resolv_conf: Option<&Path>,
 ) -> Result<Proc, String> {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -225,7 +257,7 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(out2);
-    enter(&mut cmd, ns, hostname, true);
+    enter(&mut cmd, ns, hostname, true, resolv_conf);
     let child = cmd
         .spawn()
         .map_err(|e| err(format!("starting {}", argv[0]), e))?;

@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod dns;
 pub mod graph;
 pub mod infra;
 pub mod plan;
@@ -63,6 +64,10 @@ pub struct PodRecord {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<plan::NamedPort>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub subdomain: Option<String>,
 }
 
 impl PodRecord {
@@ -88,6 +93,9 @@ pub struct State {
     pub nodes: Vec<NodePlan>,
     pub agents: BTreeMap<String, Proc>,
     pub internet: Option<Proc>,
+    /// The lab internet's DNS server (`example.com`, the cluster DNS's upstream).
+    #[serde(default)]
+    pub internet_dns: Option<Proc>,
     pub pods: Vec<PodRecord>,
     pub pending: BTreeMap<String, String>,
     /// Set once `up` finished; a state without it is a crashed run.
@@ -244,6 +252,7 @@ impl Lab {
             nodes,
             agents: BTreeMap::new(),
             internet: None,
+            internet_dns: None,
             pods: Vec::new(),
             pending: BTreeMap::new(),
             complete: false,
@@ -352,7 +361,9 @@ impl Lab {
             Some(INTERNET_ROUTER.parse().expect("valid")),
         )?;
         infra::sysctl(&rt, "net/ipv4/ip_forward", "1")?;
-        std::fs::create_dir_all(self.dir.join("logs")).map_err(|e| io("logs", e))?;
+        for d in ["logs", "pods", "status/dns"] {
+            std::fs::create_dir_all(self.dir.join(d)).map_err(|e| io(d, e))?;
+        }
         s.internet = Some(infra::spawn(
             &inet,
             "internet",
@@ -367,6 +378,15 @@ impl Lab {
                 ("NODE_NAME".into(), "internet".into()),
             ],
             &self.dir.join("logs/internet.log"),
+            None,
+        )?);
+        s.internet_dns = Some(infra::spawn(
+            &inet,
+            "internet",
+            &dns::internet_argv(&self.exe, INTERNET_HOST.parse().expect("valid")),
+            &[],
+            &self.dir.join("logs/internet-dns.log"),
+            None,
         )?);
         // The CNI plugin as a runtime finds it: a bin dir holding `flatnet`.
         let bin = self.dir.join("bin");
@@ -463,6 +483,7 @@ impl Lab {
             ],
             &[],
             &self.dir.join(format!("logs/agent-{node}.log")),
+            None,
         )
     }
 
@@ -495,16 +516,22 @@ impl Lab {
         let want = cluster::FileSource::new(self.dir.join("cluster"))
             .fingerprint()
             .to_string();
-        self.wait_for("agents did not apply the cluster state", || {
-            Ok(s.nodes
+        let behind = |file: String| {
+            std::fs::read_to_string(self.dir.join("status").join(file))
+                .ok()
+                .as_deref()
+                != Some(want.as_str())
+        };
+        self.wait_for("agents and DNS pods did not load the cluster state", || {
+            let agents = s.nodes.iter().map(|n| n.name.clone());
+            let dns_pods = s
+                .pods
                 .iter()
-                .filter(|n| {
-                    std::fs::read_to_string(self.dir.join(format!("status/{}", n.name)))
-                        .ok()
-                        .as_deref()
-                        != Some(want.as_str())
-                })
-                .map(|n| n.name.clone())
+                .filter(|p| dns::is_dns_pod(p) && p.status() == "Running")
+                .map(|p| format!("dns/{}", p.name));
+            Ok(agents
+                .chain(dns_pods)
+                .filter(|f| behind(f.clone()))
                 .collect())
         })
     }
@@ -513,7 +540,14 @@ impl Lab {
     /// ones (pods keep their node while it exists).
     pub fn reconcile(&self) -> Result<(), String> {
         let mut s = self.load()?;
-        let m = self.manifests()?;
+        let mut m = self.manifests()?;
+        dns::add_builtin(
+            &mut m,
+            s.spec.service_cidr,
+            &self.exe,
+            &self.dir,
+            INTERNET_HOST.parse().expect("valid"),
+        )?;
         let wants = plan::desired_pods(&m).map_err(|e| e.to_string())?;
         let running: BTreeMap<String, String> =
             s.pods.iter().map(|p| (p.key(), p.node.clone())).collect();
@@ -633,7 +667,11 @@ impl Lab {
                 );
             }
         }
-        for d in ["cluster/services", "cluster/endpointslices"] {
+        want.insert(
+            self.dir.join("cluster/pods/pods.yaml"),
+            dns::pods_document(&s.pods),
+        );
+        for d in ["cluster/services", "cluster/endpointslices", "cluster/pods"] {
             let dir = self.dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
             for e in std::fs::read_dir(&dir)
@@ -799,8 +837,14 @@ impl Lab {
             error: None,
             labels: w.labels.clone(),
             ports: w.ports.clone(),
+            hostname: w.hostname.clone(),
+            subdomain: w.subdomain.clone(),
         };
-        let _ = spec;
+        let resolv = self.resolv_conf_path(&w.namespace, &w.name);
+        write_atomic(
+            &resolv,
+            &dns::resolv_conf(&w.namespace, dns::service_ip(spec.service_cidr)),
+        )?;
         for wl in &w.workloads {
             let argv = if wl.argv.is_empty() {
                 vec![
@@ -830,7 +874,8 @@ impl Lab {
                 "logs/pod-{}-{}-{}.log",
                 w.namespace, w.name, wl.container
             ));
-            match infra::spawn(&ns, &w.name, &argv, &env, &log) {
+            let hostname = w.hostname.as_deref().unwrap_or(&w.name);
+            match infra::spawn(&ns, hostname, &argv, &env, &log, Some(&resolv)) {
                 Ok(p) => rec.procs.push(p),
                 Err(e) => rec.error = Some(format!("container {}: {e}", wl.container)),
             }
@@ -853,6 +898,13 @@ impl Lab {
             let _ = rt.del(&list, CNI_VERSION, &att, Some(&p.result));
         }
         let _ = netns::delete_named(&p.netns);
+        let _ = std::fs::remove_file(self.resolv_conf_path(&p.namespace, &p.name));
+    }
+
+    /// The pod's /etc/resolv.conf (mounted there for its processes and `lab exec`).
+    fn resolv_conf_path(&self, namespace: &str, name: &str) -> PathBuf {
+        self.dir
+            .join(format!("pods/{namespace}.{name}.resolv.conf"))
     }
 
     /// Adds the objects in `files` to the lab (same name: replaced) and reconciles.
@@ -1056,6 +1108,7 @@ impl Lab {
                 .agents
                 .values()
                 .chain(s.internet.iter())
+                .chain(s.internet_dns.iter())
                 .chain(s.pods.iter().flat_map(|p| &p.procs))
             {
                 p.kill();
@@ -1150,7 +1203,15 @@ impl Lab {
         cmd.args(&argv[1..])
             .env("POD_NAME", &p.name)
             .env("NODE_NAME", &p.node);
-        infra::enter(&mut cmd, &ns, &p.name, false);
+        let resolv = self.resolv_conf_path(&p.namespace, &p.name);
+        let hostname = p.hostname.as_deref().unwrap_or(&p.name);
+        infra::enter(
+            &mut cmd,
+            &ns,
+            hostname,
+            false,
+            resolv.exists().then_some(resolv.as_path()),
+        );
         let status = cmd
             .status()
             .map_err(|e| io(format!("running {}", argv[0]), e))?;

@@ -129,6 +129,12 @@ pub struct PodWant {
     /// Changes whenever anything the lab runs changes; a changed pod is recreated.
     pub hash: String,
     pub owner: Option<String>,
+    /// `spec.hostname` and `spec.subdomain`: with a headless Service named like the subdomain,
+    /// the pod is `<hostname>.<subdomain>.<ns>.svc.<zone>` in DNS.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub subdomain: Option<String>,
 }
 
 /// A declared `containerPort`.
@@ -234,12 +240,23 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
             labels: p.metadata.labels.clone().unwrap_or_default(),
             node_name: spec.node_name.clone(),
             node_selector: spec.node_selector.clone().unwrap_or_default(),
-            hash: short_hash(&(&w, &spec.node_name, &spec.node_selector), 10),
+            hash: short_hash(
+                &(
+                    &w,
+                    &spec.node_name,
+                    &spec.node_selector,
+                    &spec.hostname,
+                    &spec.subdomain,
+                ),
+                10,
+            ),
             workloads: w,
             ports: container_ports(spec),
             namespace: ns,
             name,
             owner: None,
+            hostname: spec.hostname.clone(),
+            subdomain: spec.subdomain.clone(),
         });
     }
     for d in &m.deployments {
@@ -288,6 +305,8 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
                 ports: container_ports(spec),
                 hash: template_hash.clone(),
                 owner: Some(format!("Deployment {ns}/{name}")),
+                hostname: spec.hostname.clone(),
+                subdomain: spec.subdomain.clone(),
             });
         }
     }

@@ -169,7 +169,10 @@ pub fn endpoint_slice(svc: &Service, pods: &[PodRecord]) -> Option<EndpointSlice
         .iter()
         .map(|p| {
             let r = p.status() == "Running";
-            json!({"addresses": [p.ip.expect("filtered").to_string()], "nodeName": p.node,
+            // The EndpointSlice controller's rule: a pod whose subdomain names this Service
+            // is known by its hostname.
+            let hostname = p.hostname.as_ref().filter(|_| p.subdomain.as_deref() == Some(name.as_str()));
+            json!({"addresses": [p.ip.expect("filtered").to_string()], "nodeName": p.node, "hostname": hostname,
                    "conditions": {"ready": r, "serving": r, "terminating": false},
                    "targetRef": {"kind": "Pod", "namespace": p.namespace, "name": p.name}})
         })

@@ -1,0 +1,175 @@
+//! Cluster DNS in the lab, set up as kubeadm sets up CoreDNS: a `kube-system/kube-dns` Service at
+//! the tenth address of the service CIDR in front of a Deployment of `flatnet dns` pods (two
+//! replicas) reading the lab's cluster directory, forwarding other names to the lab internet's
+//! own DNS server (`example.com`, never the host's resolver). Every pod gets the resolv.conf the
+//! kubelet writes for `dnsPolicy: ClusterFirst`. Manifests that define `kube-system/kube-dns`
+//! themselves replace both objects.
+
+use crate::PodRecord;
+use cluster::manifests::namespaced;
+use cluster::Manifests;
+use ipnet::Ipv4Net;
+use serde_json::json;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+pub const NAMESPACE: &str = "kube-system";
+pub const SERVICE: &str = "kube-dns";
+pub const DEPLOYMENT: &str = "flatnet-dns";
+/// The label the Service selects (CoreDNS's).
+pub const APP_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The lab internet's zone, served at its host address.
+pub const INTERNET_DOMAIN: &str = "example.com";
+
+/// The DNS Service's ClusterIP: the tenth address of the service CIDR (10.96.0.10).
+pub fn service_ip(service_cidr: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(service_cidr.network()) + 10)
+}
+
+/// A pod's /etc/resolv.conf, as the kubelet writes it for `ClusterFirst`.
+pub fn resolv_conf(namespace: &str, nameserver: Ipv4Addr) -> String {
+    format!(
+        "search {namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\nnameserver {nameserver}\noptions ndots:5\n"
+    )
+}
+
+/// Adds the kube-dns Service and the DNS Deployment unless the manifests have their own.
+pub fn add_builtin(
+    m: &mut Manifests,
+    service_cidr: Ipv4Net,
+    exe: &Path,
+    lab_dir: &Path,
+    upstream: Ipv4Addr,
+) -> Result<(), String> {
+    if m.services
+        .iter()
+        .any(|s| namespaced(&s.metadata) == (NAMESPACE.into(), SERVICE.into()))
+    {
+        return Ok(());
+    }
+    let (k, v) = APP_LABEL;
+    let service = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": SERVICE, "namespace": NAMESPACE, "labels": {k: v}},
+        "spec": {"clusterIP": service_ip(service_cidr).to_string(), "selector": {k: v}, "ports": [
+            {"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "targetPort": 53, "protocol": "TCP"},
+            {"name": "metrics", "port": 9153, "targetPort": 8080, "protocol": "TCP"}]}});
+    let argv = [
+        exe.display().to_string(),
+        "dns".into(),
+        "--dir".into(),
+        lab_dir.join("cluster").display().to_string(),
+        "--upstream".into(),
+        upstream.to_string(),
+        "--workers".into(),
+        "1".into(),
+        "--status-dir".into(),
+        lab_dir.join("status/dns").display().to_string(),
+    ];
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": DEPLOYMENT, "namespace": NAMESPACE, "labels": {k: v}},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {k: v}}, "template": {
+            "metadata": {"labels": {k: v}},
+            "spec": {"containers": [{"name": "dns", "command": argv, "ports": [
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
+                {"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]}]}}}});
+    m.add(service).map_err(|e| e.to_string())?;
+    m.add(deployment).map_err(|e| e.to_string())
+}
+
+/// The command line of the lab internet's DNS server (authoritative for `example.com`).
+pub fn internet_argv(exe: &Path, host: Ipv4Addr) -> Vec<String> {
+    let mut argv = vec![
+        exe.display().to_string(),
+        "dns".into(),
+        "--listen".into(),
+        format!("{host}:53"),
+        "--domain".into(),
+        INTERNET_DOMAIN.into(),
+        "--no-forward".into(),
+        "--http".into(),
+        String::new(),
+        "--workers".into(),
+        "1".into(),
+    ];
+    for name in [
+        INTERNET_DOMAIN.to_string(),
+        format!("www.{INTERNET_DOMAIN}"),
+    ] {
+        argv.push("--record".into());
+        argv.push(format!("{name}={host}"));
+    }
+    argv
+}
+
+/// Whether `p` is one of the DNS pods (its server reports the state it loaded).
+pub fn is_dns_pod(p: &PodRecord) -> bool {
+    p.namespace == NAMESPACE && p.labels.get(APP_LABEL.0).map(String::as_str) == Some(APP_LABEL.1)
+}
+
+/// The running pods as Pod objects (what the kubelet reports to the API server): DNS answers
+/// `a-b-c-d.<ns>.pod` names only for pods that exist.
+pub fn pods_document(pods: &[PodRecord]) -> String {
+    let docs: Vec<String> = pods
+        .iter()
+        .filter_map(|p| {
+            let ip = p.ip?;
+            let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+                "spec": {"nodeName": p.node, "hostname": p.hostname, "subdomain": p.subdomain,
+                         "containers": []},
+                "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}});
+            Some(pod.to_string())
+        })
+        .collect();
+    docs.join("\n---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_is_the_kubelets() {
+        assert_eq!(
+            resolv_conf("shop", service_ip("10.96.0.0/12".parse().unwrap())),
+            "search shop.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
+        );
+    }
+
+    #[test]
+    fn builtin_objects_give_way_to_the_users() {
+        let mut m = Manifests::default();
+        let cidr = "10.96.0.0/12".parse().unwrap();
+        add_builtin(
+            &mut m,
+            cidr,
+            Path::new("/x/flatnet"),
+            Path::new("/lab"),
+            Ipv4Addr::LOCALHOST,
+        )
+        .unwrap();
+        assert_eq!(m.services.len(), 1);
+        assert_eq!(m.deployments.len(), 1);
+        assert_eq!(
+            m.services[0].spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.10")
+        );
+        let before = m.deployments.len();
+        add_builtin(
+            &mut m,
+            cidr,
+            Path::new("/x/flatnet"),
+            Path::new("/lab"),
+            Ipv4Addr::LOCALHOST,
+        )
+        .unwrap();
+        assert_eq!(
+            m.deployments.len(),
+            before,
+            "kube-dns already there: nothing added"
+        );
+    }
+}
