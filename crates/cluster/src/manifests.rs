@@ -41,7 +41,18 @@ pub fn describe(kind: &str, namespace: Option<&str>, name: &str) -> String {
 impl Manifests {
     /// Parses every document of `text`; `origin` (a file name) prefixes errors.
     pub fn parse(text: &str, origin: &str) -> Result<Manifests, ModelError> {
-        let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+        // The default budget (1,024 documents, 250k nodes) fits a hand-written file, not a
+        // cluster's worth of objects (the lab's, or 10k Services with their slices); aliases
+        // stay bounded by the defaults.
+        let options = serde_saphyr::options! {
+            budget: serde_saphyr::budget! {
+                max_documents: 10_000_000,
+                max_nodes: 200_000_000,
+                max_events: 800_000_000,
+                max_total_scalar_bytes: 4 << 30,
+            },
+        };
+        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
             .map_err(|e| ModelError::new(origin, "", format!("not valid YAML: {e}")))?;
         let mut m = Manifests::default();
         for (i, doc) in docs.into_iter().enumerate() {

@@ -3,11 +3,55 @@
 use crate::forward::resolv_conf_servers;
 use crate::server::{run, Options};
 use crate::zone::{PodMode, ZoneConfig};
-use clap::Args;
+use clap::{Args, Subcommand};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum DnsTool {
+    /// dnsperf against flatnet, unbound and knot with the same records, pinned to separate
+    /// CPUs; then flatnet's memory with 10k Services and 100k endpoints. Needs dnsperf,
+    /// unbound, knot and dnsutils.
+    Bench {
+        /// Services in the zone (half ClusterIP, half headless with 4 endpoints).
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Seconds per dnsperf run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[arg(long, default_value_t = 0)]
+        server_cpu: usize,
+        #[arg(long, default_value_t = 1)]
+        client_cpu: usize,
+    },
+}
+
+pub fn tool(t: DnsTool) -> ExitCode {
+    let DnsTool::Bench {
+        services,
+        seconds,
+        server_cpu,
+        client_cpu,
+    } = t;
+    let o = crate::bench::BenchOptions {
+        services: services.max(1),
+        seconds,
+        server_cpu,
+        client_cpu,
+    };
+    match crate::bench::run(&o) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 #[derive(Args)]
 pub struct DnsArgs {

@@ -3,8 +3,11 @@
 //! response (pure); [`forward`] asks upstream servers and caches; [`server`] is the I/O.
 
 pub mod answer;
+pub mod bench;
 pub mod cli;
 pub mod forward;
 pub mod metrics;
+pub mod rendered;
 pub mod server;
+pub mod udp;
 pub mod zone;

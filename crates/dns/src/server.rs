@@ -11,6 +11,7 @@
 use crate::answer::{self, Step};
 use crate::forward::{Forwarder, Upstream};
 use crate::metrics::{Metrics, RequestLabels, ResponseLabels};
+use crate::rendered::Answers;
 use crate::zone::{Zone, ZoneConfig};
 use cluster::FileSource;
 use hickory_proto::op::{Message, Query, ResponseCode};
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 /// Forwarded questions in flight at once; beyond it a question gets SERVFAIL at once rather
@@ -46,7 +47,7 @@ pub struct Options {
 }
 
 pub struct Server {
-    zone: RwLock<Arc<Zone>>,
+    zone: RwLock<Arc<Answers>>,
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
@@ -88,7 +89,10 @@ fn rcode_of(reply: &[u8]) -> &'static str {
 impl Server {
     pub fn new(opts: &Options, metrics: Arc<Metrics>) -> Server {
         Server {
-            zone: RwLock::new(Arc::new(Zone::build(&opts.zone, &Default::default()))),
+            zone: RwLock::new(Arc::new(Answers::new(Zone::build(
+                &opts.zone,
+                &Default::default(),
+            )))),
             forwarder: Forwarder::new(
                 opts.upstreams.clone(),
                 opts.timeout,
@@ -101,13 +105,13 @@ impl Server {
         }
     }
 
-    pub fn zone(&self) -> Arc<Zone> {
+    pub fn zone(&self) -> Arc<Answers> {
         self.zone.read().expect("zone").clone()
     }
 
     pub fn set_zone(&self, z: Zone) {
         self.metrics.zone_names.set(z.len() as i64);
-        *self.zone.write().expect("zone") = Arc::new(z);
+        *self.zone.write().expect("zone") = Arc::new(Answers::new(z));
         self.ready.store(true, Ordering::Relaxed);
     }
 
@@ -160,7 +164,7 @@ impl Server {
 
     /// One message in, its reply out (`None`: silence), forwarding inline (TCP's path).
     async fn reply(&self, packet: &[u8], limit: usize) -> Option<Vec<u8>> {
-        let step = answer::handle(&self.zone(), packet, |_| limit);
+        let step = self.zone().handle(packet, |_| limit);
         match step {
             Step::Reply(b) => Some(b),
             Step::Drop => None,
@@ -182,12 +186,7 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     } else {
         AddressFamily::Inet6
     };
-    let fd = socket(
-        family,
-        SockType::Datagram,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
     bind(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -196,42 +195,54 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(std::net::UdpSocket::from(fd))
 }
 
-async fn udp_loop(server: Arc<Server>, sock: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; 65535];
+/// One socket's receive loop (a blocking thread; see [`crate::udp`]).
+fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runtime::Handle) {
+    let mut batch = crate::udp::Batch::default();
+    let mut replies = Vec::with_capacity(crate::udp::BATCH);
     loop {
-        let Ok((n, src)) = sock.recv_from(&mut buf).await else {
+        if batch.receive(&sock).is_err() {
             continue;
-        };
-        let packet = &buf[..n];
-        match answer::handle(&server.zone(), packet, answer::udp_limit) {
-            Step::Reply(b) => {
-                server.count("udp", packet, &b);
-                let _ = sock.send_to(&b, src).await;
-            }
-            Step::Drop => {}
-            Step::Forward {
-                request,
-                query,
-                prefix,
-            } => {
-                let limit = answer::udp_limit(&request);
-                let Ok(permit) = server.in_flight.try_acquire() else {
-                    let b =
-                        answer::encode(&answer::response(&request, ResponseCode::ServFail), limit);
+        }
+        let answers = server.zone();
+        for (packet, peer) in batch.packets() {
+            match answers.handle(packet, answer::udp_limit) {
+                Step::Reply(b) => {
                     server.count("udp", packet, &b);
-                    let _ = sock.send_to(&b, src).await;
-                    continue;
-                };
-                permit.forget();
-                let (server, sock, packet) = (server.clone(), sock.clone(), packet.to_vec());
-                tokio::spawn(async move {
-                    let b = server.forward(request, query, prefix, limit).await;
-                    server.in_flight.add_permits(1);
-                    server.count("udp", &packet, &b);
-                    let _ = sock.send_to(&b, src).await;
-                });
+                    replies.push((b, peer));
+                }
+                Step::Drop => {}
+                Step::Forward {
+                    request,
+                    query,
+                    prefix,
+                } => {
+                    let limit = answer::udp_limit(&request);
+                    let Ok(permit) = server.in_flight.try_acquire() else {
+                        let b = answer::encode(
+                            &answer::response(&request, ResponseCode::ServFail),
+                            limit,
+                        );
+                        server.count("udp", packet, &b);
+                        replies.push((b, peer));
+                        continue;
+                    };
+                    permit.forget();
+                    let Some(dest) = peer.socket_addr() else {
+                        server.in_flight.add_permits(1);
+                        continue;
+                    };
+                    let (server, sock, packet) = (server.clone(), sock.clone(), packet.to_vec());
+                    rt.spawn(async move {
+                        let b = server.forward(request, query, prefix, limit).await;
+                        server.in_flight.add_permits(1);
+                        server.count("udp", &packet, &b);
+                        let _ = sock.send_to(&b, dest);
+                    });
+                }
             }
         }
+        crate::udp::send_all(&sock, &mut replies);
+        replies.clear();
     }
 }
 
@@ -294,6 +305,19 @@ async fn http_conn(server: Arc<Server>, mut s: TcpStream) {
         .await;
 }
 
+/// Hands memory freed after a load (the parsed objects: several times the zone's size) back to
+/// the system; glibc keeps it in its arenas otherwise, and RSS would show the peak of the
+/// largest load instead of what the server holds.
+fn release_freed_memory() {
+    extern "C" {
+        fn malloc_trim(pad: usize) -> i32;
+    }
+    // SAFETY: malloc_trim only walks glibc's own heap, under its own locks.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
 /// Rebuilds the zone whenever the source's files change (polled every 100 ms, so records follow
 /// a Service or EndpointSlice change within a second).
 fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig, status_dir: Option<PathBuf>) {
@@ -308,6 +332,8 @@ fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig, status_dir: O
             match source.load() {
                 Ok(state) => {
                     server.set_zone(Zone::build(&cfg, &state));
+                    drop(state);
+                    release_freed_memory();
                     last = Some(fp);
                     if let Some(path) = &status {
                         let tmp = path.with_extension("tmp");
@@ -338,9 +364,9 @@ pub fn run(opts: Options) -> Result<(), String> {
         let bind_err =
             |what: &str, e: std::io::Error| format!("binding {what} {}: {e}", opts.listen);
         for _ in 0..opts.workers.max(1) {
-            let std_sock = reuseport_udp(opts.listen).map_err(|e| bind_err("UDP", e))?;
-            let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(|e| bind_err("UDP", e))?);
-            tokio::spawn(udp_loop(server.clone(), sock));
+            let sock = Arc::new(reuseport_udp(opts.listen).map_err(|e| bind_err("UDP", e))?);
+            let (s, rt) = (server.clone(), tokio::runtime::Handle::current());
+            std::thread::spawn(move || udp_loop(s, sock, rt));
         }
         let tcp = TcpListener::bind(opts.listen)
             .await

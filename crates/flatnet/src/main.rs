@@ -29,8 +29,15 @@ enum Cmd {
     Agent(agent::cli::AgentArgs),
     /// The lab's built-in workload: HTTP and TCP/UDP echo naming the pod and the client it saw.
     Serve(serve::ServeArgs),
-    /// The cluster DNS server: the Kubernetes DNS specification's records, forwarding, cache.
-    Dns(dns::cli::DnsArgs),
+    /// The cluster DNS server: the Kubernetes DNS specification's records, forwarding, cache
+    /// (`flatnet dns bench`: against unbound and knot).
+    #[command(args_conflicts_with_subcommands = true)]
+    Dns {
+        #[command(subcommand)]
+        tool: Option<dns::cli::DnsTool>,
+        #[command(flatten)]
+        args: dns::cli::DnsArgs,
+    },
     /// Service-proxy tools: sync cost benchmark.
     Proxy {
         #[command(subcommand)]
@@ -61,7 +68,8 @@ fn main() -> ExitCode {
         Cmd::Lab(a) => lab::cli::run(a),
         Cmd::Agent(a) => agent::cli::run(a),
         Cmd::Serve(a) => serve::main(a),
-        Cmd::Dns(a) => dns::cli::main(a),
+        Cmd::Dns { tool: Some(t), .. } => dns::cli::tool(t),
+        Cmd::Dns { tool: None, args } => dns::cli::main(args),
         Cmd::Proxy {
             tool: ProxyTool::Bench { sizes, endpoints },
         } => match proxy::bench::run(&sizes, endpoints) {
