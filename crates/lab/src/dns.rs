@@ -142,15 +142,12 @@ mod tests {
     #[test]
     fn builtin_objects_give_way_to_the_users() {
         let mut m = Manifests::default();
-        let cidr = "10.96.0.0/12".parse().unwrap();
-        add_builtin(
-            &mut m,
-            cidr,
-            Path::new("/x/flatnet"),
-            Path::new("/lab"),
-            Ipv4Addr::LOCALHOST,
-        )
-        .unwrap();
+        let add = |m: &mut Manifests| {
+            let cidr = "10.96.0.0/12".parse().unwrap();
+            let (exe, dir) = (Path::new("/x/flatnet"), Path::new("/lab"));
+            add_builtin(m, cidr, exe, dir, Ipv4Addr::LOCALHOST).unwrap();
+        };
+        add(&mut m);
         assert_eq!(m.services.len(), 1);
         assert_eq!(m.deployments.len(), 1);
         assert_eq!(
@@ -158,14 +155,7 @@ mod tests {
             Some("10.96.0.10")
         );
         let before = m.deployments.len();
-        add_builtin(
-            &mut m,
-            cidr,
-            Path::new("/x/flatnet"),
-            Path::new("/lab"),
-            Ipv4Addr::LOCALHOST,
-        )
-        .unwrap();
+        add(&mut m);
         assert_eq!(
             m.deployments.len(),
             before,
