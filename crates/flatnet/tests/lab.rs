@@ -806,11 +806,6 @@ apiVersion: v1
 kind: Service
 metadata: {name: ext}
 spec: {type: ExternalName, externalName: www.example.com}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client}
-spec: {nodeName: node-1, containers: [{name: c, image: x, command: [sleep, infinity]}]}
 "#;
 
 impl TestLab {
@@ -857,7 +852,12 @@ impl TestLab {
 #[test]
 fn cluster_dns_answers_per_the_specification() {
     let Some(lab) = TestLab::new() else { return };
-    let f = lab.file("{nodes: 3, backend: host-gw}", DNS_WORKLOADS);
+    // The client pod of the Service tests (the last document of SERVICES).
+    let client = &SERVICES[SERVICES.rfind("---").unwrap()..];
+    let f = lab.file(
+        "{nodes: 3, backend: host-gw}",
+        &format!("{DNS_WORKLOADS}{client}"),
+    );
     lab.up(&f);
     let st = lab.status();
     let ip_of = |name: &str| {
