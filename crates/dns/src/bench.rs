@@ -164,6 +164,47 @@ fn dnsperf(o: &BenchOptions, port: u16, queries: &Path) -> Result<f64, String> {
         })
 }
 
+#[derive(Clone, Copy)]
+struct Rate {
+    qps: f64,
+    /// The server's CPU time (user + system, all threads) per answered query.
+    cpu_us: f64,
+}
+
+/// User + system CPU time of a process so far, in clock ticks (fields 14 and 15 of stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            let f: Vec<u64> = t
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum())
+        })
+        .unwrap_or(0)
+}
+
+/// dnsperf's rate, and what the server spent per query meanwhile: on a machine where dnsperf
+/// saturates its core first, CPU per query is what tells the servers' capacity apart.
+fn measure(o: &BenchOptions, port: u16, pid: u32, queries: &Path) -> Result<Rate, String> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let before = cpu_ticks(pid);
+    let qps = dnsperf(o, port, queries)?;
+    let cpu = (cpu_ticks(pid) - before) as f64 / ticks;
+    Ok(Rate {
+        qps,
+        cpu_us: cpu * 1e6 / (qps * f64::from(o.seconds)).max(1.0),
+    })
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -264,7 +305,7 @@ fn bench(o: &BenchOptions, exe: &Path, dir: &Path) -> Result<String, String> {
     }
     conf.push_str("forward-zone:\n  name: \"example.com.\"\n  forward-addr: 127.0.0.1@15300\n");
     std::fs::write(p("unbound.conf"), conf).map_err(|e| e.to_string())?;
-    let _unbound = spawn(
+    let unbound = spawn(
         o.server_cpu,
         &[
             s("unbound"),
@@ -286,7 +327,7 @@ fn bench(o: &BenchOptions, exe: &Path, dir: &Path) -> Result<String, String> {
         d = dir.display()
     );
     std::fs::write(p("knot.conf"), knot_conf).map_err(|e| e.to_string())?;
-    let _knot = spawn(
+    let knot = spawn(
         o.server_cpu,
         &[s("knotd"), s("-c"), p("knot.conf").display().to_string()],
         &p("knot.log"),
@@ -308,38 +349,52 @@ fn bench(o: &BenchOptions, exe: &Path, dir: &Path) -> Result<String, String> {
     std::fs::write(p("internal.txt"), internal).map_err(|e| e.to_string())?;
     std::fs::write(p("external.txt"), external).map_err(|e| e.to_string())?;
 
-    let mut rows = Vec::new();
-    for (name, port, external) in [
-        ("flatnet", 15301, true),
-        ("unbound", 15302, true),
-        ("knot", 15303, false),
+    // (name, per query file: rate and the server's CPU time per query)
+    let mut rows: Vec<(&str, Vec<Option<Rate>>)> = Vec::new();
+    for (name, port, pid, external) in [
+        ("flatnet", 15301, flatnet.0.id(), true),
+        ("unbound", 15302, unbound.0.id(), true),
+        ("knot", 15303, knot.0.id(), false),
     ] {
-        let int = dnsperf(o, port, &p("internal.txt"))?;
-        let ext = if external {
-            Some(dnsperf(o, port, &p("external.txt"))?)
+        let mut rates = vec![Some(measure(o, port, pid, &p("internal.txt"))?)];
+        rates.push(if external {
+            Some(measure(o, port, pid, &p("external.txt"))?)
         } else {
             None
-        };
-        rows.push((name, int, ext));
+        });
+        rows.push((name, rates));
     }
     let mut out = format!(
-        "dnsperf, {} s per run, server on CPU {}, dnsperf on CPU {}; {} Services ({} endpoints per headless one)\n\n| server | internal names qps | external names (cached) qps |\n| --- | --- | --- |\n",
+        "dnsperf, {} s per run, server on CPU {}, dnsperf on CPU {}; {} Services ({} endpoints per headless one)\n\n| server | cluster names qps | CPU µs/query | external names (cached) qps | CPU µs/query |\n| --- | --- | --- | --- | --- |\n",
         o.seconds, o.server_cpu, o.client_cpu, o.services, endpoints
     );
-    for (name, int, ext) in &rows {
+    let cell = |r: &Option<Rate>| match r {
+        Some(r) => format!("{:.0} | {:.2}", r.qps, r.cpu_us),
+        None => "— | —".to_string(),
+    };
+    for (name, rates) in &rows {
         let _ = writeln!(
             out,
-            "| {name} | {int:.0} | {} |",
-            ext.map_or("—".into(), |e| format!("{e:.0}"))
+            "| {name} | {} | {} |",
+            cell(&rates[0]),
+            cell(&rates[1])
         );
     }
-    let best_int = rows[1..].iter().map(|r| r.1).fold(0.0, f64::max);
-    let _ = writeln!(
-        out,
-        "\nflatnet / best other: internal {:.2}×, external {:.2}× (vs unbound)",
-        rows[0].1 / best_int,
-        rows[0].2.unwrap_or(0.0) / rows[1].2.unwrap_or(1.0)
-    );
+    for (i, what) in ["cluster names", "external names"].iter().enumerate() {
+        let ours = rows[0].1[i].expect("flatnet runs both");
+        let others: Vec<Rate> = rows[1..].iter().filter_map(|r| r.1[i]).collect();
+        let best_qps = others.iter().map(|r| r.qps).fold(0.0, f64::max);
+        let best_cpu = others
+            .iter()
+            .map(|r| r.cpu_us)
+            .fold(f64::INFINITY, f64::min);
+        let _ = writeln!(
+            out,
+            "{what}: flatnet / the best other: {:.2}× the rate, {:.2}× the queries per CPU second",
+            ours.qps / best_qps,
+            best_cpu / ours.cpu_us
+        );
+    }
     let _ = writeln!(
         out,
         "flatnet RSS after the runs: {:.1} MiB",

@@ -96,8 +96,16 @@ impl Forwarder {
         }
     }
 
-    /// A cached answer, its TTLs lowered by its age.
-    fn cached(&self, q: &Query) -> Option<Upstream> {
+    /// A cached answer, its TTLs lowered by its age (a hit is counted).
+    pub fn cached(&self, q: &Query) -> Option<Upstream> {
+        let hit = self.lookup(q);
+        if hit.is_some() {
+            self.metrics.cache_hits.inc();
+        }
+        hit
+    }
+
+    fn lookup(&self, q: &Query) -> Option<Upstream> {
         let cache = self.cache.lock().expect("cache");
         let e = cache.get(&cache_key(q))?;
         let age = e.stored.elapsed().as_secs() as u32;
@@ -145,7 +153,6 @@ impl Forwarder {
     /// The answer to `q`: from the cache, else from the first upstream that gives one.
     pub async fn resolve(&self, q: &Query) -> Upstream {
         if let Some(hit) = self.cached(q) {
-            self.metrics.cache_hits.inc();
             return hit;
         }
         self.metrics.cache_misses.inc();
@@ -361,7 +368,7 @@ mod tests {
             Name::from_str("n24.example.").unwrap(),
             hickory_proto::rr::RecordType::A,
         );
-        assert_eq!(f.cached(&q).unwrap().answers[0].ttl, 100);
+        assert_eq!(f.lookup(&q).unwrap().answers[0].ttl, 100);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the DNS server (text format on `/metrics`), named after CoreDNS's.
 
+use hickory_proto::rr::RecordType;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,6 +19,29 @@ pub struct ResponseLabels {
     pub rcode: &'static str,
 }
 
+/// Query types counted without a label lookup (the rest go through the family).
+const HOT_TYPES: [RecordType; 9] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::SRV,
+    RecordType::PTR,
+    RecordType::TXT,
+    RecordType::CNAME,
+    RecordType::NS,
+    RecordType::SOA,
+    RecordType::ANY,
+];
+const RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "OTHER",
+];
+const PROTOS: [&str; 2] = ["udp", "tcp"];
+
+/// Handles on the families' common label sets, so counting a query is two atomic adds.
+struct Hot {
+    requests: [[Counter; HOT_TYPES.len()]; 2],
+    responses: [Counter; RCODES.len()],
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub responses: Family<ResponseLabels, Counter>,
@@ -27,13 +51,28 @@ pub struct Metrics {
     pub upstream_seconds: Histogram,
     pub upstream_failures: Counter,
     pub zone_names: Gauge,
+    hot: Hot,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let requests: Family<RequestLabels, Counter> = Family::default();
+        let responses: Family<ResponseLabels, Counter> = Family::default();
+        let hot = Hot {
+            requests: PROTOS.map(|proto| {
+                HOT_TYPES.map(|t| {
+                    requests.get_or_create_owned(&RequestLabels {
+                        proto,
+                        r#type: t.into(),
+                    })
+                })
+            }),
+            responses: RCODES.map(|rcode| responses.get_or_create_owned(&ResponseLabels { rcode })),
+        };
         Metrics {
-            requests: Family::default(),
-            responses: Family::default(),
+            requests,
+            responses,
+            hot,
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_entries: Gauge::default(),
@@ -89,6 +128,22 @@ impl Metrics {
             self.zone_names.clone(),
         );
         r
+    }
+
+    /// Counts one query and its reply (`rcode`: the header's low four bits).
+    pub fn count(&self, tcp: bool, qtype: RecordType, rcode: u8) {
+        let proto = usize::from(tcp);
+        match HOT_TYPES.iter().position(|t| *t == qtype) {
+            Some(i) => self.hot.requests[proto][i].inc(),
+            None => self
+                .requests
+                .get_or_create(&RequestLabels {
+                    proto: PROTOS[proto],
+                    r#type: qtype.into(),
+                })
+                .inc(),
+        };
+        self.hot.responses[usize::from(rcode).min(RCODES.len() - 1)].inc();
     }
 
     pub fn encode(&self) -> String {

@@ -16,8 +16,11 @@ const MAX_ENTRIES: usize = 100_000;
 /// Only replies that fit any client's UDP limit are stored.
 const MAX_STORED: usize = 512;
 
-/// (lower-case wire name, type, class, EDNS present)
-type Key = (Box<[u8]>, u16, u16, bool);
+/// Lower-case wire name, type, class, EDNS present: as one byte string, so a lookup can borrow
+/// it from a stack buffer.
+type Key = Box<[u8]>;
+/// The longest key: a 255-byte name, 2 + 2 + 1.
+const MAX_KEY: usize = 260;
 
 /// A zone and the replies rendered from it.
 pub struct Answers {
@@ -97,8 +100,15 @@ impl Answers {
             return answer::handle(&self.zone, packet, limit_of);
         };
         let name = &packet[12..q.name_end];
-        let key: Key = (name.to_ascii_lowercase().into(), q.qtype, q.qclass, q.edns);
-        let stored = self.rendered.read().expect("rendered").get(&key).cloned();
+        let mut buf = [0u8; MAX_KEY];
+        let n = name.len();
+        buf[..n].copy_from_slice(name);
+        buf[..n].make_ascii_lowercase();
+        buf[n..n + 2].copy_from_slice(&q.qtype.to_be_bytes());
+        buf[n + 2..n + 4].copy_from_slice(&q.qclass.to_be_bytes());
+        buf[n + 4] = u8::from(q.edns);
+        let key = &buf[..n + 5];
+        let stored = self.rendered.read().expect("rendered").get(key).cloned();
         let template = match stored {
             Some(t) => t,
             None => {
@@ -108,14 +118,14 @@ impl Answers {
                 canonical[12..q.name_end].make_ascii_lowercase();
                 match answer::handle(&self.zone, &canonical, &limit_of) {
                     Step::Reply(b)
-                        if b.len() <= MAX_STORED && b.get(12..q.name_end) == Some(&key.0[..]) =>
+                        if b.len() <= MAX_STORED && b.get(12..q.name_end) == Some(&key[..n]) =>
                     {
                         let b: Box<[u8]> = b.into();
                         let mut store = self.rendered.write().expect("rendered");
                         if store.len() >= MAX_ENTRIES {
                             store.clear();
                         }
-                        store.insert(key, b.clone());
+                        store.insert(key.into(), b.clone());
                         b
                     }
                     // Too big to store, or forwarded: the full path, with the query as it came.

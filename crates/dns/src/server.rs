@@ -10,7 +10,7 @@
 
 use crate::answer::{self, Step};
 use crate::forward::{Forwarder, Upstream};
-use crate::metrics::{Metrics, RequestLabels, ResponseLabels};
+use crate::metrics::Metrics;
 use crate::rendered::Answers;
 use crate::zone::{Zone, ZoneConfig};
 use cluster::FileSource;
@@ -54,6 +54,16 @@ pub struct Server {
     in_flight: Semaphore,
 }
 
+/// A reply carrying an upstream's answer, after the zone's CNAME chain if any.
+fn reply_from(request: &Message, prefix: Vec<Record>, up: Upstream, limit: usize) -> Vec<u8> {
+    let mut m = answer::response(request, up.rcode);
+    m.answers = prefix;
+    m.answers.extend(up.answers);
+    m.authorities = up.authorities;
+    m.additionals = up.additionals;
+    answer::encode(&m, limit)
+}
+
 /// The type of the first question, read straight off the wire (for metrics).
 fn question_type(packet: &[u8]) -> RecordType {
     let mut i = 12;
@@ -71,18 +81,6 @@ fn question_type(packet: &[u8]) -> RecordType {
     match packet.get(i..i + 2) {
         Some(t) => RecordType::from(u16::from_be_bytes([t[0], t[1]])),
         None => RecordType::Unknown(0),
-    }
-}
-
-fn rcode_of(reply: &[u8]) -> &'static str {
-    match reply.get(3).map(|b| b & 0x0f) {
-        Some(0) => "NOERROR",
-        Some(1) => "FORMERR",
-        Some(2) => "SERVFAIL",
-        Some(3) => "NXDOMAIN",
-        Some(4) => "NOTIMP",
-        Some(5) => "REFUSED",
-        _ => "OTHER",
     }
 }
 
@@ -116,19 +114,9 @@ impl Server {
     }
 
     fn count(&self, proto: &'static str, packet: &[u8], reply: &[u8]) {
+        let rcode = reply.get(3).map_or(2, |b| b & 0x0f);
         self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                proto,
-                r#type: question_type(packet).into(),
-            })
-            .inc();
-        self.metrics
-            .responses
-            .get_or_create(&ResponseLabels {
-                rcode: rcode_of(reply),
-            })
-            .inc();
+            .count(proto == "tcp", question_type(packet), rcode);
     }
 
     /// The reply to a forwarded question.
@@ -154,12 +142,19 @@ impl Server {
         } else {
             self.forwarder.resolve(&query).await
         };
-        let mut m = answer::response(&request, up.rcode);
-        m.answers = prefix;
-        m.answers.extend(up.answers);
-        m.authorities = up.authorities;
-        m.additionals = up.additionals;
-        answer::encode(&m, limit)
+        reply_from(&request, prefix, up, limit)
+    }
+
+    /// The reply to a forwarded question when the cache has its answer (no task, no wait).
+    fn cached_reply(
+        &self,
+        request: &Message,
+        query: &Query,
+        prefix: Vec<Record>,
+        limit: usize,
+    ) -> Option<Vec<u8>> {
+        let up = self.forwarder.cached(query)?;
+        Some(reply_from(request, prefix, up, limit))
     }
 
     /// One message in, its reply out (`None`: silence), forwarding inline (TCP's path).
@@ -217,6 +212,11 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
                     prefix,
                 } => {
                     let limit = answer::udp_limit(&request);
+                    if let Some(b) = server.cached_reply(&request, &query, prefix.clone(), limit) {
+                        server.count("udp", packet, &b);
+                        replies.push((b, peer));
+                        continue;
+                    }
                     let Ok(permit) = server.in_flight.try_acquire() else {
                         let b = answer::encode(
                             &answer::response(&request, ResponseCode::ServFail),

@@ -1,7 +1,9 @@
 //! `flatnet proxy bench`: what a sync costs at scale, in a throw-away namespace — the cold start
 //! (empty kernel → full table), one Service added and one endpoint changed with N present
 //! (plan, diff and apply), and a restarted agent adopting the table. Memory is the process's RSS, which
-//! holds the objects as an agent does.
+//! holds the objects as an agent does. Then the data path: TCP connection latency (p50/p99 of
+//! `connect()`, which waits for the SYN's DNAT and the SYN-ACK) to a ClusterIP with 10 Services
+//! in the table and with N, against the same endpoint dialled directly.
 
 use crate::{Config, Proxy, Report};
 use k8s_openapi::api::core::v1::Service;
@@ -51,6 +53,80 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Connections timed per size: rounds of this many, alternating with the 10-Service table.
+const ROUND: usize = 500;
+const ROUNDS: usize = 6;
+
+/// Makes `tmp` a place to dial Service 0 from: its endpoints are local, a default route lets
+/// ClusterIPs leave (DNAT then reroutes to the endpoint), a listener on :8080 accepts.
+fn prepare_dialing(tmp: &netns::TempNetNs) -> Result<(), String> {
+    let ip = |args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", tmp.name()])
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ])?;
+    ip(&["link", "set", "bench0", "up"])?;
+    ip(&["link", "set", "bench1", "up"])?;
+    ip(&["route", "replace", "default", "dev", "bench0"])?;
+    // Service 0's endpoints (10.128.0.2 onwards): a prefix on lo makes every address local.
+    ip(&["addr", "add", "10.128.0.0/24", "dev", "lo"])?;
+    tmp.ns()
+        .run(|| -> Result<(), String> {
+            let listener =
+                std::net::TcpListener::bind("0.0.0.0:8080").map_err(|e| format!("listen: {e}"))?;
+            // Accepts until the process ends (the bench is a short-lived command).
+            std::thread::spawn(move || loop {
+                let _ = listener.accept();
+            });
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// `count` timed `connect()`s to `to` from inside `tmp`.
+fn connects(
+    tmp: &netns::TempNetNs,
+    to: std::net::SocketAddr,
+    count: usize,
+    into: &mut Vec<Duration>,
+) -> Result<(), String> {
+    tmp.ns()
+        .run(|| -> Result<(), String> {
+            for _ in 0..count {
+                let t = Instant::now();
+                std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    .map_err(|e| format!("connecting to {to}: {e}"))?;
+                into.push(t.elapsed());
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// p50 and p99.
+fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
 /// Runs the sizes in `sizes` (Services × `endpoints` each), each in a namespace of its own.
 pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
     let cfg = Config {
@@ -60,6 +136,30 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
         service_cidr: "10.96.0.0/12".parse().expect("cidr"),
         node_ports: (30000, 32767),
     };
+    // The 10-Service table every size's latency is compared with, alternately.
+    let small = netns::TempNetNs::new("fnb-proxy")
+        .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
+    let mut small_proxy = small
+        .ns()
+        .run(|| Proxy::new(cfg.clone()))
+        .map_err(|e| e.to_string())??;
+    let ten: Vec<Service> = (0..10).map(service).collect();
+    let ten_slices: Vec<EndpointSlice> = (0..10).map(|i| slice(i, endpoints, 0)).collect();
+    small
+        .ns()
+        .run(|| {
+            small_proxy.replace_all(&ten, &ten_slices);
+            small_proxy.sync()
+        })
+        .map_err(|e| e.to_string())??;
+    prepare_dialing(&small)?;
+    let cluster_ip: std::net::SocketAddr = format!("{}:80", nth([10, 96, 0, 1], 0))
+        .parse()
+        .expect("addr");
+    let direct: std::net::SocketAddr = format!("{}:8080", nth([10, 128, 0, 2], 0))
+        .parse()
+        .expect("addr");
+    let mut latencies = Vec::new();
     println!(
         "{:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>10}",
         "services", "endpoints", "cold start", "+1 service", "1 endpoint", "restart adopt", "RSS"
@@ -93,6 +193,13 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             proxy.sync()
         })?;
         let rss = rss_kib() / 1024;
+        prepare_dialing(&tmp)?;
+        let (mut big_t, mut small_t) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            connects(&tmp, cluster_ip, ROUND, &mut big_t)?;
+            connects(&small, cluster_ip, ROUND, &mut small_t)?;
+        }
+        latencies.push((n, percentiles(small_t), percentiles(big_t)));
         drop(proxy);
         // A restarted agent: a new process state adopts the table; nothing should be sent.
         let mut again = ns
@@ -115,6 +222,26 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             rss,
             report.objects,
             adopted.objects,
+        );
+    }
+    let mut direct_t = Vec::new();
+    connects(&small, direct, ROUND * ROUNDS, &mut direct_t)?;
+    let (d50, d99) = percentiles(direct_t);
+    println!("\nTCP connect() latency to Service 0, {} connections per table in alternating rounds (p50 / p99):", ROUND * ROUNDS);
+    println!(
+        "  the endpoint dialled directly:  {} / {}",
+        us(d50),
+        us(d99)
+    );
+    for (n, (s50, s99), (b50, b99)) in latencies {
+        println!(
+            "  {n:>6} Services: {} / {}, 10 Services: {} / {}, ratio {:.2} / {:.2}",
+            us(b50),
+            us(b99),
+            us(s50),
+            us(s99),
+            b50.as_secs_f64() / s50.as_secs_f64(),
+            b99.as_secs_f64() / s99.as_secs_f64()
         );
     }
     Ok(())
