@@ -4,12 +4,14 @@
 //! and the query's own spelling of the name patched in (answers point at the question's name,
 //! so they take its spelling too). Everything else, and every first sight of a question, goes
 //! through [`crate::answer::handle`]. The store belongs to one version of the zone and is
-//! dropped with it, so it is never stale; it is cleared when it reaches its bound.
+//! dropped with it, so it is never stale; it is cleared when it reaches its bound. Replies to
+//! forwarded questions are kept the same way for a second (their TTLs age by the second).
 
 use crate::answer::{self, Step};
 use crate::zone::Zone;
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 /// Entries kept at most (then the store starts over).
 const MAX_ENTRIES: usize = 100_000;
@@ -22,11 +24,25 @@ type Key = Box<[u8]>;
 /// The longest key: a 255-byte name, 2 + 2 + 1.
 const MAX_KEY: usize = 260;
 
-/// A zone and the replies rendered from it.
+/// How long a reply built from a cached upstream answer is reused as it is.
+const FORWARDED_FOR: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+enum Stored {
+    Reply(Box<[u8]>),
+    /// Not the zone's: the question goes to the forwarder (see `forwarded`).
+    Forwarded,
+}
+
+/// A zone and the replies rendered from it, and replies recently built for forwarded questions.
 pub struct Answers {
     pub zone: Zone,
-    rendered: RwLock<HashMap<Key, Box<[u8]>>>,
+    rendered: Store<Stored>,
+    /// When each was built, and the reply.
+    forwarded: Store<(Instant, Box<[u8]>)>,
 }
+
+type Store<V> = RwLock<HashMap<Key, V>>;
 
 /// The parts of a plain query that key and patch a rendered reply.
 struct Plain {
@@ -82,11 +98,43 @@ fn plain(p: &[u8]) -> Option<Plain> {
     })
 }
 
+/// A question's key in a stack buffer, and the name's length in it.
+fn key_of(packet: &[u8], q: &Plain) -> ([u8; MAX_KEY], usize) {
+    let name = &packet[12..q.name_end];
+    let mut buf = [0u8; MAX_KEY];
+    let n = name.len();
+    buf[..n].copy_from_slice(name);
+    buf[..n].make_ascii_lowercase();
+    buf[n..n + 2].copy_from_slice(&q.qtype.to_be_bytes());
+    buf[n + 2..n + 4].copy_from_slice(&q.qclass.to_be_bytes());
+    buf[n + 4] = u8::from(q.edns);
+    (buf, n)
+}
+
+/// `template` answering `packet`: its ID, RD and CD bits and its spelling of the name.
+fn patched(template: &[u8], packet: &[u8], name_end: usize) -> Vec<u8> {
+    let mut reply = template.to_vec();
+    reply[..2].copy_from_slice(&packet[..2]);
+    reply[2] = (reply[2] & !0x01) | (packet[2] & 0x01); // RD
+    reply[3] = (reply[3] & !0x10) | (packet[3] & 0x10); // CD
+    reply[12..name_end].copy_from_slice(&packet[12..name_end]);
+    reply
+}
+
+fn bounded_insert<V>(map: &Store<V>, key: &[u8], value: V) {
+    let mut store = map.write().expect("rendered");
+    if store.len() >= MAX_ENTRIES {
+        store.clear();
+    }
+    store.insert(key.into(), value);
+}
+
 impl Answers {
     pub fn new(zone: Zone) -> Answers {
         Answers {
             zone,
             rendered: RwLock::new(HashMap::new()),
+            forwarded: RwLock::new(HashMap::new()),
         }
     }
 
@@ -99,18 +147,23 @@ impl Answers {
         let Some(q) = plain(packet) else {
             return answer::handle(&self.zone, packet, limit_of);
         };
-        let name = &packet[12..q.name_end];
-        let mut buf = [0u8; MAX_KEY];
-        let n = name.len();
-        buf[..n].copy_from_slice(name);
-        buf[..n].make_ascii_lowercase();
-        buf[n..n + 2].copy_from_slice(&q.qtype.to_be_bytes());
-        buf[n + 2..n + 4].copy_from_slice(&q.qclass.to_be_bytes());
-        buf[n + 4] = u8::from(q.edns);
+        let (buf, n) = key_of(packet, &q);
         let key = &buf[..n + 5];
         let stored = self.rendered.read().expect("rendered").get(key).cloned();
         let template = match stored {
-            Some(t) => t,
+            Some(Stored::Reply(t)) => t,
+            Some(Stored::Forwarded) => {
+                let fresh = self
+                    .forwarded
+                    .read()
+                    .expect("rendered")
+                    .get(key)
+                    .and_then(|(at, t)| (at.elapsed() < FORWARDED_FOR).then(|| t.clone()));
+                match fresh {
+                    Some(t) => t,
+                    None => return answer::handle(&self.zone, packet, limit_of),
+                }
+            }
             None => {
                 // Rendered from the canonical form of the question: ID 0, no flags, lower case.
                 let mut canonical = packet.to_vec();
@@ -121,24 +174,41 @@ impl Answers {
                         if b.len() <= MAX_STORED && b.get(12..q.name_end) == Some(&key[..n]) =>
                     {
                         let b: Box<[u8]> = b.into();
-                        let mut store = self.rendered.write().expect("rendered");
-                        if store.len() >= MAX_ENTRIES {
-                            store.clear();
-                        }
-                        store.insert(key.into(), b.clone());
+                        bounded_insert(&self.rendered, key, Stored::Reply(b.clone()));
                         b
                     }
-                    // Too big to store, or forwarded: the full path, with the query as it came.
-                    _ => return answer::handle(&self.zone, packet, limit_of),
+                    step => {
+                        if matches!(&step, Step::Forward { prefix, .. } if prefix.is_empty()) {
+                            bounded_insert(&self.rendered, key, Stored::Forwarded);
+                        }
+                        // Too big to store, or forwarded: the full path, with the query as it came.
+                        return answer::handle(&self.zone, packet, limit_of);
+                    }
                 }
             }
         };
-        let mut reply = template.into_vec();
-        reply[..2].copy_from_slice(&packet[..2]);
-        reply[2] = (reply[2] & !0x01) | (packet[2] & 0x01); // RD
-        reply[3] = (reply[3] & !0x10) | (packet[3] & 0x10); // CD
-        reply[12..q.name_end].copy_from_slice(name);
-        Step::Reply(reply)
+        Step::Reply(patched(&template, packet, q.name_end))
+    }
+
+    /// Keeps `reply` (built from an upstream's or the cache's answer to `packet`) to answer the
+    /// same question for the next [`FORWARDED_FOR`]: its TTLs are then at most that stale.
+    pub fn remember_forwarded(&self, packet: &[u8], reply: &[u8]) {
+        let Some(q) = plain(packet) else {
+            return;
+        };
+        let truncated = reply.get(2).is_some_and(|b| b & 0x02 != 0);
+        if reply.len() > MAX_STORED
+            || truncated
+            || reply.get(12..q.name_end) != packet.get(12..q.name_end)
+        {
+            return;
+        }
+        let (buf, n) = key_of(packet, &q);
+        bounded_insert(
+            &self.forwarded,
+            &buf[..n + 5],
+            (Instant::now(), reply.into()),
+        );
     }
 }
 
@@ -217,10 +287,38 @@ mod tests {
             a.handle(&q, answer::udp_limit),
             Step::Forward { .. }
         ));
-        assert!(a.rendered.read().unwrap().is_empty());
+        assert!(
+            a.forwarded.read().unwrap().is_empty(),
+            "nothing built for it yet"
+        );
         assert!(plain(&[0; 11]).is_none());
         let mut trailing = query(8, "web.default.svc.cluster.local.", true, false);
         trailing.push(0);
         assert!(plain(&trailing).is_none());
+    }
+
+    #[test]
+    fn forwarded_replies_are_reused_for_a_second() {
+        let a = answers();
+        let q = query(7, "example.org.", true, false);
+        assert!(matches!(
+            a.handle(&q, answer::udp_limit),
+            Step::Forward { .. }
+        ));
+        // What the server built from the upstream's answer.
+        let mut m = Message::from_vec(&q).unwrap();
+        m.metadata.message_type = hickory_proto::op::MessageType::Response;
+        m.add_answer(hickory_proto::rr::Record::from_rdata(
+            Name::from_ascii("example.org.").unwrap(),
+            60,
+            hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A("192.0.2.1".parse().unwrap())),
+        ));
+        a.remember_forwarded(&q, &m.to_vec().unwrap());
+        let again = query(8, "Example.ORG.", false, false);
+        let r = Message::from_vec(&reply(&a, &again)).unwrap();
+        assert_eq!(r.metadata.id, 8);
+        assert!(!r.metadata.recursion_desired);
+        assert_eq!(r.answers[0].name.to_ascii(), "Example.ORG.");
+        assert_eq!(r.queries[0].name().to_ascii(), "Example.ORG.");
     }
 }

@@ -213,6 +213,7 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
                 } => {
                     let limit = answer::udp_limit(&request);
                     if let Some(b) = server.cached_reply(&request, &query, prefix.clone(), limit) {
+                        answers.remember_forwarded(packet, &b);
                         server.count("udp", packet, &b);
                         replies.push((b, peer));
                         continue;
@@ -235,6 +236,7 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
                     rt.spawn(async move {
                         let b = server.forward(request, query, prefix, limit).await;
                         server.in_flight.add_permits(1);
+                        server.zone().remember_forwarded(&packet, &b);
                         server.count("udp", &packet, &b);
                         let _ = sock.send_to(&b, dest);
                     });
