@@ -806,6 +806,17 @@ apiVersion: v1
 kind: Service
 metadata: {name: ext}
 spec: {type: ExternalName, externalName: www.example.com}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: custom-dns}
+spec:
+  dnsPolicy: "None"
+  dnsConfig:
+    nameservers: [10.96.0.10]
+    searches: [shop.svc.cluster.local]
+    options: [{name: ndots, value: "1"}]
+  containers: [{name: c, image: x, command: [sleep, infinity]}]
 "#;
 
 impl TestLab {
@@ -888,6 +899,18 @@ fn cluster_dns_answers_per_the_specification() {
             && resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local")
             && resolv.contains("options ndots:5"),
         "{resolv}"
+    );
+    // dnsPolicy None with a dnsConfig: exactly what it says, and its search list works.
+    let out = lab.flatnet(&["exec", "custom-dns", "--", "cat", "/etc/resolv.conf"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "search shop.svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:1\n"
+    );
+    let out = lab.flatnet(&["exec", "custom-dns", "--", "getent", "hosts", "web"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&shop_web),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
     // Services: full, partial (search list) names, over UDP and TCP.
     assert_eq!(lab.dig("web.shop.svc.cluster.local"), shop_web);

@@ -5,6 +5,7 @@
 //! kubelet writes for `dnsPolicy: ClusterFirst`. Manifests that define `kube-system/kube-dns`
 //! themselves replace both objects.
 
+use crate::plan::PodDns;
 use crate::PodRecord;
 use cluster::manifests::namespaced;
 use cluster::Manifests;
@@ -27,11 +28,71 @@ pub fn service_ip(service_cidr: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(service_cidr.network()) + 10)
 }
 
-/// A pod's /etc/resolv.conf, as the kubelet writes it for `ClusterFirst`.
-pub fn resolv_conf(namespace: &str, nameserver: Ipv4Addr) -> String {
-    format!(
-        "search {namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\nnameserver {nameserver}\noptions ndots:5\n"
-    )
+/// A pod's /etc/resolv.conf, as the kubelet writes it: from the policy (`ClusterFirst`: the
+/// cluster DNS, the namespace's search list, `ndots:5`; `Default`: the node's resolver, which in
+/// the lab is the lab internet's `node_dns`; `None`: nothing), then `dnsConfig` appended
+/// (nameservers and searches without duplicates, options merged by name, the pod's winning).
+pub fn resolv_conf(
+    namespace: &str,
+    dns: &PodDns,
+    cluster_dns: Ipv4Addr,
+    node_dns: Ipv4Addr,
+) -> String {
+    let base = match dns.policy.as_str() {
+        "None" => PodDns::default(),
+        "Default" => PodDns {
+            nameservers: vec![node_dns.to_string()],
+            ..PodDns::default()
+        },
+        _ => PodDns {
+            nameservers: vec![cluster_dns.to_string()],
+            searches: vec![
+                format!("{namespace}.svc.{CLUSTER_DOMAIN}"),
+                format!("svc.{CLUSTER_DOMAIN}"),
+                CLUSTER_DOMAIN.to_string(),
+            ],
+            options: vec![("ndots".to_string(), Some("5".to_string()))],
+            ..PodDns::default()
+        },
+    };
+    let PodDns {
+        nameservers: mut servers,
+        mut searches,
+        mut options,
+        ..
+    } = base;
+    for s in &dns.nameservers {
+        if !servers.contains(s) {
+            servers.push(s.clone());
+        }
+    }
+    for s in &dns.searches {
+        if !searches.contains(s) {
+            searches.push(s.clone());
+        }
+    }
+    for (name, value) in &dns.options {
+        options.retain(|(n, _)| n != name);
+        options.push((name.clone(), value.clone()));
+    }
+    let mut out = String::new();
+    if !searches.is_empty() {
+        out.push_str(&format!("search {}\n", searches.join(" ")));
+    }
+    for s in &servers {
+        out.push_str(&format!("nameserver {s}\n"));
+    }
+    if !options.is_empty() {
+        let opts: Vec<String> = options
+            .iter()
+            .map(|(n, v)| match v {
+                Some(v) => format!("{n}:{v}"),
+                None => n.clone(),
+            })
+            .collect();
+        out.push_str(&format!("options {}\n", opts.join(" ")));
+    }
+    out
 }
 
 /// Adds the kube-dns Service and the DNS Deployment unless the manifests have their own.
@@ -133,9 +194,38 @@ mod tests {
 
     #[test]
     fn resolv_conf_is_the_kubelets() {
+        let cluster = service_ip("10.96.0.0/12".parse().unwrap());
+        let node: Ipv4Addr = "203.0.113.10".parse().unwrap();
+        let dns = |policy: &str| PodDns {
+            policy: policy.into(),
+            ..PodDns::default()
+        };
         assert_eq!(
-            resolv_conf("shop", service_ip("10.96.0.0/12".parse().unwrap())),
+            resolv_conf("shop", &dns("ClusterFirst"), cluster, node),
             "search shop.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
+        );
+        assert_eq!(
+            resolv_conf("shop", &dns("Default"), cluster, node),
+            "nameserver 203.0.113.10\n"
+        );
+        let custom = PodDns {
+            policy: "ClusterFirst".into(),
+            nameservers: vec!["10.96.0.10".into(), "192.0.2.53".into()],
+            searches: vec!["example.com".into()],
+            options: vec![("ndots".into(), Some("2".into())), ("edns0".into(), None)],
+        };
+        assert_eq!(
+            resolv_conf("shop", &custom, cluster, node),
+            "search shop.svc.cluster.local svc.cluster.local cluster.local example.com\nnameserver 10.96.0.10\nnameserver 192.0.2.53\noptions ndots:2 edns0\n"
+        );
+        let none = PodDns {
+            policy: "None".into(),
+            nameservers: vec!["192.0.2.53".into()],
+            ..PodDns::default()
+        };
+        assert_eq!(
+            resolv_conf("shop", &none, cluster, node),
+            "nameserver 192.0.2.53\n"
         );
     }
 

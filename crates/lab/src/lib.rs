@@ -843,7 +843,12 @@ impl Lab {
         let resolv = self.resolv_conf_path(&w.namespace, &w.name);
         write_atomic(
             &resolv,
-            &dns::resolv_conf(&w.namespace, dns::service_ip(spec.service_cidr)),
+            &dns::resolv_conf(
+                &w.namespace,
+                &w.dns,
+                dns::service_ip(spec.service_cidr),
+                INTERNET_HOST.parse().expect("valid"),
+            ),
         )?;
         for wl in &w.workloads {
             let argv = if wl.argv.is_empty() {

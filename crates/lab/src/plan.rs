@@ -135,6 +135,88 @@ pub struct PodWant {
     pub hostname: Option<String>,
     #[serde(default)]
     pub subdomain: Option<String>,
+    /// `spec.dnsPolicy` and `spec.dnsConfig`, checked: what the pod's resolv.conf is made of.
+    #[serde(default)]
+    pub dns: PodDns,
+}
+
+/// A pod's DNS settings as the kubelet reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodDns {
+    /// `ClusterFirst` (the default; also for `ClusterFirstWithHostNet`), `Default` or `None`.
+    pub policy: String,
+    pub nameservers: Vec<String>,
+    pub searches: Vec<String>,
+    /// Option name and value (`ndots` → `5`).
+    pub options: Vec<(String, Option<String>)>,
+}
+
+/// Reads and checks `spec.dnsPolicy` and `spec.dnsConfig` (the API server's rules).
+fn pod_dns(object: &str, spec: &PodSpec) -> Result<PodDns, ModelError> {
+    let policy = match spec.dns_policy.as_deref().unwrap_or("ClusterFirst") {
+        "ClusterFirst" | "ClusterFirstWithHostNet" => "ClusterFirst",
+        "Default" => "Default",
+        "None" => "None",
+        other => {
+            return Err(ModelError::new(
+                object,
+                "spec.dnsPolicy",
+                format!(
+                    "{other:?} is not one of ClusterFirst, ClusterFirstWithHostNet, Default, None"
+                ),
+            ))
+        }
+    };
+    let cfg = spec.dns_config.clone().unwrap_or_default();
+    let nameservers = cfg.nameservers.unwrap_or_default();
+    for (i, ns) in nameservers.iter().enumerate() {
+        if ns.parse::<std::net::IpAddr>().is_err() {
+            return Err(ModelError::new(
+                object,
+                format!("spec.dnsConfig.nameservers[{i}]"),
+                format!("{ns:?} is not an IP address"),
+            ));
+        }
+    }
+    if policy == "None" && nameservers.is_empty() {
+        return Err(ModelError::new(
+            object,
+            "spec.dnsConfig.nameservers",
+            "at least one is required when spec.dnsPolicy is None",
+        ));
+    }
+    if nameservers.len() > 3 {
+        return Err(ModelError::new(
+            object,
+            "spec.dnsConfig.nameservers",
+            format!("{} given; at most 3", nameservers.len()),
+        ));
+    }
+    let searches = cfg.searches.unwrap_or_default();
+    if searches.len() > 32 {
+        return Err(ModelError::new(
+            object,
+            "spec.dnsConfig.searches",
+            format!("{} given; at most 32", searches.len()),
+        ));
+    }
+    let mut options = Vec::new();
+    for (i, o) in cfg.options.unwrap_or_default().into_iter().enumerate() {
+        let name = o.name.filter(|n| !n.is_empty()).ok_or_else(|| {
+            ModelError::new(
+                object,
+                format!("spec.dnsConfig.options[{i}].name"),
+                "required",
+            )
+        })?;
+        options.push((name, o.value));
+    }
+    Ok(PodDns {
+        policy: policy.into(),
+        nameservers,
+        searches,
+        options,
+    })
 }
 
 /// A declared `containerPort`.
@@ -236,6 +318,7 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
             .as_ref()
             .ok_or_else(|| ModelError::new(&object, "spec", "missing"))?;
         let w = workloads(&object, spec)?;
+        let dns = pod_dns(&object, spec)?;
         out.push(PodWant {
             labels: p.metadata.labels.clone().unwrap_or_default(),
             node_name: spec.node_name.clone(),
@@ -257,6 +340,7 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
             owner: None,
             hostname: spec.hostname.clone(),
             subdomain: spec.subdomain.clone(),
+            dns,
         });
     }
     for d in &m.deployments {
@@ -290,7 +374,11 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
             }
         }
         let w = workloads(&object, spec)?;
-        let template_hash = short_hash(&(&w, &labels, &spec.node_name, &spec.node_selector), 10);
+        let dns = pod_dns(&object, spec)?;
+        let template_hash = short_hash(
+            &(&w, &labels, &spec.node_name, &spec.node_selector, &dns),
+            10,
+        );
         for i in 0..replicas {
             out.push(PodWant {
                 namespace: ns.clone(),
@@ -307,6 +395,7 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
                 owner: Some(format!("Deployment {ns}/{name}")),
                 hostname: spec.hostname.clone(),
                 subdomain: spec.subdomain.clone(),
+                dns: dns.clone(),
             });
         }
     }
@@ -477,6 +566,36 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
         assert!(max - min <= 1, "spread: {per:?}");
         // Stable: the same input names the same pods.
         assert_eq!(desired_pods(&m).unwrap(), wants);
+    }
+
+    #[test]
+    fn dns_settings_are_checked_and_named() {
+        let pod = |spec: &str| {
+            manifests(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: x}}\nspec: {{containers: [{{name: c, image: x}}], {spec}}}\n"
+            ))
+        };
+        let err = |spec: &str| desired_pods(&pod(spec)).unwrap_err().to_string();
+        assert_eq!(
+            err("dnsPolicy: None"),
+            "Pod default/x: spec.dnsConfig.nameservers: at least one is required when spec.dnsPolicy is None"
+        );
+        assert!(err("dnsPolicy: Cluster")
+            .starts_with("Pod default/x: spec.dnsPolicy: \"Cluster\" is not one of"));
+        assert_eq!(
+            err("dnsConfig: {nameservers: [nine]}"),
+            "Pod default/x: spec.dnsConfig.nameservers[0]: \"nine\" is not an IP address"
+        );
+        let ok = desired_pods(&pod("dnsPolicy: None, dnsConfig: {nameservers: [192.0.2.53], options: [{name: ndots, value: \"1\"}]}")).unwrap();
+        assert_eq!(ok[0].dns.policy, "None");
+        assert_eq!(
+            ok[0].dns.options,
+            vec![("ndots".to_string(), Some("1".to_string()))]
+        );
+        assert_eq!(
+            desired_pods(&pod("hostname: h")).unwrap()[0].dns.policy,
+            "ClusterFirst"
+        );
     }
 
     #[test]
