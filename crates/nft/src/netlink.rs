@@ -610,13 +610,86 @@ impl Conn {
         }
     }
 
-    /// The comment of a table: `None` when there is no such table, `Some("")` for none.
-    pub fn table_comment(&mut self, family: u8, table: &str) -> Result<Option<String>, String> {
+    /// Which of `names` exist in `table` as chains (`sets` false) or named sets and maps, asked
+    /// one by one (a hash lookup each in the kernel) in batches of requests: unlike a dump, whose
+    /// every round walks the table's list again from its start, the cost is linear.
+    pub fn existing(
+        &mut self,
+        family: u8,
+        table: &str,
+        sets: bool,
+        names: &[&str],
+    ) -> Result<std::collections::BTreeSet<String>, String> {
+        // Replies per round stay well inside the socket's receive buffer.
+        const ROUND: usize = 256;
+        let (ty, name_attr) = if sets { (GETSET, 2) } else { (GETCHAIN, 3) };
+        let mut found = std::collections::BTreeSet::new();
+        for round in names.chunks(ROUND) {
+            let first = self.seq;
+            let mut buf = Vec::new();
+            for (i, name) in round.iter().enumerate() {
+                let mut a = Attrs::default();
+                a.str(1, table).str(name_attr, name);
+                push_msg(
+                    &mut buf,
+                    (NFNL_SUBSYS_NFTABLES << 8) | ty,
+                    NLM_F_REQUEST,
+                    first + i as u32,
+                    family,
+                    0,
+                    &a.0,
+                );
+            }
+            self.seq += round.len() as u32;
+            self.socket
+                .send(&buf, 0)
+                .map_err(|e| format!("asking the kernel for {} objects: {e}", round.len()))?;
+            // One reply per request: the object, or an error (ENOENT: not there).
+            let mut answered = 0;
+            while answered < round.len() {
+                let (data, _) = self
+                    .socket
+                    .recv_from_full()
+                    .map_err(|e| format!("reading objects: {e}"))?;
+                for m in messages(&data) {
+                    let Some(i) = m.seq.checked_sub(first).map(|i| i as usize) else {
+                        continue;
+                    };
+                    if i >= round.len() {
+                        continue;
+                    }
+                    answered += 1;
+                    if m.ty == NLMSG_ERROR {
+                        let code = i32::from_ne_bytes(m.payload[..4].try_into().expect("4"));
+                        if code != -2 {
+                            return Err(format!(
+                                "looking up {}: {}",
+                                round[i],
+                                std::io::Error::from_raw_os_error(-code)
+                            ));
+                        }
+                    } else {
+                        found.insert(round[i].to_string());
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// A table's comment and its object count (chains, sets and maps: the kernel's `use`);
+    /// `None` when there is no such table.
+    pub fn table_info(&mut self, family: u8, table: &str) -> Result<Option<(String, u32)>, String> {
         let mut a = Attrs::default();
         a.str(1, table);
         Ok(self.dump(GETTABLE, family, &a)?.iter().find_map(|body| {
             let at = attrs(body);
-            (string(attr(&at, 1)?) == table).then(|| udata_comment(attr(&at, 6)))
+            (string(attr(&at, 1)?) == table).then(|| {
+                let used = attr(&at, 3)
+                    .and_then(|u| u.try_into().ok())
+                    .map_or(0, u32::from_be_bytes);
+                (udata_comment(attr(&at, 6)), used)
+            })
         }))
     }
 

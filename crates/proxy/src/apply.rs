@@ -11,11 +11,12 @@
 
 use crate::model::Proto;
 use crate::plan::{
-    chain_kind, random_arms, table_comment, Diff, Key, Rule, Ruleset, AFFINITY, IP_MAPS,
-    MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
+    chain_kind, fixed_object_count, random_arms, table_comment, Diff, Key, Rule, Ruleset, AFFINITY,
+    IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
 };
 use ipnet::Ipv4Net;
 use nft::netlink::{Batch, Conn, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 /// Messages per transaction when a diff has to be split.
@@ -192,34 +193,25 @@ impl Applier {
     }
 
     /// What the kernel holds now, by name (chains without their rules: names say what they
-    /// hold). A missing table, or one whose fixed part another version wrote, is created
-    /// afresh — the only time the table is replaced whole.
-    pub fn adopt(&mut self) -> Result<Ruleset, String> {
-        let comment = self
+    /// hold), as far as it matters for reaching `want`. A missing table, or one whose fixed part
+    /// another version wrote, is created afresh — the only time the table is replaced whole.
+    ///
+    /// The map elements are listed; chains and sets are asked for by name: those `want` has and
+    /// those the maps point at. When that accounts for every object the kernel counts in the
+    /// table (the usual restart), nothing else is read; otherwise (chains of Services that went
+    /// while no agent ran) every chain and set is listed. Listing is what a restart at scale
+    /// pays for: each round of a dump walks the table's chain list from its start again.
+    pub fn adopt(&mut self, want: &Ruleset) -> Result<Ruleset, String> {
+        let info = self
             .conn
-            .table_comment(FAMILY_IPV4, TABLE_NAME)
+            .table_info(FAMILY_IPV4, TABLE_NAME)
             .map_err(|e| format!("reading {TABLE}: {e}"))?;
-        if comment.as_deref() != Some(table_comment().as_str()) {
+        let Some((comment, objects)) = info.filter(|(c, _)| *c == table_comment()) else {
             nft::apply(&Ruleset::default().render()).map_err(|e| e.to_string())?;
             return Ok(Ruleset::default());
-        }
+        };
+        let _ = comment;
         let mut held = Ruleset::default();
-        for (name, comment) in self.conn.chains(FAMILY_IPV4, TABLE_NAME)? {
-            if chain_kind(&name).is_some() {
-                if !comment.is_empty() {
-                    held.comments.insert(name.clone(), comment);
-                }
-                held.chains.insert(name, Vec::new());
-            }
-        }
-        for set in self.conn.sets(FAMILY_IPV4, TABLE_NAME)? {
-            if set
-                .split_once('_')
-                .is_some_and(|(kind, _)| kind == AFFINITY)
-            {
-                held.sets.insert(set, 0);
-            }
-        }
         for map in IP_MAPS.iter().chain(&PORT_MAPS) {
             for (key, v) in self.conn.map_elements(FAMILY_IPV4, TABLE_NAME, map)? {
                 let (Some(key), Verdict::Goto(chain)) = (key_from_bytes(&key), v) else {
@@ -243,6 +235,41 @@ impl Applier {
                     }
                     _ => {}
                 }
+            }
+        }
+        let mut chains: BTreeSet<&str> = want.chains.keys().map(String::as_str).collect();
+        chains.extend(
+            held.service_ips
+                .values()
+                .chain(held.firewall.values())
+                .chain(held.node_ports.values())
+                .map(String::as_str),
+        );
+        let chains: Vec<&str> = chains.into_iter().collect();
+        let sets: Vec<&str> = want.sets.keys().map(String::as_str).collect();
+        let found_chains = self
+            .conn
+            .existing(FAMILY_IPV4, TABLE_NAME, false, &chains)?;
+        let found_sets = self.conn.existing(FAMILY_IPV4, TABLE_NAME, true, &sets)?;
+        if fixed_object_count() + found_chains.len() + found_sets.len() == objects as usize {
+            held.chains = found_chains.into_iter().map(|c| (c, Vec::new())).collect();
+            held.sets = found_sets.into_iter().map(|s| (s, 0)).collect();
+            return Ok(held);
+        }
+        for (name, comment) in self.conn.chains(FAMILY_IPV4, TABLE_NAME)? {
+            if chain_kind(&name).is_some() {
+                if !comment.is_empty() {
+                    held.comments.insert(name.clone(), comment);
+                }
+                held.chains.insert(name, Vec::new());
+            }
+        }
+        for set in self.conn.sets(FAMILY_IPV4, TABLE_NAME)? {
+            if set
+                .split_once('_')
+                .is_some_and(|(kind, _)| kind == AFFINITY)
+            {
+                held.sets.insert(set, 0);
             }
         }
         Ok(held)

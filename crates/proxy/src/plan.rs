@@ -371,6 +371,17 @@ fn fixed_chains() -> String {
     )
 }
 
+/// The chains and maps of the fixed part: what the kernel counts in the table besides the
+/// per-Service chains and affinity sets.
+pub fn fixed_object_count() -> usize {
+    fixed_chains()
+        .lines()
+        .filter(|l| l.starts_with("  chain "))
+        .count()
+        + IP_MAPS.len()
+        + PORT_MAPS.len()
+}
+
 /// The table's comment: names the version of the fixed part, so an applier adopts a table
 /// only when its fixed part is the one this build writes.
 pub fn table_comment() -> String {

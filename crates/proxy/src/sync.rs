@@ -218,7 +218,6 @@ impl Proxy {
     }
 
     fn adopt_and_apply(&mut self, planned: &[(ServiceKey, Ruleset)]) -> Result<usize, String> {
-        let held = self.applier.adopt()?;
         let mut want = Ruleset::default();
         let replanned: BTreeSet<&ServiceKey> = planned.iter().map(|(k, _)| k).collect();
         for (key, r) in &self.applied {
@@ -229,6 +228,7 @@ impl Proxy {
         for (_, r) in planned {
             want.merge(r.clone());
         }
+        let held = self.applier.adopt(&want)?;
         let d = diff(&held, &want);
         let objects = d.size();
         self.applier.apply(&d)?;

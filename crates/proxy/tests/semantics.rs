@@ -454,7 +454,8 @@ fn the_rendered_table_matches_the_golden_file() {
 /// The sample ruleset is valid nftables, and the native applier builds exactly the table the
 /// text describes: `nft -f` of the rendered text in one namespace and the applier's netlink
 /// batches in another list the same. A second applier then adopts the table and finds nothing
-/// to change (as root, in throw-away namespaces).
+/// to change, whether it asks for objects by name or has to list them all (as root, in
+/// throw-away namespaces).
 #[test]
 fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
     if !netns::can_create() {
@@ -475,7 +476,7 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
         .ns()
         .run(|| {
             let mut a = proxy::Applier::new().unwrap();
-            let held = a.adopt().unwrap();
+            let held = a.adopt(&rs).unwrap();
             assert_eq!(
                 held,
                 proxy::Ruleset::default(),
@@ -483,7 +484,21 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
             );
             a.apply(&proxy::plan::diff(&held, &rs)).unwrap();
             let listing = nft::list_table(proxy::plan::TABLE).unwrap().unwrap();
-            let again = proxy::Applier::new().unwrap().adopt().unwrap();
+            // Asked for by name: what the plan wants and the maps point at.
+            let again = proxy::Applier::new().unwrap().adopt(&rs).unwrap();
+            // Wanting nothing, the count of the table's objects does not add up: listed whole.
+            let listed = proxy::Applier::new()
+                .unwrap()
+                .adopt(&proxy::Ruleset::default())
+                .unwrap();
+            assert_eq!(
+                listed.chains.keys().collect::<Vec<_>>(),
+                again.chains.keys().collect::<Vec<_>>()
+            );
+            assert_eq!(
+                listed.sets.keys().collect::<Vec<_>>(),
+                again.sets.keys().collect::<Vec<_>>()
+            );
             (listing, again)
         })
         .unwrap();
