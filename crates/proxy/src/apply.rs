@@ -206,11 +206,10 @@ impl Applier {
             .conn
             .table_info(FAMILY_IPV4, TABLE_NAME)
             .map_err(|e| format!("reading {TABLE}: {e}"))?;
-        let Some((comment, objects)) = info.filter(|(c, _)| *c == table_comment()) else {
+        let Some((_, objects)) = info.filter(|(c, _)| *c == table_comment()) else {
             nft::apply(&Ruleset::default().render()).map_err(|e| e.to_string())?;
             return Ok(Ruleset::default());
         };
-        let _ = comment;
         let mut held = Ruleset::default();
         for map in IP_MAPS.iter().chain(&PORT_MAPS) {
             for (key, v) in self.conn.map_elements(FAMILY_IPV4, TABLE_NAME, map)? {
