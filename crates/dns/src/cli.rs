@@ -117,7 +117,24 @@ fn upstream(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("--upstream {s:?}: expected IP or IP:PORT"))
 }
 
+/// A domain name as given on the command line, checked.
+fn domain(flag: &str, name: &str) -> Result<(), String> {
+    let trimmed = name.trim_end_matches('.');
+    if trimmed.is_empty() || trimmed.split('.').any(|l| l.is_empty() || l.len() > 63) {
+        return Err(format!(
+            "{flag} {name:?}: not a domain name (dot-separated labels of 1 to 63 characters)"
+        ));
+    }
+    hickory_proto::rr::Name::from_ascii(name)
+        .map(drop)
+        .map_err(|e| format!("{flag} {name:?}: {e}"))
+}
+
 fn options(a: DnsArgs) -> Result<Options, String> {
+    domain("--domain", &a.domain)?;
+    for (name, _) in &a.records {
+        domain("--record", name)?;
+    }
     let upstreams = if a.no_forward {
         Vec::new()
     } else if a.upstreams.is_empty() {
