@@ -992,6 +992,15 @@ fn cluster_dns_answers_per_the_specification() {
     );
     let late = cluster_ip(&lab.status(), "late").to_string();
     assert_eq!(lab.dig("late.default.svc.cluster.local"), late);
+    // And gone when `lab delete service` returns.
+    let out = lab.flatnet(&["delete", "service", "late"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _) = lab.dig_status("late.default.svc.cluster.local");
+    assert_eq!(status, "NXDOMAIN");
     // Metrics through the Service's metrics port.
     let out = lab.flatnet(&[
         "exec",

@@ -993,7 +993,7 @@ impl Lab {
         write_atomic(&dir.join("00-applied.yaml"), &text.join("\n---\n"))
     }
 
-    /// Removes a Pod or Deployment by name and reconciles.
+    /// Removes a Pod, Deployment or Service by name and reconciles.
     pub fn delete(&self, kind: &str, name: &str, namespace: &str) -> Result<(), String> {
         let mut all = self.manifests()?;
         let matches =
@@ -1005,6 +1005,7 @@ impl Lab {
             "deployment" | "deployments" | "deploy" => {
                 all.deployments.retain(|d| !matches(&d.metadata))
             }
+            "service" | "services" | "svc" => all.services.retain(|s| !matches(&s.metadata)),
             other => {
                 return Err(format!(
                     "kind {other:?}: the lab deletes pod, deployment or service"
