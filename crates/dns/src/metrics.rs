@@ -34,6 +34,12 @@ const HOT_TYPES: [RecordType; 9] = [
 const RCODES: [&str; 7] = [
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "OTHER",
 ];
+/// How a query came; indexes `PROTOS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp = 0,
+    Tcp = 1,
+}
 const PROTOS: [&str; 2] = ["udp", "tcp"];
 
 /// Handles on the families' common label sets, so counting a query is two atomic adds.
@@ -131,8 +137,8 @@ impl Metrics {
     }
 
     /// Counts one query and its reply (`rcode`: the header's low four bits).
-    pub fn count(&self, tcp: bool, qtype: RecordType, rcode: u8) {
-        let proto = usize::from(tcp);
+    pub fn count(&self, transport: Transport, qtype: RecordType, rcode: u8) {
+        let proto = transport as usize;
         match HOT_TYPES.iter().position(|t| *t == qtype) {
             Some(i) => self.hot.requests[proto][i].inc(),
             None => self

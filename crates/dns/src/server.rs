@@ -10,7 +10,7 @@
 
 use crate::answer::{self, Step};
 use crate::forward::{Forwarder, Upstream};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 use crate::rendered::Answers;
 use crate::zone::{Zone, ZoneConfig};
 use cluster::FileSource;
@@ -113,10 +113,9 @@ impl Server {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    fn count(&self, proto: &'static str, packet: &[u8], reply: &[u8]) {
+    fn count(&self, transport: Transport, packet: &[u8], reply: &[u8]) {
         let rcode = reply.get(3).map_or(2, |b| b & 0x0f);
-        self.metrics
-            .count(proto == "tcp", question_type(packet), rcode);
+        self.metrics.count(transport, question_type(packet), rcode);
     }
 
     /// The reply to a forwarded question.
@@ -202,7 +201,7 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
         for (packet, peer) in batch.packets() {
             match answers.handle(packet, answer::udp_limit) {
                 Step::Reply(b) => {
-                    server.count("udp", packet, &b);
+                    server.count(Transport::Udp, packet, &b);
                     replies.push((b, peer));
                 }
                 Step::Drop => {}
@@ -214,7 +213,7 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
                     let limit = answer::udp_limit(&request);
                     if let Some(b) = server.cached_reply(&request, &query, prefix.clone(), limit) {
                         answers.remember_forwarded(packet, &b);
-                        server.count("udp", packet, &b);
+                        server.count(Transport::Udp, packet, &b);
                         replies.push((b, peer));
                         continue;
                     }
@@ -223,7 +222,7 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
                             &answer::response(&request, ResponseCode::ServFail),
                             limit,
                         );
-                        server.count("udp", packet, &b);
+                        server.count(Transport::Udp, packet, &b);
                         replies.push((b, peer));
                         continue;
                     };
@@ -237,7 +236,7 @@ fn udp_loop(server: Arc<Server>, sock: Arc<std::net::UdpSocket>, rt: tokio::runt
                         let b = server.forward(request, query, prefix, limit).await;
                         server.in_flight.add_permits(1);
                         server.zone().remember_forwarded(&packet, &b);
-                        server.count("udp", &packet, &b);
+                        server.count(Transport::Udp, &packet, &b);
                         let _ = sock.send_to(&b, dest);
                     });
                 }
@@ -263,7 +262,7 @@ async fn tcp_conn(server: Arc<Server>, mut s: TcpStream) {
         let Some(b) = server.reply(&buf, 65535).await else {
             continue;
         };
-        server.count("tcp", &buf, &b);
+        server.count(Transport::Tcp, &buf, &b);
         let mut framed = (b.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&b);
         if s.write_all(&framed).await.is_err() {

@@ -559,7 +559,7 @@ impl Lab {
                 && placement.bound.get(&p.key()) == Some(&p.node)
         });
         s.pods = keep;
-        if !drop.is_empty() && !m.services.is_empty() {
+        if !drop.is_empty() {
             // Like a terminating pod: out of the EndpointSlices first, and a moment for the
             // agents (they poll every 100 ms) before the pod goes away.
             self.publish_services(&mut s, &m.services)?;
