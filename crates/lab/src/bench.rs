@@ -27,8 +27,15 @@ fn lab_file(
     Ok(p)
 }
 
+/// A directory for the bench's lab files, removed with it (the labs themselves live under the
+/// root).
+fn spec_dir() -> Result<tempfile::TempDir, String> {
+    tempfile::tempdir().map_err(|e| format!("a directory for the bench's lab files: {e}"))
+}
+
 /// Brings up labs of `nodes` nodes and each pod count in `sizes`; prints seconds and ms per pod.
 pub fn bring_up(root: &Path, nodes: usize, sizes: &[usize]) -> Result<(), String> {
+    let files = spec_dir()?;
     println!("bring-up, {nodes} nodes, backend vxlan, one `flatnet serve` per pod");
     println!("{:>6} {:>10} {:>12}", "pods", "seconds", "ms per pod");
     for &n in sizes {
@@ -36,7 +43,7 @@ pub fn bring_up(root: &Path, nodes: usize, sizes: &[usize]) -> Result<(), String
         let workloads = format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {n}\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: web, image: flatnet-serve}}]}}\n"
         );
-        let f = lab_file(root, &name, nodes, "vxlan", &workloads)?;
+        let f = lab_file(files.path(), &name, nodes, "vxlan", &workloads)?;
         let t = Instant::now();
         let lab = Lab::up(root, &[f]);
         let took = t.elapsed();
@@ -237,6 +244,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// prints medians and ratios.
 pub fn throughput(root: &Path, secs: u32, rounds: usize) -> Result<(), String> {
     let raw = format!("raw{}", std::process::id() % 100_000);
+    let files = spec_dir()?;
     let mut labs: Vec<Lab> = Vec::new();
     let result = (|| -> Result<(), String> {
         let baselines = raw_baselines(&raw)?;
@@ -247,7 +255,7 @@ pub fn throughput(root: &Path, secs: u32, rounds: usize) -> Result<(), String> {
         let mut via_service = None;
         for backend in ["host-gw", "vxlan"] {
             let name = format!("ip{}{}", &backend[..2], std::process::id() % 10_000);
-            let f = lab_file(root, &name, 2, backend, workloads)?;
+            let f = lab_file(files.path(), &name, 2, backend, workloads)?;
             let lab = Lab::up(root, &[f])?;
             let s = lab.load()?;
             labs.push(lab);
