@@ -16,7 +16,8 @@
 //! - An endpoint chain `ep_*` masquerades a pod reaching itself (hairpin) and DNATs.
 //! - Services without endpoints are rejected at once by filter-hook lookups in
 //!   `no-endpoint-services` / `no-endpoint-nodeports` (a nat chain cannot reject);
-//!   `loadBalancerSourceRanges` are a filter-hook lookup in `firewall-ips` before DNAT.
+//!   `loadBalancerSourceRanges` are a filter-hook lookup in `firewall-ips` before DNAT, for new
+//!   connections only (as kube-proxy does), so packets of established flows skip it.
 //! - Masquerade is a mark (`0x4000`) set anywhere above and acted on once at postrouting.
 
 use crate::model::{service_ports, usable, Config, Endpoint, Proto, SvcPort};
@@ -330,7 +331,7 @@ fn fixed_chains() -> String {
   }}
   chain filter-prerouting {{
     type filter hook prerouting priority -110; policy accept;
-    ip daddr . meta l4proto . th dport vmap @firewall-ips
+    ct state new ip daddr . meta l4proto . th dport vmap @firewall-ips
   }}
   chain filter-input {{
     type filter hook input priority -10; policy accept;
