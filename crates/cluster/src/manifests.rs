@@ -98,6 +98,10 @@ impl Manifests {
             name,
         );
         let typed = |e: serde_json::Error| ModelError::new(&object, "", e.to_string());
+        if kind == "List" || (kind.ends_with("List") && doc.get("items").is_some()) {
+            let kind = kind.to_string();
+            return self.add_list(&kind, doc);
+        }
         match kind {
             "Lab" => {
                 if self.lab.is_some() {
@@ -135,6 +139,32 @@ impl Manifests {
         Ok(())
     }
 
+    /// The items of a `List` (what `kubectl get -o yaml` writes) or of a typed list such as
+    /// `ServiceList` (whose items may leave out the kind and apiVersion it implies).
+    fn add_list(&mut self, kind: &str, doc: Value) -> Result<(), ModelError> {
+        let api_version = doc.get("apiVersion").cloned().unwrap_or(Value::Null);
+        let Some(Value::Array(items)) = doc.get("items").cloned() else {
+            return Err(ModelError::new(kind, "items", "must be a list of objects"));
+        };
+        let implied = kind.strip_suffix("List").filter(|k| !k.is_empty());
+        for (i, mut item) in items.into_iter().enumerate() {
+            if let (Some(k), Some(fields)) = (implied, item.as_object_mut()) {
+                fields.entry("kind").or_insert_with(|| Value::from(k));
+                fields
+                    .entry("apiVersion")
+                    .or_insert_with(|| api_version.clone());
+            }
+            self.add(item).map_err(|e| {
+                ModelError::new(
+                    format!("{kind} items[{i}]: {}", e.object),
+                    e.field,
+                    e.message,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Adds everything from `other` (later files win nothing: duplicates are kept for the caller
     /// to judge).
     pub fn extend(&mut self, other: Manifests) -> Result<(), ModelError> {
@@ -161,6 +191,30 @@ impl Manifests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_are_read_item_by_item() {
+        let m = Manifests::parse(
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a}}\n- {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {ports: [{port: 80}]}}\n---\napiVersion: v1\nkind: PodList\nitems:\n- {metadata: {name: b, namespace: shop}}\n",
+            "list.yaml",
+        )
+        .unwrap();
+        let pods: Vec<_> = m.pods.iter().map(|p| namespaced(&p.metadata)).collect();
+        assert_eq!(
+            pods,
+            [("default".into(), "a".into()), ("shop".into(), "b".into())]
+        );
+        assert_eq!(m.services.len(), 1);
+        let e = Manifests::parse(
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: Bad}}\n",
+            "list.yaml",
+        )
+        .unwrap_err();
+        assert!(e.object.contains("List items[0]: Pod default/Bad"), "{e}");
+        assert_eq!(e.field, "metadata.name");
+        let e = Manifests::parse("apiVersion: v1\nkind: List\nitems: 3\n", "l.yaml").unwrap_err();
+        assert_eq!(e.field, "items");
+    }
 
     #[test]
     fn reads_several_kinds_from_one_file() {

@@ -331,6 +331,11 @@ fn down_leaves_nothing_and_up_recovers_from_a_kill() {
     let before = lab.status();
     lab.up(&f);
     assert_eq!(lab.status()["pods"], before["pods"]);
+    // The same lab from a file of another name: objects are matched by name, not by file.
+    let renamed = lab.root.path().join("renamed.yaml");
+    std::fs::copy(&f, &renamed).unwrap();
+    lab.up(&renamed);
+    assert_eq!(lab.status()["pods"], before["pods"]);
     let out = lab.flatnet(&["down"]);
     assert!(
         out.status.success(),

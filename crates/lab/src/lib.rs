@@ -234,8 +234,9 @@ impl Lab {
         if let Ok(s) = lab.load() {
             if s.complete && s.spec == spec && lab.infra_alive(&s) {
                 lab.restart_dead_agents()?;
-                lab.store_manifests(files)?;
-                lab.reconcile()?;
+                // Objects are added or replaced by name, as `lab apply` does: the files may
+                // have another name than last time, and what `lab apply` added stays.
+                lab.apply(files)?;
                 return Ok(lab);
             }
             eprintln!(
