@@ -3,7 +3,7 @@
 
 use crate::lab::LabSpec;
 use crate::{is_dns_subdomain, ModelError};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
@@ -13,6 +13,8 @@ pub struct Manifests {
     pub lab: Option<LabSpec>,
     pub pods: Vec<Pod>,
     pub deployments: Vec<Deployment>,
+    pub stateful_sets: Vec<StatefulSet>,
+    pub daemon_sets: Vec<DaemonSet>,
     pub nodes: Vec<Node>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
@@ -127,6 +129,12 @@ impl Manifests {
             "Deployment" => self
                 .deployments
                 .push(serde_json::from_value(doc).map_err(typed)?),
+            "StatefulSet" => self
+                .stateful_sets
+                .push(serde_json::from_value(doc).map_err(typed)?),
+            "DaemonSet" => self
+                .daemon_sets
+                .push(serde_json::from_value(doc).map_err(typed)?),
             "Node" => self.nodes.push(serde_json::from_value(doc).map_err(typed)?),
             "Service" => self
                 .services
@@ -180,6 +188,8 @@ impl Manifests {
         }
         self.pods.extend(other.pods);
         self.deployments.extend(other.deployments);
+        self.stateful_sets.extend(other.stateful_sets);
+        self.daemon_sets.extend(other.daemon_sets);
         self.nodes.extend(other.nodes);
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);

@@ -1006,6 +1006,31 @@ fn cluster_dns_answers_per_the_specification() {
     );
     let (status, _) = lab.dig_status("late.default.svc.cluster.local");
     assert_eq!(status, "NXDOMAIN");
+    // A StatefulSet behind its headless Service: each pod by its ordinal name.
+    std::fs::write(
+        &more,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec: {serviceName: db, replicas: 2, selector: {matchLabels: {app: db}}, template: {metadata: {labels: {app: db}}, spec: {containers: [{name: c, image: x}]}}}\n",
+    )
+    .unwrap();
+    let out = lab.flatnet(&["apply", more.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = lab.status();
+    for pod in ["db-0", "db-1"] {
+        let ip = st["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == pod)
+            .unwrap_or_else(|| panic!("{pod} missing: {st}"))["ip"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(lab.dig(&format!("{pod}.db.default.svc.cluster.local")), ip);
+    }
     // Metrics through the Service's metrics port.
     let out = lab.flatnet(&[
         "exec",

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 pub enum LabCmd {
     /// Build a lab from manifest files (one holds the `kind: Lab` document); idempotent.
     Up { files: Vec<PathBuf> },
-    /// Add or change Pods, Deployments and Services in the running lab.
+    /// Add or change Pods, Deployments, StatefulSets, DaemonSets and Services in the running lab.
     Apply { files: Vec<PathBuf> },
-    /// Remove a Pod, Deployment or Service (`lab delete service NAME -n NAMESPACE`).
+    /// Remove a Pod, Deployment, StatefulSet, DaemonSet or Service (`lab delete service NAME -n NAMESPACE`).
     Delete {
         kind: String,
         object: String,

@@ -228,7 +228,7 @@ impl Lab {
             .lab
             .clone()
             .ok_or("no `kind: Lab` document among the files (see examples/)")?;
-        let wants = plan::desired_pods(&m).map_err(|e| e.to_string())?;
+        let wants = plan::desired_pods(&m, &spec.nodes).map_err(|e| e.to_string())?;
         plan::check_node_names(&wants, &spec.nodes).map_err(|e| e.to_string())?;
         let lab = Lab::find(root, Some(&spec.name))?;
         if let Ok(s) = lab.load() {
@@ -549,7 +549,7 @@ impl Lab {
             &self.dir,
             INTERNET_HOST.parse().expect("valid"),
         )?;
-        let wants = plan::desired_pods(&m).map_err(|e| e.to_string())?;
+        let wants = plan::desired_pods(&m, &s.spec.nodes).map_err(|e| e.to_string())?;
         let running: BTreeMap<String, String> =
             s.pods.iter().map(|p| (p.key(), p.node.clone())).collect();
         let placement = plan::place(&wants, &s.nodes, &running);
@@ -924,7 +924,7 @@ impl Lab {
             );
         }
         let mut all = self.manifests()?;
-        let incoming = plan::desired_pods(&m).map_err(|e| e.to_string())?;
+        let incoming = plan::desired_pods(&m, &s.spec.nodes).map_err(|e| e.to_string())?;
         plan::check_node_names(&incoming, &s.spec.nodes).map_err(|e| e.to_string())?;
         let incoming_keys: Vec<(String, String)> = m
             .pods
@@ -934,6 +934,16 @@ impl Lab {
                 m.deployments
                     .iter()
                     .map(|d| ("Deployment", namespaced(&d.metadata))),
+            )
+            .chain(
+                m.stateful_sets
+                    .iter()
+                    .map(|d| ("StatefulSet", namespaced(&d.metadata))),
+            )
+            .chain(
+                m.daemon_sets
+                    .iter()
+                    .map(|d| ("DaemonSet", namespaced(&d.metadata))),
             )
             .chain(
                 m.services
@@ -949,12 +959,18 @@ impl Lab {
         all.pods.retain(|p| !replaced("Pod", &p.metadata));
         all.deployments
             .retain(|d| !replaced("Deployment", &d.metadata));
+        all.stateful_sets
+            .retain(|d| !replaced("StatefulSet", &d.metadata));
+        all.daemon_sets
+            .retain(|d| !replaced("DaemonSet", &d.metadata));
         all.services.retain(|d| !replaced("Service", &d.metadata));
         all.services.extend(m.services);
         // Refused before anything changes: errors name the Service and field.
         Lab::checked_services(&mut s.clone(), &all.services)?;
         all.pods.extend(m.pods);
         all.deployments.extend(m.deployments);
+        all.stateful_sets.extend(m.stateful_sets);
+        all.daemon_sets.extend(m.daemon_sets);
         all.other.extend(m.other);
         self.write_manifests(&all)?;
         self.reconcile()
@@ -972,6 +988,16 @@ impl Lab {
         );
         docs.extend(
             m.deployments
+                .iter()
+                .map(|d| serde_json::to_value(d).expect("json")),
+        );
+        docs.extend(
+            m.stateful_sets
+                .iter()
+                .map(|d| serde_json::to_value(d).expect("json")),
+        );
+        docs.extend(
+            m.daemon_sets
                 .iter()
                 .map(|d| serde_json::to_value(d).expect("json")),
         );
@@ -994,22 +1020,32 @@ impl Lab {
         write_atomic(&dir.join("00-applied.yaml"), &text.join("\n---\n"))
     }
 
-    /// Removes a Pod, Deployment or Service by name and reconciles.
+    /// Removes a Pod, Deployment, StatefulSet, DaemonSet or Service by name and reconciles.
     pub fn delete(&self, kind: &str, name: &str, namespace: &str) -> Result<(), String> {
         let mut all = self.manifests()?;
         let matches =
             |meta: &ObjectMeta| namespaced(meta) == (namespace.to_string(), name.to_string());
-        let count = |m: &Manifests| m.pods.len() + m.deployments.len() + m.services.len();
+        let count = |m: &Manifests| {
+            m.pods.len()
+                + m.deployments.len()
+                + m.stateful_sets.len()
+                + m.daemon_sets.len()
+                + m.services.len()
+        };
         let before = count(&all);
         match kind.to_ascii_lowercase().as_str() {
             "pod" | "pods" | "po" => all.pods.retain(|p| !matches(&p.metadata)),
             "deployment" | "deployments" | "deploy" => {
                 all.deployments.retain(|d| !matches(&d.metadata))
             }
+            "statefulset" | "statefulsets" | "sts" => {
+                all.stateful_sets.retain(|d| !matches(&d.metadata))
+            }
+            "daemonset" | "daemonsets" | "ds" => all.daemon_sets.retain(|d| !matches(&d.metadata)),
             "service" | "services" | "svc" => all.services.retain(|s| !matches(&s.metadata)),
             other => {
                 return Err(format!(
-                    "kind {other:?}: the lab deletes pod, deployment or service"
+                    "kind {other:?}: the lab deletes pod, deployment, statefulset, daemonset or service"
                 ))
             }
         }

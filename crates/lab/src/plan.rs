@@ -6,7 +6,8 @@
 use cluster::manifests::{describe, namespaced};
 use cluster::{LabSpec, Manifests, ModelError, NodeSpec};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,11 +27,9 @@ pub struct NodePlan {
 }
 
 impl NodePlan {
-    /// The node's labels as the scheduler sees them (with the well-known hostname label).
+    /// See [`scheduling_labels`].
     pub fn scheduling_labels(&self) -> BTreeMap<String, String> {
-        let mut l = self.labels.clone();
-        l.insert("kubernetes.io/hostname".into(), self.name.clone());
-        l
+        scheduling_labels(&self.name, &self.labels)
     }
 }
 
@@ -306,9 +305,12 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
     Ok(out)
 }
 
-/// Every pod the manifests ask for: bare Pods and each Deployment's replicas (named
-/// `<deployment>-<template hash>-<suffix>`, like the ReplicaSet controller, but stable).
-pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
+/// Every pod the manifests ask for: bare Pods; each Deployment's replicas (named
+/// `<deployment>-<template hash>-<suffix>`, like the ReplicaSet controller, but stable); each
+/// StatefulSet's replicas (`<name>-<ordinal>`, with hostname and subdomain set so that
+/// `<name>-<ordinal>.<serviceName>` resolves, as the StatefulSet controller does); one pod of each
+/// DaemonSet on every node its nodeSelector admits.
+pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, ModelError> {
     let mut out: Vec<PodWant> = Vec::new();
     for p in &m.pods {
         let (ns, name) = namespaced(&p.metadata);
@@ -346,57 +348,42 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
     for d in &m.deployments {
         let (ns, name) = namespaced(&d.metadata);
         let object = describe("Deployment", Some(&ns), &name);
-        let replicas = d.spec.replicas.unwrap_or(1);
-        if replicas < 0 {
-            return Err(ModelError::new(
-                &object,
-                "spec.replicas",
-                format!("{replicas} is negative"),
-            ));
+        let t = Template::of(&object, &d.spec.selector, &d.spec.template)?;
+        for i in 0..replicas(&object, d.spec.replicas)? {
+            let seed = format!("{ns}/{name}/{}/{i}", t.hash);
+            let pod = format!("{name}-{}-{}", t.hash, suffix(&seed));
+            out.push(t.pod(&ns, pod, &object, None));
         }
-        let t = &d.spec.template;
-        let spec = t
-            .spec
-            .as_ref()
-            .ok_or_else(|| ModelError::new(&object, "spec.template.spec", "missing"))?;
-        let labels = t
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.clone())
-            .unwrap_or_default();
-        if let Some(sel) = &d.spec.selector.match_labels {
-            if let Some((k, v)) = sel.iter().find(|(k, v)| labels.get(*k) != Some(v)) {
-                return Err(ModelError::new(
-                    &object,
-                    "spec.selector.matchLabels",
-                    format!("{k}={v} does not match the template's labels"),
-                ));
+    }
+    for st in &m.stateful_sets {
+        let (ns, name) = namespaced(&st.metadata);
+        let object = describe("StatefulSet", Some(&ns), &name);
+        let spec = &st.spec;
+        let t = Template::of(&object, &spec.selector, &spec.template)?;
+        let service = spec.service_name.clone().filter(|s| !s.is_empty());
+        for i in 0..replicas(&object, spec.replicas)? {
+            let pod = format!("{name}-{i}");
+            let mut w = t.pod(&ns, pod.clone(), &object, None);
+            w.hostname = Some(pod);
+            w.subdomain = service.clone();
+            out.push(w);
+        }
+    }
+    for ds in &m.daemon_sets {
+        let (ns, name) = namespaced(&ds.metadata);
+        let object = describe("DaemonSet", Some(&ns), &name);
+        let spec = &ds.spec;
+        let t = Template::of(&object, &spec.selector, &spec.template)?;
+        for n in nodes {
+            let labels = scheduling_labels(&n.name, &n.labels);
+            let admitted = t.spec.node_name.as_ref().is_none_or(|x| *x == n.name)
+                && t.node_selector()
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v));
+            if admitted {
+                let pod = format!("{name}-{}", suffix(&format!("{ns}/{name}/{}", n.name)));
+                out.push(t.pod(&ns, pod, &object, Some(n.name.clone())));
             }
-        }
-        let w = workloads(&object, spec)?;
-        let dns = pod_dns(&object, spec)?;
-        let template_hash = short_hash(
-            &(&w, &labels, &spec.node_name, &spec.node_selector, &dns),
-            10,
-        );
-        for i in 0..replicas {
-            out.push(PodWant {
-                namespace: ns.clone(),
-                name: format!(
-                    "{name}-{template_hash}-{}",
-                    suffix(&format!("{ns}/{name}/{template_hash}/{i}"))
-                ),
-                labels: labels.clone(),
-                node_name: spec.node_name.clone(),
-                node_selector: spec.node_selector.clone().unwrap_or_default(),
-                workloads: w.clone(),
-                ports: container_ports(spec),
-                hash: template_hash.clone(),
-                owner: Some(format!("Deployment {ns}/{name}")),
-                hostname: spec.hostname.clone(),
-                subdomain: spec.subdomain.clone(),
-                dns: dns.clone(),
-            });
         }
     }
     let mut seen = BTreeSet::new();
@@ -410,6 +397,106 @@ pub fn desired_pods(m: &Manifests) -> Result<Vec<PodWant>, ModelError> {
         }
     }
     Ok(out)
+}
+
+/// A controller's replica count (default 1), refused when negative.
+fn replicas(object: &str, replicas: Option<i32>) -> Result<i32, ModelError> {
+    let n = replicas.unwrap_or(1);
+    if n < 0 {
+        return Err(ModelError::new(
+            object,
+            "spec.replicas",
+            format!("{n} is negative"),
+        ));
+    }
+    Ok(n)
+}
+
+/// A controller's pod template, checked: what each of its pods gets.
+struct Template<'a> {
+    labels: BTreeMap<String, String>,
+    spec: &'a PodSpec,
+    workloads: Vec<Workload>,
+    dns: PodDns,
+    hash: String,
+}
+
+impl<'a> Template<'a> {
+    fn of(
+        object: &str,
+        selector: &LabelSelector,
+        t: &'a PodTemplateSpec,
+    ) -> Result<Template<'a>, ModelError> {
+        let spec = t
+            .spec
+            .as_ref()
+            .ok_or_else(|| ModelError::new(object, "spec.template.spec", "missing"))?;
+        let labels = t
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        if let Some(sel) = &selector.match_labels {
+            if let Some((k, v)) = sel.iter().find(|(k, v)| labels.get(*k) != Some(v)) {
+                return Err(ModelError::new(
+                    object,
+                    "spec.selector.matchLabels",
+                    format!("{k}={v} does not match the template's labels"),
+                ));
+            }
+        }
+        let workloads = workloads(object, spec)?;
+        let dns = pod_dns(object, spec)?;
+        let hash = short_hash(
+            &(
+                &workloads,
+                &labels,
+                &spec.node_name,
+                &spec.node_selector,
+                &dns,
+            ),
+            10,
+        );
+        Ok(Template {
+            labels,
+            spec,
+            workloads,
+            dns,
+            hash,
+        })
+    }
+
+    fn node_selector(&self) -> BTreeMap<String, String> {
+        self.spec.node_selector.clone().unwrap_or_default()
+    }
+
+    /// One pod of the template; `node` pins it (a DaemonSet's), else the template's nodeName.
+    fn pod(&self, namespace: &str, name: String, owner: &str, node: Option<String>) -> PodWant {
+        PodWant {
+            namespace: namespace.to_string(),
+            name,
+            labels: self.labels.clone(),
+            node_name: node.or_else(|| self.spec.node_name.clone()),
+            node_selector: self.node_selector(),
+            workloads: self.workloads.clone(),
+            ports: container_ports(self.spec),
+            hash: self.hash.clone(),
+            owner: Some(owner.to_string()),
+            hostname: self.spec.hostname.clone(),
+            subdomain: self.spec.subdomain.clone(),
+            dns: self.dns.clone(),
+        }
+    }
+}
+
+/// A node's labels as the scheduler sees them (with the well-known hostname label).
+pub fn scheduling_labels(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut l = labels.clone();
+    l.insert("kubernetes.io/hostname".into(), name.to_string());
+    l
 }
 
 /// The outcome of scheduling.
@@ -553,7 +640,7 @@ metadata: {name: gpu}
 spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
 "#,
         );
-        let wants = desired_pods(&m).unwrap();
+        let wants = desired_pods(&m, &spec.nodes).unwrap();
         assert_eq!(wants.len(), 8);
         let p = place(&wants, &nodes, &BTreeMap::new());
         assert_eq!(p.bound["default/db"], "a");
@@ -565,7 +652,69 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
         let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
         assert!(max - min <= 1, "spread: {per:?}");
         // Stable: the same input names the same pods.
-        assert_eq!(desired_pods(&m).unwrap(), wants);
+        assert_eq!(desired_pods(&m, &spec.nodes).unwrap(), wants);
+    }
+
+    #[test]
+    fn stateful_sets_name_pods_by_ordinal_and_daemon_sets_cover_admitted_nodes() {
+        let spec = lab(
+            serde_json::json!([{"name": "a", "labels": {"disk": "ssd"}}, {"name": "b"}, {"name": "c", "labels": {"disk": "ssd"}}]),
+        );
+        let m = manifests(
+            r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: data}
+spec:
+  serviceName: db
+  replicas: 3
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec: {nodeSelector: {disk: ssd}, containers: [{name: c, image: x}]}
+"#,
+        );
+        let wants = desired_pods(&m, &spec.nodes).unwrap();
+        let db: Vec<_> = wants
+            .iter()
+            .filter(|w| w.namespace == "data")
+            .map(|w| {
+                (
+                    w.name.as_str(),
+                    w.hostname.as_deref(),
+                    w.subdomain.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            db,
+            [
+                ("db-0", Some("db-0"), Some("db")),
+                ("db-1", Some("db-1"), Some("db")),
+                ("db-2", Some("db-2"), Some("db"))
+            ]
+        );
+        let mut agents: Vec<_> = wants
+            .iter()
+            .filter(|w| w.name.starts_with("agent-"))
+            .map(|w| w.node_name.as_deref().unwrap())
+            .collect();
+        agents.sort();
+        assert_eq!(agents, ["a", "c"], "one per node with disk=ssd");
+        let bad = manifests("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: s}\nspec: {serviceName: s, selector: {matchLabels: {app: s}}, template: {metadata: {labels: {app: t}}, spec: {containers: [{name: c, image: x}]}}}\n");
+        assert_eq!(
+            desired_pods(&bad, &spec.nodes).unwrap_err().to_string(),
+            "StatefulSet default/s: spec.selector.matchLabels: app=s does not match the template's labels"
+        );
     }
 
     #[test]
@@ -575,7 +724,7 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
                 "apiVersion: v1\nkind: Pod\nmetadata: {{name: x}}\nspec: {{containers: [{{name: c, image: x}}], {spec}}}\n"
             ))
         };
-        let err = |spec: &str| desired_pods(&pod(spec)).unwrap_err().to_string();
+        let err = |spec: &str| desired_pods(&pod(spec), &[]).unwrap_err().to_string();
         assert_eq!(
             err("dnsPolicy: None"),
             "Pod default/x: spec.dnsConfig.nameservers: at least one is required when spec.dnsPolicy is None"
@@ -586,14 +735,16 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
             err("dnsConfig: {nameservers: [nine]}"),
             "Pod default/x: spec.dnsConfig.nameservers[0]: \"nine\" is not an IP address"
         );
-        let ok = desired_pods(&pod("dnsPolicy: None, dnsConfig: {nameservers: [192.0.2.53], options: [{name: ndots, value: \"1\"}]}")).unwrap();
+        let ok = desired_pods(&pod("dnsPolicy: None, dnsConfig: {nameservers: [192.0.2.53], options: [{name: ndots, value: \"1\"}]}"), &[]).unwrap();
         assert_eq!(ok[0].dns.policy, "None");
         assert_eq!(
             ok[0].dns.options,
             vec![("ndots".to_string(), Some("1".to_string()))]
         );
         assert_eq!(
-            desired_pods(&pod("hostname: h")).unwrap()[0].dns.policy,
+            desired_pods(&pod("hostname: h"), &[]).unwrap()[0]
+                .dns
+                .policy,
             "ClusterFirst"
         );
     }
@@ -602,7 +753,7 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
     fn pods_on_missing_nodes_are_refused_by_name() {
         let spec = lab(serde_json::json!(2));
         let m = manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {nodeName: node-9, containers: [{name: c, image: x}]}\n");
-        let e = check_node_names(&desired_pods(&m).unwrap(), &spec.nodes).unwrap_err();
+        let e = check_node_names(&desired_pods(&m, &spec.nodes).unwrap(), &spec.nodes).unwrap_err();
         assert_eq!(
             e.to_string(),
             "Pod default/x: spec.nodeName: no node \"node-9\" (nodes: node-1, node-2)"
@@ -614,7 +765,7 @@ spec: {nodeSelector: {gpu: "yes"}, containers: [{name: c, image: x}]}
         let spec = lab(serde_json::json!(3));
         let nodes = allocate_nodes(&spec, &[]).unwrap();
         let m = manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: c, image: x}]}\n");
-        let wants = desired_pods(&m).unwrap();
+        let wants = desired_pods(&m, &spec.nodes).unwrap();
         let running = BTreeMap::from([("default/x".to_string(), "node-3".to_string())]);
         assert_eq!(place(&wants, &nodes, &running).bound["default/x"], "node-3");
     }
