@@ -54,10 +54,15 @@ impl Manifests {
                 max_total_scalar_bytes: 4 << 30,
             },
         };
-        let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
-            .map_err(|e| ModelError::new(origin, "", format!("not valid YAML: {e}")))?;
+        // One document at a time: each becomes a typed object before the next is read, so a
+        // large file never sits in memory as generic values all at once.
+        let mut reader = text.as_bytes();
         let mut m = Manifests::default();
-        for (i, doc) in docs.into_iter().enumerate() {
+        for (i, doc) in
+            serde_saphyr::read_with_options::<_, Value>(&mut reader, options).enumerate()
+        {
+            let doc =
+                doc.map_err(|e| ModelError::new(origin, "", format!("not valid YAML: {e}")))?;
             m.add(doc).map_err(|e| {
                 ModelError::new(
                     format!("{origin} (document {}): {}", i + 1, e.object),
