@@ -3,7 +3,9 @@
 //! (plan, diff and apply), and a restarted agent adopting the table. Memory is the process's RSS, which
 //! holds the objects as an agent does. Then the data path: TCP connection latency (p50/p99 of
 //! `connect()`, which waits for the SYN's DNAT and the SYN-ACK) to a ClusterIP with 10 Services
-//! in the table and with N, against the same endpoint dialled directly.
+//! in the table and with N, against the same endpoint dialled directly. The reference beside the
+//! cold start: the same table written as text and loaded by `nft -f` (what the nftables package
+//! offers, and how kube-proxy's nftables mode applies its rules), in a namespace of its own.
 
 use crate::{Config, Proxy, Report};
 use k8s_openapi::api::core::v1::Service;
@@ -127,6 +129,25 @@ fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
+/// The reference cold start: plan, render and `nft -f` of the same table into an empty namespace.
+fn reference_cold_start(
+    cfg: &Config,
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> Result<Duration, String> {
+    let tmp = netns::TempNetNs::new("fnb-nft")
+        .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
+    let t = Instant::now();
+    let text = crate::plan(cfg, services, slices)
+        .map_err(|e| e.to_string())?
+        .render();
+    tmp.ns()
+        .run(|| nft::apply(&text))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(t.elapsed())
+}
+
 /// Runs the sizes in `sizes` (Services × `endpoints` each), each in a namespace of its own.
 pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
     let cfg = Config {
@@ -161,10 +182,11 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
         .expect("addr");
     let mut latencies = Vec::new();
     println!(
-        "{:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>10}",
+        "{:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>10}",
         "services",
         "endpoints",
         "cold start",
+        "nft -f",
         "+1 service",
         "1 endpoint (median of 5)",
         "restart adopt",
@@ -189,6 +211,7 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             proxy.replace_all(&services, &slices);
             proxy.sync()
         })?;
+        let by_text = reference_cold_start(&cfg, &services, &slices)?;
         let (added, _) = timed(&mut || {
             proxy.upsert_service(&service(n));
             proxy.upsert_slice(&slice(n, endpoints, 0));
@@ -229,9 +252,10 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             again.sync()
         })?;
         println!(
-            "{n:>8} {:>10} {:>12} {:>12} {:>12} {:>14} {:>6} MiB   ({} objects for the endpoint change, {} after restart)",
+            "{n:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>6} MiB   ({} objects for the endpoint change, {} after restart)",
             n * endpoints,
             ms(cold),
+            ms(by_text),
             ms(added),
             ms(one),
             ms(adopt),
