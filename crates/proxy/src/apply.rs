@@ -193,7 +193,7 @@ impl Applier {
     }
 
     /// What the kernel holds now, by name (chains without their rules: names say what they
-    /// hold), as far as it matters for reaching `want`. A missing table, or one whose fixed part
+    /// hold), as far as it matters for reaching `want` (a table as disjoint fragments). A missing table, or one whose fixed part
     /// another version wrote, is created afresh — the only time the table is replaced whole.
     ///
     /// The map elements are listed; chains and sets are asked for by name: those `want` has and
@@ -201,7 +201,7 @@ impl Applier {
     /// table (the usual restart), nothing else is read; otherwise (chains of Services that went
     /// while no agent ran) every chain and set is listed. Listing is what a restart at scale
     /// pays for: each round of a dump walks the table's chain list from its start again.
-    pub fn adopt(&mut self, want: &Ruleset) -> Result<Ruleset, String> {
+    pub fn adopt(&mut self, want: &[&Ruleset]) -> Result<Ruleset, String> {
         let info = self
             .conn
             .table_info(FAMILY_IPV4, TABLE_NAME)
@@ -236,7 +236,11 @@ impl Applier {
                 }
             }
         }
-        let mut chains: BTreeSet<&str> = want.chains.keys().map(String::as_str).collect();
+        let mut chains: BTreeSet<&str> = want
+            .iter()
+            .flat_map(|f| f.chains.keys())
+            .map(String::as_str)
+            .collect();
         chains.extend(
             held.service_ips
                 .values()
@@ -245,7 +249,11 @@ impl Applier {
                 .map(String::as_str),
         );
         let chains: Vec<&str> = chains.into_iter().collect();
-        let sets: Vec<&str> = want.sets.keys().map(String::as_str).collect();
+        let sets: Vec<&str> = want
+            .iter()
+            .flat_map(|f| f.sets.keys())
+            .map(String::as_str)
+            .collect();
         let found_chains = self
             .conn
             .existing(FAMILY_IPV4, TABLE_NAME, false, &chains)?;

@@ -27,7 +27,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
@@ -606,35 +606,48 @@ fn render_rule(r: &Rule) -> String {
 /// What turns `old` into `new`. Chains are compared by name only (names hash their rules), so
 /// the cost is that of the two rulesets' sizes, and nothing unchanged is sent.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> Diff {
-    let (old_sets, new_sets) = (&old.sets, &new.sets);
-    let mut d = Diff {
-        new_sets: new_sets
-            .iter()
-            .filter(|(s, _)| !old_sets.contains_key(*s))
-            .map(|(s, t)| (s.clone(), *t))
-            .collect(),
-        new_chains: new
-            .chains
-            .iter()
-            .filter(|(name, _)| !old.chains.contains_key(*name))
-            .map(|(name, rules)| (name.clone(), rules.clone(), new.comments.get(name).cloned()))
-            .collect(),
-        gone_chains: old
-            .chains
-            .keys()
-            .filter(|n| !new.chains.contains_key(*n))
-            .cloned()
-            .collect(),
-        gone_sets: old_sets
-            .keys()
-            .filter(|s| !new_sets.contains_key(*s))
-            .cloned()
-            .collect(),
-        maps: Vec::new(),
-    };
-    let (old_maps, new_maps) = (old.map_elements(), new.map_elements());
-    for (map, new_elements) in new_maps {
-        let old_elements = &old_maps[map];
+    diff_all(old, &[new])
+}
+
+/// What turns `old` into the union of `new`'s disjoint fragments (a node's table as its Services'
+/// fragments), without merging them into one ruleset first.
+pub fn diff_all(old: &Ruleset, new: &[&Ruleset]) -> Diff {
+    let mut d = Diff::default();
+    let mut wanted_chains: HashSet<&str> = HashSet::new();
+    let mut wanted_sets: HashSet<&str> = HashSet::new();
+    let mut new_maps: BTreeMap<&'static str, BTreeMap<Key, String>> = BTreeMap::new();
+    for f in new {
+        for (set, timeout) in &f.sets {
+            wanted_sets.insert(set);
+            if !old.sets.contains_key(set) {
+                d.new_sets.push((set.clone(), *timeout));
+            }
+        }
+        for (name, rules) in &f.chains {
+            wanted_chains.insert(name);
+            if !old.chains.contains_key(name) {
+                d.new_chains
+                    .push((name.clone(), rules.clone(), f.comments.get(name).cloned()));
+            }
+        }
+        for (map, elements) in f.map_elements() {
+            new_maps.entry(map).or_default().extend(elements);
+        }
+    }
+    d.gone_chains = old
+        .chains
+        .keys()
+        .filter(|n| !wanted_chains.contains(n.as_str()))
+        .cloned()
+        .collect();
+    d.gone_sets = old
+        .sets
+        .keys()
+        .filter(|s| !wanted_sets.contains(s.as_str()))
+        .cloned()
+        .collect();
+    for (map, old_elements) in old.map_elements() {
+        let new_elements = new_maps.remove(map).unwrap_or_default();
         let delete: Vec<Key> = old_elements
             .iter()
             .filter(|(k, c)| new_elements.get(*k) != Some(*c))

@@ -6,7 +6,7 @@
 
 use crate::apply::Applier;
 use crate::model::Config;
-use crate::plan::{diff, plan_service, service_of, Diff, PortKey, Ruleset, ServiceKey};
+use crate::plan::{diff, diff_all, plan_service, service_of, Diff, PortKey, Ruleset, ServiceKey};
 use cluster::manifests::namespaced;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -218,18 +218,16 @@ impl Proxy {
     }
 
     fn adopt_and_apply(&mut self, planned: &[(ServiceKey, Ruleset)]) -> Result<usize, String> {
-        let mut want = Ruleset::default();
         let replanned: BTreeSet<&ServiceKey> = planned.iter().map(|(k, _)| k).collect();
-        for (key, r) in &self.applied {
-            if !replanned.contains(key) {
-                want.merge(r.clone());
-            }
-        }
-        for (_, r) in planned {
-            want.merge(r.clone());
-        }
+        let want: Vec<&Ruleset> = self
+            .applied
+            .iter()
+            .filter(|(key, _)| !replanned.contains(key))
+            .map(|(_, r)| r)
+            .chain(planned.iter().map(|(_, r)| r))
+            .collect();
         let held = self.applier.adopt(&want)?;
-        let d = diff(&held, &want);
+        let d = diff_all(&held, &want);
         let objects = d.size();
         self.applier.apply(&d)?;
         self.adopted = true;

@@ -476,7 +476,7 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
         .ns()
         .run(|| {
             let mut a = proxy::Applier::new().unwrap();
-            let held = a.adopt(&rs).unwrap();
+            let held = a.adopt(&[&rs]).unwrap();
             assert_eq!(
                 held,
                 proxy::Ruleset::default(),
@@ -485,12 +485,9 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
             a.apply(&proxy::plan::diff(&held, &rs)).unwrap();
             let listing = nft::list_table(proxy::plan::TABLE).unwrap().unwrap();
             // Asked for by name: what the plan wants and the maps point at.
-            let again = proxy::Applier::new().unwrap().adopt(&rs).unwrap();
+            let again = proxy::Applier::new().unwrap().adopt(&[&rs]).unwrap();
             // Wanting nothing, the count of the table's objects does not add up: listed whole.
-            let listed = proxy::Applier::new()
-                .unwrap()
-                .adopt(&proxy::Ruleset::default())
-                .unwrap();
+            let listed = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
             assert_eq!(
                 listed.chains.keys().collect::<Vec<_>>(),
                 again.chains.keys().collect::<Vec<_>>()
@@ -582,6 +579,65 @@ fn a_change_to_one_service_sends_only_its_own_objects() {
         "{d:?}"
     );
     assert_eq!(d.gone_chains.len(), 3, "{d:?}");
+}
+
+#[test]
+fn a_diff_over_fragments_is_the_diff_over_their_union() {
+    let services: Vec<_> = (0..6)
+        .map(|i| {
+            svc(
+                &format!("s{i}"),
+                json!({"clusterIP": format!("10.96.2.{}", i + 1), "type": "NodePort", "ports": [{"port": 80, "nodePort": 30100 + i}], "sessionAffinity": if i % 2 == 0 { "ClientIP" } else { "None" }}),
+            )
+        })
+        .collect();
+    let slices = |shift: usize| -> Vec<_> {
+        (0..6)
+            .map(|i| {
+                let ip = format!("10.244.1.{}", i + shift);
+                slice(
+                    &format!("s{i}"),
+                    "",
+                    8080,
+                    &[(ip.as_str(), "node-2", true, true, false)],
+                )
+            })
+            .collect()
+    };
+    let old = plan(&cfg(), &services[..4], &slices(0)).unwrap();
+    // The new table as one fragment per Service, as the agent holds it.
+    let new_slices = slices(3);
+    let fragments: Vec<proxy::Ruleset> = services[1..]
+        .iter()
+        .map(|s| plan(&cfg(), std::slice::from_ref(s), &new_slices).unwrap())
+        .collect();
+    let union = plan(&cfg(), &services[1..], &new_slices).unwrap();
+    let by_fragments = proxy::plan::diff_all(&old, &fragments.iter().collect::<Vec<_>>());
+    let whole = proxy::plan::diff(&old, &union);
+    let sorted = |d: &proxy::plan::Diff| {
+        let mut chains: Vec<String> = d.new_chains.iter().map(|(n, ..)| n.clone()).collect();
+        chains.sort();
+        let mut maps = d.maps.clone();
+        for (_, del, add) in &mut maps {
+            del.sort();
+            add.sort();
+        }
+        maps.sort();
+        let mut sets = d.new_sets.clone();
+        sets.sort();
+        (
+            chains,
+            d.gone_chains.clone(),
+            sets,
+            d.gone_sets.clone(),
+            maps,
+        )
+    };
+    assert_eq!(sorted(&by_fragments), sorted(&whole));
+    assert!(
+        !whole.gone_chains.is_empty() && !whole.new_sets.is_empty(),
+        "{whole:?}"
+    );
 }
 
 #[test]
