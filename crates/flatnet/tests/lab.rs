@@ -361,6 +361,59 @@ fn down_leaves_nothing_and_up_recovers_from_a_kill() {
 }
 
 #[test]
+fn host_ports_reach_their_pod_with_one_pod_per_node_holding_each() {
+    let Some(lab) = TestLab::new() else { return };
+    // hostPort 7000 → the echo port of `flatnet serve`; three replicas for two nodes.
+    let f = lab.file(
+        "{nodes: 2, backend: host-gw}",
+        &WORKLOADS.replace("replicas: 4", "replicas: 3").replace(
+            "image: flatnet-serve}",
+            "image: flatnet-serve, ports: [{containerPort: 9000, hostPort: 7000}]}",
+        ),
+    );
+    lab.up(&f);
+    let st = lab.status();
+    let pods = st["pods"].as_array().unwrap();
+    let pending: Vec<&Value> = pods.iter().filter(|p| p["status"] == "Pending").collect();
+    assert_eq!(pending.len(), 1, "{st}");
+    assert!(
+        pending[0]["reason"].as_str().unwrap().contains("hostPort"),
+        "{st}"
+    );
+    let internet = lab.ns("internet");
+    for node in st["nodes"].as_array().unwrap() {
+        let ip: IpAddr = node["ip"].as_str().unwrap().parse().unwrap();
+        let line = hello(&internet, ip, 7000);
+        assert_eq!(
+            field(&line, "node"),
+            node["name"].as_str().unwrap(),
+            "{line}"
+        );
+        // The client's address survives, as with the reference portmap plugin.
+        assert!(
+            field(&line, "client").starts_with("203.0.113.10:"),
+            "{line}"
+        );
+    }
+    // A pod reaching its own node's hostPort (hairpin) is answered by the pod there.
+    let running: Vec<&Value> = pods.iter().filter(|p| p["status"] == "Running").collect();
+    let own = running[0];
+    let own_node_ip: IpAddr = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == own["node"])
+        .unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let from = lab.ns(&format!("pod.default.{}", own["name"].as_str().unwrap()));
+    let line = hello(&from, own_node_ip, 7000);
+    assert_eq!(field(&line, "pod"), own["name"].as_str().unwrap(), "{line}");
+}
+
+#[test]
 fn bad_lab_files_get_errors_naming_the_field() {
     let Some(lab) = TestLab::new() else { return };
     let cases = [
@@ -369,6 +422,7 @@ fn bad_lab_files_get_errors_naming_the_field() {
         ("{nodes: 2, nodez: 1}", "", "nodez"),
         ("{nodes: 300}", "", "spec.clusterCIDR"),
         ("{nodes: 2}", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {nodeName: node-7, containers: [{name: c, image: x}]}\n", "spec.nodeName"),
+        ("{nodes: 2}", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: x, ports: [{containerPort: 80, hostPort: 70000}]}]}\n", "spec.containers[0].ports[0].hostPort"),
     ];
     for (spec, workloads, want) in cases {
         let f = lab.file(spec, workloads);

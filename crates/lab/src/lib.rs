@@ -438,6 +438,7 @@ impl Lab {
         };
         let conflist = json!({"cniVersion": CNI_VERSION, "name": "flatnet", "plugins": [{
             "type": "flatnet", "bridge": "cni0", "isGateway": true, "hairpinMode": true, "mtu": cfg.pod_mtu(),
+            "capabilities": {"portMappings": true},
             "ipam": {"type": "flatnet", "dataDir": dir.join("ipam"), "ranges": [[{"subnet": n.pod_cidr.to_string()}]],
                      "routes": [{"dst": "0.0.0.0/0"}]}}]});
         write_atomic(
@@ -802,7 +803,8 @@ impl Lab {
         let rt = Runtime {
             bin_dirs: vec![self.dir.join("bin")],
             node: Some(&node_ns),
-            runtime_config: json!({}),
+            // hostPorts, as a kubelet passes them: the plugin's portMappings capability.
+            runtime_config: json!({"portMappings": w.port_mappings()}),
         };
         let att = self.attachment(&w.namespace, &w.name, &netns);
         let result = match rt.add(&list, CNI_VERSION, &att) {
@@ -1155,6 +1157,15 @@ impl Lab {
                 .chain(s.pods.iter().flat_map(|p| &p.procs))
             {
                 p.kill();
+            }
+            // hostPort bookkeeping lives outside the lab (the plugin's markers under /run): a
+            // CNI DEL takes it away, as a kubelet's would. Other pods just go with their node.
+            for p in s
+                .pods
+                .iter()
+                .filter(|p| p.ports.iter().any(|x| x.host_port.is_some()))
+            {
+                self.remove_pod(p);
             }
         }
         infra::teardown(&self.name());

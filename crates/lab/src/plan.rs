@@ -224,6 +224,11 @@ pub struct NamedPort {
     pub name: String,
     pub port: u16,
     pub protocol: String,
+    /// `hostPort`: the node forwards this port to the pod (the CNI `portMappings` capability).
+    #[serde(default)]
+    pub host_port: Option<u16>,
+    #[serde(default)]
+    pub host_ip: Option<String>,
 }
 
 fn container_ports(spec: &PodSpec) -> Vec<NamedPort> {
@@ -235,14 +240,49 @@ fn container_ports(spec: &PodSpec) -> Vec<NamedPort> {
                 name: p.name.clone().unwrap_or_default(),
                 port: u16::try_from(p.container_port).ok()?,
                 protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                host_port: p
+                    .host_port
+                    .and_then(|h| u16::try_from(h).ok())
+                    .filter(|h| *h > 0),
+                host_ip: p.host_ip.clone().filter(|h| !h.is_empty()),
             })
         })
+        .collect()
+}
+
+/// The declared hostPorts (a change recreates the pod, as a changed pod spec would).
+fn host_ports(spec: &PodSpec) -> Vec<NamedPort> {
+    container_ports(spec)
+        .into_iter()
+        .filter(|p| p.host_port.is_some())
         .collect()
 }
 
 impl PodWant {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `(hostPort, protocol)` pairs: two pods holding the same one cannot share a node.
+    fn host_ports(&self) -> impl Iterator<Item = (u16, &str)> {
+        self.ports
+            .iter()
+            .filter_map(|p| Some((p.host_port?, p.protocol.as_str())))
+    }
+
+    /// The CNI `portMappings` runtime config for this pod's hostPorts.
+    pub fn port_mappings(&self) -> Vec<serde_json::Value> {
+        self.ports
+            .iter()
+            .filter_map(|p| {
+                Some(serde_json::json!({
+                    "hostPort": p.host_port?,
+                    "containerPort": p.port,
+                    "protocol": p.protocol.to_ascii_lowercase(),
+                    "hostIP": p.host_ip.clone().unwrap_or_default(),
+                }))
+            })
+            .collect()
     }
 }
 
@@ -271,7 +311,41 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
     }
     let mut serve_taken = false;
     let mut out = Vec::new();
-    for c in &spec.containers {
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let field = |f: &str| format!("spec.containers[{i}].ports[{j}].{f}");
+            if !(1..=65535).contains(&p.container_port) {
+                return Err(ModelError::new(
+                    object,
+                    field("containerPort"),
+                    format!("{} is not a port (1-65535)", p.container_port),
+                ));
+            }
+            if let Some(h) = p.host_port.filter(|h| !(0..=65535).contains(h)) {
+                return Err(ModelError::new(
+                    object,
+                    field("hostPort"),
+                    format!("{h} is not a port (1-65535)"),
+                ));
+            }
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            if !matches!(proto, "TCP" | "UDP" | "SCTP") {
+                return Err(ModelError::new(
+                    object,
+                    field("protocol"),
+                    format!("{proto:?} is not TCP, UDP or SCTP"),
+                ));
+            }
+            if let Some(ip) = p.host_ip.as_deref().filter(|h| !h.is_empty()) {
+                if ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(ModelError::new(
+                        object,
+                        field("hostIP"),
+                        format!("{ip:?} is not an IP address"),
+                    ));
+                }
+            }
+        }
         let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
         argv.extend(c.args.clone().unwrap_or_default());
         if argv.is_empty() {
@@ -332,6 +406,7 @@ pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, M
                     &spec.node_selector,
                     &spec.hostname,
                     &spec.subdomain,
+                    host_ports(spec),
                 ),
                 10,
             ),
@@ -454,6 +529,7 @@ impl<'a> Template<'a> {
                 &spec.node_name,
                 &spec.node_selector,
                 &dns,
+                host_ports(spec),
             ),
             10,
         );
@@ -517,6 +593,8 @@ pub fn place(
     running: &BTreeMap<String, String>,
 ) -> Placement {
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
+    // hostPorts in use per node (the scheduler's NodePorts filter): one pod each.
+    let mut used: BTreeMap<&str, BTreeSet<(u16, &str)>> = BTreeMap::new();
     let mut p = Placement::default();
     for w in wants {
         if let Some(node) = running
@@ -524,6 +602,9 @@ pub fn place(
             .filter(|n| load.contains_key(n.as_str()))
         {
             *load.get_mut(node.as_str()).expect("present") += 1;
+            used.entry(node.as_str())
+                .or_default()
+                .extend(w.host_ports());
             p.bound.insert(w.key(), node.clone());
         }
     }
@@ -531,21 +612,44 @@ pub fn place(
         if p.bound.contains_key(&w.key()) {
             continue;
         }
+        let free = |node: &str| {
+            let taken = used.get(node);
+            w.host_ports()
+                .all(|hp| taken.is_none_or(|t| !t.contains(&hp)))
+        };
         let chosen = match &w.node_name {
-            Some(n) if load.contains_key(n.as_str()) => Ok(n.clone()),
+            Some(n) if load.contains_key(n.as_str()) && free(n) => Ok(n.clone()),
+            Some(n) if load.contains_key(n.as_str()) => {
+                Err(format!("node {n:?}: a hostPort of this pod is taken there"))
+            }
             Some(n) => Err(format!("spec.nodeName: no node {n:?}")),
-            None => nodes
-                .iter()
-                .filter(|n| {
-                    let l = n.scheduling_labels();
-                    w.node_selector.iter().all(|(k, v)| l.get(k) == Some(v))
-                })
-                .min_by_key(|n| load[n.name.as_str()])
-                .map(|n| n.name.clone())
-                .ok_or_else(|| format!("no node matches nodeSelector {:?}", w.node_selector)),
+            None => {
+                let eligible: Vec<&NodePlan> = nodes
+                    .iter()
+                    .filter(|n| {
+                        let l = n.scheduling_labels();
+                        w.node_selector.iter().all(|(k, v)| l.get(k) == Some(v))
+                    })
+                    .collect();
+                if eligible.is_empty() {
+                    Err(format!(
+                        "no node matches nodeSelector {:?}",
+                        w.node_selector
+                    ))
+                } else {
+                    eligible
+                        .into_iter()
+                        .filter(|n| free(&n.name))
+                        .min_by_key(|n| load[n.name.as_str()])
+                        .map(|n| n.name.clone())
+                        .ok_or_else(|| "no node has this pod's hostPorts free".to_string())
+                }
+            }
         };
         match chosen {
             Ok(n) => {
+                let node = load.get_key_value(n.as_str()).expect("present").0;
+                used.entry(node).or_default().extend(w.host_ports());
                 *load.get_mut(n.as_str()).expect("present") += 1;
                 p.bound.insert(w.key(), n);
             }
