@@ -143,14 +143,17 @@ impl Agent {
             }
             None => proxy.insert(proxy::Proxy::new(cfg)?),
         };
-        p.replace_all(&state.services, &state.endpoint_slices);
+        p.replace_all(&state.services, &state.endpoint_slices, &state.pods);
         let before = p.errors.clone();
         let report = p.sync();
         for (svc, e) in &p.errors {
             if before.get(svc) != Some(e) {
+                let what = match svc.1.strip_prefix("pod/") {
+                    Some(pod) => format!("hostPorts of Pod {}/{pod}", svc.0),
+                    None => format!("Service {}/{}", svc.0, svc.1),
+                };
                 self.log(&format!(
-                    "Service {}/{} not applied (its last good rules stay): {e}",
-                    svc.0, svc.1
+                    "{what} not applied (its last good rules stay): {e}"
                 ));
             }
         }

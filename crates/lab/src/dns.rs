@@ -171,16 +171,24 @@ pub fn is_dns_pod(p: &PodRecord) -> bool {
 }
 
 /// The running pods as Pod objects (what the kubelet reports to the API server): DNS answers
-/// `a-b-c-d.<ns>.pod` names only for pods that exist.
+/// `a-b-c-d.<ns>.pod` names only for pods that exist, and each node's proxy serves the
+/// hostPorts of its pods.
 pub fn pods_document(pods: &[PodRecord]) -> String {
     let docs: Vec<String> = pods
         .iter()
         .filter_map(|p| {
             let ip = p.ip?;
+            // The declared ports, hostPorts among them (the node's service proxy serves those).
+            let ports: Vec<_> = p
+                .ports
+                .iter()
+                .map(|x| json!({"name": x.name, "containerPort": x.port, "protocol": x.protocol,
+                                "hostPort": x.host_port, "hostIP": x.host_ip}))
+                .collect();
             let pod = json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
                 "spec": {"nodeName": p.node, "hostname": p.hostname, "subdomain": p.subdomain,
-                         "containers": []},
+                         "containers": [{"name": "main", "ports": ports}]},
                 "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}});
             Some(pod.to_string())
         })

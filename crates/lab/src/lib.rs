@@ -438,7 +438,6 @@ impl Lab {
         };
         let conflist = json!({"cniVersion": CNI_VERSION, "name": "flatnet", "plugins": [{
             "type": "flatnet", "bridge": "cni0", "isGateway": true, "hairpinMode": true, "mtu": cfg.pod_mtu(),
-            "capabilities": {"portMappings": true},
             "ipam": {"type": "flatnet", "dataDir": dir.join("ipam"), "ranges": [[{"subnet": n.pod_cidr.to_string()}]],
                      "routes": [{"dst": "0.0.0.0/0"}]}}]});
         write_atomic(
@@ -803,8 +802,7 @@ impl Lab {
         let rt = Runtime {
             bin_dirs: vec![self.dir.join("bin")],
             node: Some(&node_ns),
-            // hostPorts, as a kubelet passes them: the plugin's portMappings capability.
-            runtime_config: json!({"portMappings": w.port_mappings()}),
+            runtime_config: json!({}),
         };
         let att = self.attachment(&w.namespace, &w.name, &netns);
         let result = match rt.add(&list, CNI_VERSION, &att) {
@@ -1158,15 +1156,6 @@ impl Lab {
             {
                 p.kill();
             }
-            // hostPort bookkeeping lives outside the lab (the plugin's markers under /run): a
-            // CNI DEL takes it away, as a kubelet's would. Other pods just go with their node.
-            for p in s
-                .pods
-                .iter()
-                .filter(|p| p.ports.iter().any(|x| x.host_port.is_some()))
-            {
-                self.remove_pod(p);
-            }
         }
         infra::teardown(&self.name());
         match std::fs::remove_dir_all(&self.dir) {
@@ -1214,11 +1203,14 @@ impl Lab {
             service_cidr: s.spec.service_cidr,
             node_ports: services::NODE_PORTS,
         };
-        let slices = cluster::FileSource::new(self.dir.join("cluster"))
+        let cluster = cluster::FileSource::new(self.dir.join("cluster"))
             .load()
-            .map_err(|e| e.to_string())?
-            .endpoint_slices;
-        let rs = proxy::plan(&cfg, &s.services, &slices).map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?;
+        let mut rs =
+            proxy::plan(&cfg, &s.services, &cluster.endpoint_slices).map_err(|e| e.to_string())?;
+        for pod in &cluster.pods {
+            rs.merge(proxy::plan::plan_host_ports(&cfg, pod, |_| None).map_err(|e| e.to_string())?);
+        }
         let to_node = s.nodes.iter().any(|n| n.ip == dst);
         let mut out = format!("on {node}: ");
         out += &proxy::explain(

@@ -269,21 +269,6 @@ impl PodWant {
             .iter()
             .filter_map(|p| Some((p.host_port?, p.protocol.as_str())))
     }
-
-    /// The CNI `portMappings` runtime config for this pod's hostPorts.
-    pub fn port_mappings(&self) -> Vec<serde_json::Value> {
-        self.ports
-            .iter()
-            .filter_map(|p| {
-                Some(serde_json::json!({
-                    "hostPort": p.host_port?,
-                    "containerPort": p.port,
-                    "protocol": p.protocol.to_ascii_lowercase(),
-                    "hostIP": p.host_ip.clone().unwrap_or_default(),
-                }))
-            })
-            .collect()
-    }
 }
 
 fn short_hash(v: &impl Serialize, len: usize) -> String {

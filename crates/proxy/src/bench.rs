@@ -169,7 +169,7 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
     small
         .ns()
         .run(|| {
-            small_proxy.replace_all(&ten, &ten_slices);
+            small_proxy.replace_all(&ten, &ten_slices, &[]);
             small_proxy.sync()
         })
         .map_err(|e| e.to_string())??;
@@ -208,7 +208,7 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
         let (cold, _) = timed(&mut || {
-            proxy.replace_all(&services, &slices);
+            proxy.replace_all(&services, &slices, &[]);
             proxy.sync()
         })?;
         let by_text = reference_cold_start(&cfg, &services, &slices)?;
@@ -245,7 +245,7 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
         let (adopt, adopted) = timed(&mut || {
-            again.replace_all(&services, &slices);
+            again.replace_all(&services, &slices, &[]);
             again.upsert_service(&service(n));
             again.upsert_slice(&slice(n, endpoints, 0));
             again.upsert_slice(&slice(n / 2, endpoints, 4_000_000));

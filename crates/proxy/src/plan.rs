@@ -19,12 +19,16 @@
 //!   `loadBalancerSourceRanges` are a filter-hook lookup in `firewall-ips` before DNAT, for new
 //!   connections only (as kube-proxy does), so packets of established flows skip it.
 //! - Masquerade is a mark (`0x4000`) set anywhere above and acted on once at postrouting.
+//! - A pod's `hostPort`s on this node (see [`plan_host_ports`]) are entries of the same maps:
+//!   `l4proto . hostPort` in `service-nodeports` (or `hostIP . l4proto . hostPort` in
+//!   `service-ips`) to an `hp_*` chain that DNATs to the pod, keeping the client's address as the
+//!   portmap plugin does.
 
 use crate::model::{service_ports, usable, Config, Endpoint, Proto, SvcPort};
 use cluster::manifests::namespaced;
 use cluster::ModelError;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -38,7 +42,7 @@ pub const MASQ_MARK: u32 = 0x4000;
 pub const MASQUERADE_CHAIN: &str = "mark-for-masquerade";
 /// Per-Service chain kinds (the name's prefix), referrers before what they refer to (`ext` goes
 /// to `local` and `svc`, those to `ep`): the order in which they can be deleted.
-pub const CHAIN_KINDS: [&str; 5] = ["ext", "local", "svc", "ep", "fw"];
+pub const CHAIN_KINDS: [&str; 6] = ["ext", "local", "svc", "ep", "fw", "hp"];
 /// The prefix of affinity sets.
 pub const AFFINITY: &str = "aff";
 
@@ -118,8 +122,14 @@ fn chain_name(kind: &str, id: &str, rules: &[Rule]) -> String {
     object_name(kind, id, &format!("{rules:?}"))
 }
 
-/// A Service's identity: namespace and name.
+/// What a fragment of the table belongs to: a Service's namespace and name, or, for a pod's
+/// hostPorts, its namespace and `pod/<name>` (a Service name has no slash: the two never meet).
 pub type ServiceKey = (String, String);
+
+/// The fragment key of a pod's hostPorts.
+pub fn pod_key(namespace: &str, name: &str) -> ServiceKey {
+    (namespace.to_string(), format!("pod/{name}"))
+}
 
 /// The EndpointSlices of each Service (by the `kubernetes.io/service-name` label).
 fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&EndpointSlice>> {
@@ -192,6 +202,93 @@ pub fn plan_service(
             }
         }
         add_port(&mut rs, cfg, &sp);
+    }
+    Ok(rs)
+}
+
+/// A pod's `hostPort`s, when it runs on this node with an IPv4 address: each mapping a chain that
+/// DNATs to the pod (masquerading the pod reaching itself), entered from `service-nodeports` on
+/// every node address, or from `service-ips` on its `hostIP`. Errors name the pod and field (a
+/// hostPort another Service or pod holds here). `taken` says who holds a port, if anyone.
+pub fn plan_host_ports(
+    cfg: &Config,
+    pod: &Pod,
+    taken: impl Fn(PortKey) -> Option<String>,
+) -> Result<Ruleset, ModelError> {
+    let (ns, name) = namespaced(&pod.metadata);
+    let mut rs = Ruleset::default();
+    let Some(spec) = pod
+        .spec
+        .as_ref()
+        .filter(|s| s.node_name.as_deref() == Some(&cfg.node))
+    else {
+        return Ok(rs);
+    };
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+    let Some(pod_ip) = pod_ip.and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+        return Ok(rs);
+    };
+    let object = format!("Pod {ns}/{name}");
+    let mut mine = BTreeSet::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let Some(host_port) = p.host_port.filter(|h| *h != 0) else {
+                continue;
+            };
+            let field = |f: &str| format!("spec.containers[{i}].ports[{j}].{f}");
+            let bad = |f: &str, why: String| ModelError::new(&object, field(f), why);
+            let host_port = u16::try_from(host_port)
+                .map_err(|_| bad("hostPort", format!("{host_port} is not a port (1-65535)")))?;
+            let port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    bad(
+                        "containerPort",
+                        format!("{} is not a port (1-65535)", p.container_port),
+                    )
+                })?;
+            let proto = Proto::parse(p.protocol.as_deref()).ok_or_else(|| {
+                bad(
+                    "protocol",
+                    format!("{:?} is not TCP, UDP or SCTP", p.protocol),
+                )
+            })?;
+            let host_ip = match p.host_ip.as_deref() {
+                None | Some("" | "0.0.0.0") => None,
+                Some(h) => match h.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(ip)) => Some(ip),
+                    Ok(std::net::IpAddr::V6(_)) => continue, // this table is IPv4's
+                    Err(_) => return Err(bad("hostIP", format!("{h:?} is not an IP address"))),
+                },
+            };
+            let key = (proto, host_port);
+            if host_ip.is_none() {
+                if let Some(other) = taken(key)
+                    .or_else(|| (!mine.insert(key)).then(|| format!("{ns}/{name} itself")))
+                {
+                    return Err(bad(
+                        "hostPort",
+                        format!("{host_port}/{} is already used by {other}", proto.as_str()),
+                    ));
+                }
+            }
+            let id = format!("{ns}/{name}:{host_port}/{}", proto.as_str());
+            let rules = vec![Rule::MasqIfFrom(pod_ip), Rule::Dnat(pod_ip, port, proto)];
+            let chain = chain_name("hp", &id, &rules);
+            rs.comments.insert(
+                chain.clone(),
+                format!(
+                    "hostPort {host_port}/{} -> {ns}/{name}:{port}",
+                    proto.as_str()
+                ),
+            );
+            rs.chains.insert(chain.clone(), rules);
+            match host_ip {
+                Some(ip) => rs.service_ips.insert((ip, proto, host_port), chain),
+                None => rs.node_ports.insert(key, chain),
+            };
+        }
     }
     Ok(rs)
 }

@@ -6,9 +6,12 @@
 
 use crate::apply::Applier;
 use crate::model::Config;
-use crate::plan::{diff, diff_all, plan_service, service_of, Diff, PortKey, Ruleset, ServiceKey};
+use crate::plan::{
+    diff, diff_all, plan_host_ports, plan_service, pod_key, service_of, Diff, PortKey, Ruleset,
+    ServiceKey,
+};
 use cluster::manifests::namespaced;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,6 +32,8 @@ pub struct Proxy {
     slices: HashMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
     /// (namespace, slice name) → the Service it was filed under.
     slice_owner: HashMap<ServiceKey, ServiceKey>,
+    /// Pods of this node with hostPorts, by [`pod_key`].
+    pods: HashMap<ServiceKey, Pod>,
     /// What the kernel holds, per Service.
     applied: HashMap<ServiceKey, Ruleset>,
     node_port_owner: HashMap<PortKey, ServiceKey>,
@@ -48,6 +53,7 @@ impl Proxy {
             services: HashMap::new(),
             slices: HashMap::new(),
             slice_owner: HashMap::new(),
+            pods: HashMap::new(),
             applied: HashMap::new(),
             node_port_owner: HashMap::new(),
             dirty: BTreeSet::new(),
@@ -111,8 +117,34 @@ impl Proxy {
         }
     }
 
+    /// A pod: its hostPorts are served when it runs on this node.
+    pub fn upsert_pod(&mut self, pod: &Pod) {
+        let (ns, name) = namespaced(&pod.metadata);
+        let key = pod_key(&ns, &name);
+        let on_this_node = pod.spec.as_ref().is_some_and(|s| {
+            s.node_name.as_deref() == Some(&self.cfg.node)
+                && s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .any(|p| p.host_port.is_some_and(|h| h != 0))
+        });
+        if !on_this_node {
+            self.delete_pod(&key);
+        } else if self.pods.get(&key) != Some(pod) {
+            self.pods.insert(key.clone(), pod.clone());
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Forgets a pod by [`pod_key`].
+    pub fn delete_pod(&mut self, key: &ServiceKey) {
+        if self.pods.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
     /// Makes the known objects exactly these (a full listing), marking only what changed.
-    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice], pods: &[Pod]) {
         for k in absent(self.services.keys(), services.iter().map(|s| &s.metadata)) {
             self.delete_service(&k);
         }
@@ -124,6 +156,25 @@ impl Proxy {
         }
         for s in slices {
             self.upsert_slice(s);
+        }
+        let listed: BTreeSet<ServiceKey> = pods
+            .iter()
+            .map(|p| {
+                let (ns, name) = namespaced(&p.metadata);
+                pod_key(&ns, &name)
+            })
+            .collect();
+        let gone: Vec<ServiceKey> = self
+            .pods
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete_pod(&k);
+        }
+        for p in pods {
+            self.upsert_pod(p);
         }
     }
 
@@ -141,31 +192,33 @@ impl Proxy {
         let dirty: Vec<ServiceKey> = std::mem::take(&mut self.dirty).into_iter().collect();
         let mut planned: Vec<(ServiceKey, Ruleset)> = Vec::with_capacity(dirty.len());
         for key in &dirty {
-            let new = match self.services.get(key) {
-                None => Ruleset::default(),
-                Some(svc) => {
+            let owners = &self.node_port_owner;
+            let taken = |p: PortKey| {
+                owners
+                    .get(&p)
+                    .filter(|o| *o != key)
+                    .map(|(ns, name)| format!("{ns}/{name}"))
+            };
+            let planned_one = match (self.services.get(key), self.pods.get(key)) {
+                (Some(svc), _) => {
                     let own: Vec<&EndpointSlice> = self
                         .slices
                         .get(key)
                         .map(|m| m.values().collect())
                         .unwrap_or_default();
-                    let owners = &self.node_port_owner;
-                    let taken = |p: PortKey| {
-                        owners
-                            .get(&p)
-                            .filter(|o| *o != key)
-                            .map(|(ns, name)| format!("{ns}/{name}"))
-                    };
-                    match plan_service(&self.cfg, svc, &own, taken) {
-                        Ok(r) => {
-                            self.errors.remove(key);
-                            r
-                        }
-                        Err(e) => {
-                            self.errors.insert(key.clone(), e.to_string());
-                            continue; // keeps its last good fragment
-                        }
-                    }
+                    plan_service(&self.cfg, svc, &own, taken)
+                }
+                (None, Some(pod)) => plan_host_ports(&self.cfg, pod, taken),
+                (None, None) => Ok(Ruleset::default()),
+            };
+            let new = match planned_one {
+                Ok(r) => {
+                    self.errors.remove(key);
+                    r
+                }
+                Err(e) => {
+                    self.errors.insert(key.clone(), e.to_string());
+                    continue; // keeps its last good fragment
                 }
             };
             // Claim NodePorts now, so a later Service in this sync sees them taken.

@@ -122,7 +122,10 @@ pub fn explain(rs: &Ruleset, p: &Packet) -> String {
                 .flatten()
         })
         .and_then(|c| rs.comments.get(c))
-        .map(|c| format!(" (Service port {c})"))
+        .map(|c| match c.starts_with("hostPort") {
+            true => format!(" ({c})"),
+            false => format!(" (Service port {c})"),
+        })
         .unwrap_or_default();
     match trace(rs, p) {
         Verdict::Untouched => format!("{what}: not a Service frontend; routed as is"),

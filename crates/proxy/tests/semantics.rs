@@ -662,3 +662,69 @@ fn explain_names_the_service_port_and_each_destination() {
     assert!(text.contains("10.244.1.2:8080  (source kept)"), "{text}");
     assert!(proxy::explain(&rs, &pkt(POD, "10.96.0.99", 80)).contains("not a Service frontend"));
 }
+
+fn host_port_pod(
+    name: &str,
+    node: &str,
+    ip: &str,
+    ports: serde_json::Value,
+) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "ports": ports}]},
+        "status": {"podIP": ip}}))
+    .unwrap()
+}
+
+#[test]
+fn host_ports_dnat_to_their_pod_on_this_node_only() {
+    let here = host_port_pod(
+        "edge",
+        "node-1",
+        POD,
+        json!([{"containerPort": 8080, "hostPort": 80}, {"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "172.18.0.2"}]),
+    );
+    let rs = proxy::plan::plan_host_ports(&cfg(), &here, |_| None).unwrap();
+    // From outside: to the pod, the client's address kept (as the portmap plugin does).
+    assert_eq!(
+        hops(&trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 80))),
+        [(format!("{POD}:8080"), false)]
+    );
+    // The pod reaching itself through its hostPort is masqueraded (hairpin).
+    assert_eq!(
+        hops(&trace(&rs, &pkt(POD, "172.18.0.2", 80))),
+        [(format!("{POD}:8080"), true)]
+    );
+    // A hostIP binds the mapping to that address only.
+    let udp = Packet {
+        proto: Proto::Udp,
+        ..pkt(OUTSIDE, "172.18.0.2", 5353)
+    };
+    assert_eq!(hops(&trace(&rs, &udp)), [(format!("{POD}:53"), false)]);
+    assert!(rs.node_ports.contains_key(&(Proto::Tcp, 80)));
+    assert!(!rs.node_ports.contains_key(&(Proto::Udp, 5353)));
+    // A pod of another node has nothing here.
+    let there = host_port_pod(
+        "far",
+        "node-2",
+        "10.244.1.5",
+        json!([{"containerPort": 8080, "hostPort": 80}]),
+    );
+    assert_eq!(
+        proxy::plan::plan_host_ports(&cfg(), &there, |_| None).unwrap(),
+        proxy::Ruleset::default()
+    );
+    // A hostPort a Service's NodePort holds is refused, naming the field.
+    let clash = host_port_pod(
+        "clash",
+        "node-1",
+        POD,
+        json!([{"containerPort": 8080, "hostPort": 30080}]),
+    );
+    let e = proxy::plan::plan_host_ports(&cfg(), &clash, |p| {
+        (p == (Proto::Tcp, 30080)).then(|| "default/web".to_string())
+    })
+    .unwrap_err();
+    assert_eq!(e.object, "Pod default/clash");
+    assert_eq!(e.field, "spec.containers[0].ports[0].hostPort");
+    assert!(e.message.contains("default/web"), "{e}");
+}
