@@ -57,6 +57,23 @@ impl TestLab {
         p
     }
 
+    /// `lab apply FILE`, which must succeed.
+    fn apply(&self, file: &Path) {
+        let out = self.flatnet(&["apply", file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "lab apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `lab apply` of manifests given as text.
+    fn apply_text(&self, manifests: &str) {
+        let f = self.root.path().join("more.yaml");
+        std::fs::write(&f, manifests).unwrap();
+        self.apply(&f);
+    }
+
     fn up(&self, file: &Path) {
         let out = Command::new(BIN)
             .args(["lab", "up", "--root"])
@@ -665,12 +682,7 @@ fn services_balance_reject_without_endpoints_and_follow_endpoint_changes() {
         "{nodes: 4, backend: vxlan}",
         &SERVICES.replace("replicas: 3", "replicas: 1"),
     );
-    let out = lab.flatnet(&["apply", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.apply(&f);
     let left = lab.status()["pods"]
         .as_array()
         .unwrap()
@@ -809,12 +821,7 @@ fn connections_survive_agent_restarts_and_endpoint_churn() {
             "{nodes: 2, backend: vxlan}",
             &SERVICES.replace("replicas: 3", replicas),
         );
-        let out = lab.flatnet(&["apply", f.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.apply(&f);
         std::thread::sleep(Duration::from_millis(300));
     }
     stop.store(true, Ordering::SeqCst);
@@ -1037,17 +1044,8 @@ fn cluster_dns_answers_per_the_specification() {
         ("NOERROR", vec!["SOA".to_string()])
     );
     // A new Service is in DNS when `lab apply` returns.
-    let more = lab.root.path().join("more.yaml");
-    std::fs::write(
-        &more,
+    lab.apply_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: late}\nspec: {selector: {app: late}, ports: [{port: 80}]}\n",
-    )
-    .unwrap();
-    let out = lab.flatnet(&["apply", more.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let late = cluster_ip(&lab.status(), "late").to_string();
     assert_eq!(lab.dig("late.default.svc.cluster.local"), late);
@@ -1061,16 +1059,8 @@ fn cluster_dns_answers_per_the_specification() {
     let (status, _) = lab.dig_status("late.default.svc.cluster.local");
     assert_eq!(status, "NXDOMAIN");
     // A StatefulSet behind its headless Service: each pod by its ordinal name.
-    std::fs::write(
-        &more,
+    lab.apply_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec: {serviceName: db, replicas: 2, selector: {matchLabels: {app: db}}, template: {metadata: {labels: {app: db}}, spec: {containers: [{name: c, image: x}]}}}\n",
-    )
-    .unwrap();
-    let out = lab.flatnet(&["apply", more.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let st = lab.status();
     for pod in ["db-0", "db-1"] {

@@ -980,32 +980,17 @@ impl Lab {
     fn write_manifests(&self, m: &Manifests) -> Result<(), String> {
         let dir = self.dir.join("manifests");
         // The Lab document is not stored again: the lab's spec lives in state.json.
+        fn values<T: serde::Serialize>(objects: &[T]) -> impl Iterator<Item = Value> + '_ {
+            objects
+                .iter()
+                .map(|o| serde_json::to_value(o).expect("json"))
+        }
         let mut docs: Vec<Value> = Vec::new();
-        docs.extend(
-            m.pods
-                .iter()
-                .map(|p| serde_json::to_value(p).expect("json")),
-        );
-        docs.extend(
-            m.deployments
-                .iter()
-                .map(|d| serde_json::to_value(d).expect("json")),
-        );
-        docs.extend(
-            m.stateful_sets
-                .iter()
-                .map(|d| serde_json::to_value(d).expect("json")),
-        );
-        docs.extend(
-            m.daemon_sets
-                .iter()
-                .map(|d| serde_json::to_value(d).expect("json")),
-        );
-        docs.extend(
-            m.services
-                .iter()
-                .map(|d| serde_json::to_value(d).expect("json")),
-        );
+        docs.extend(values(&m.pods));
+        docs.extend(values(&m.deployments));
+        docs.extend(values(&m.stateful_sets));
+        docs.extend(values(&m.daemon_sets));
+        docs.extend(values(&m.services));
         docs.extend(m.other.iter().cloned());
         let text: Vec<String> = docs
             .iter()
