@@ -63,3 +63,72 @@ pub fn is_dns_label(s: &str) -> bool {
 pub fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
+
+/// A container port of a pod spec, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPort {
+    /// Where it stands: `spec.containers[i].ports[j]`.
+    pub path: String,
+    pub name: String,
+    pub container_port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// `hostPort`, when set (0 counts as unset).
+    pub host_port: Option<u16>,
+    /// `hostIP`, when set.
+    pub host_ip: Option<std::net::IpAddr>,
+}
+
+/// Every container port of `spec`; errors name `object` and the field
+/// (`spec.containers[i].ports[j].hostPort`).
+pub fn pod_ports(
+    object: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> Result<Vec<PodPort>, ModelError> {
+    let mut out = Vec::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let path = format!("spec.containers[{i}].ports[{j}]");
+            let bad = |f: &str, why: String| ModelError::new(object, format!("{path}.{f}"), why);
+            let container_port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    bad(
+                        "containerPort",
+                        format!("{} is not a port (1-65535)", p.container_port),
+                    )
+                })?;
+            let host_port = match p.host_port {
+                None | Some(0) => None,
+                Some(h) => Some(
+                    u16::try_from(h)
+                        .map_err(|_| bad("hostPort", format!("{h} is not a port (1-65535)")))?,
+                ),
+            };
+            let protocol = p.protocol.as_deref().unwrap_or("TCP");
+            if !matches!(protocol, "TCP" | "UDP" | "SCTP") {
+                return Err(bad(
+                    "protocol",
+                    format!("{protocol:?} is not TCP, UDP or SCTP"),
+                ));
+            }
+            let host_ip = match p.host_ip.as_deref() {
+                None | Some("") => None,
+                Some(ip) => Some(
+                    ip.parse()
+                        .map_err(|_| bad("hostIP", format!("{ip:?} is not an IP address")))?,
+                ),
+            };
+            out.push(PodPort {
+                path,
+                name: p.name.clone().unwrap_or_default(),
+                container_port,
+                protocol: protocol.to_string(),
+                host_port,
+                host_ip,
+            });
+        }
+    }
+    Ok(out)
+}

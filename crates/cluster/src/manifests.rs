@@ -154,9 +154,9 @@ impl Manifests {
 
     /// The items of a `List` (what `kubectl get -o yaml` writes) or of a typed list such as
     /// `ServiceList` (whose items may leave out the kind and apiVersion it implies).
-    fn add_list(&mut self, kind: &str, doc: Value) -> Result<(), ModelError> {
+    fn add_list(&mut self, kind: &str, mut doc: Value) -> Result<(), ModelError> {
         let api_version = doc.get("apiVersion").cloned().unwrap_or(Value::Null);
-        let Some(Value::Array(items)) = doc.get("items").cloned() else {
+        let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) else {
             return Err(ModelError::new(kind, "items", "must be a list of objects"));
         };
         let implied = kind.strip_suffix("List").filter(|k| !k.is_empty());

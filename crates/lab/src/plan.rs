@@ -231,31 +231,22 @@ pub struct NamedPort {
     pub host_ip: Option<String>,
 }
 
-fn container_ports(spec: &PodSpec) -> Vec<NamedPort> {
-    spec.containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(NamedPort {
-                name: p.name.clone().unwrap_or_default(),
-                port: u16::try_from(p.container_port).ok()?,
-                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                host_port: p
-                    .host_port
-                    .and_then(|h| u16::try_from(h).ok())
-                    .filter(|h| *h > 0),
-                host_ip: p.host_ip.clone().filter(|h| !h.is_empty()),
-            })
+fn container_ports(object: &str, spec: &PodSpec) -> Result<Vec<NamedPort>, ModelError> {
+    Ok(cluster::pod_ports(object, spec)?
+        .into_iter()
+        .map(|p| NamedPort {
+            name: p.name,
+            port: p.container_port,
+            protocol: p.protocol,
+            host_port: p.host_port,
+            host_ip: p.host_ip.map(|ip| ip.to_string()),
         })
-        .collect()
+        .collect())
 }
 
 /// The declared hostPorts (a change recreates the pod, as a changed pod spec would).
-fn host_ports(spec: &PodSpec) -> Vec<NamedPort> {
-    container_ports(spec)
-        .into_iter()
-        .filter(|p| p.host_port.is_some())
-        .collect()
+fn host_ports(ports: &[NamedPort]) -> Vec<&NamedPort> {
+    ports.iter().filter(|p| p.host_port.is_some()).collect()
 }
 
 impl PodWant {
@@ -296,41 +287,7 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
     }
     let mut serve_taken = false;
     let mut out = Vec::new();
-    for (i, c) in spec.containers.iter().enumerate() {
-        for (j, p) in c.ports.iter().flatten().enumerate() {
-            let field = |f: &str| format!("spec.containers[{i}].ports[{j}].{f}");
-            if !(1..=65535).contains(&p.container_port) {
-                return Err(ModelError::new(
-                    object,
-                    field("containerPort"),
-                    format!("{} is not a port (1-65535)", p.container_port),
-                ));
-            }
-            if let Some(h) = p.host_port.filter(|h| !(0..=65535).contains(h)) {
-                return Err(ModelError::new(
-                    object,
-                    field("hostPort"),
-                    format!("{h} is not a port (1-65535)"),
-                ));
-            }
-            let proto = p.protocol.as_deref().unwrap_or("TCP");
-            if !matches!(proto, "TCP" | "UDP" | "SCTP") {
-                return Err(ModelError::new(
-                    object,
-                    field("protocol"),
-                    format!("{proto:?} is not TCP, UDP or SCTP"),
-                ));
-            }
-            if let Some(ip) = p.host_ip.as_deref().filter(|h| !h.is_empty()) {
-                if ip.parse::<std::net::IpAddr>().is_err() {
-                    return Err(ModelError::new(
-                        object,
-                        field("hostIP"),
-                        format!("{ip:?} is not an IP address"),
-                    ));
-                }
-            }
-        }
+    for c in &spec.containers {
         let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
         argv.extend(c.args.clone().unwrap_or_default());
         if argv.is_empty() {
@@ -380,6 +337,7 @@ pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, M
             .ok_or_else(|| ModelError::new(&object, "spec", "missing"))?;
         let w = workloads(&object, spec)?;
         let dns = pod_dns(&object, spec)?;
+        let ports = container_ports(&object, spec)?;
         out.push(PodWant {
             labels: p.metadata.labels.clone().unwrap_or_default(),
             node_name: spec.node_name.clone(),
@@ -391,12 +349,12 @@ pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, M
                     &spec.node_selector,
                     &spec.hostname,
                     &spec.subdomain,
-                    host_ports(spec),
+                    host_ports(&ports),
                 ),
                 10,
             ),
             workloads: w,
-            ports: container_ports(spec),
+            ports,
             namespace: ns,
             name,
             owner: None,
@@ -435,11 +393,8 @@ pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, M
         let spec = &ds.spec;
         let t = Template::of(&object, &spec.selector, &spec.template)?;
         for n in nodes {
-            let labels = scheduling_labels(&n.name, &n.labels);
             let admitted = t.spec.node_name.as_ref().is_none_or(|x| *x == n.name)
-                && t.node_selector()
-                    .iter()
-                    .all(|(k, v)| labels.get(k) == Some(v));
+                && selects(&t.node_selector(), &scheduling_labels(&n.name, &n.labels));
             if admitted {
                 let pod = format!("{name}-{}", suffix(&format!("{ns}/{name}/{}", n.name)));
                 out.push(t.pod(&ns, pod, &object, Some(n.name.clone())));
@@ -477,6 +432,7 @@ struct Template<'a> {
     labels: BTreeMap<String, String>,
     spec: &'a PodSpec,
     workloads: Vec<Workload>,
+    ports: Vec<NamedPort>,
     dns: PodDns,
     hash: String,
 }
@@ -506,6 +462,7 @@ impl<'a> Template<'a> {
             }
         }
         let workloads = workloads(object, spec)?;
+        let ports = container_ports(object, spec)?;
         let dns = pod_dns(object, spec)?;
         let hash = short_hash(
             &(
@@ -514,7 +471,7 @@ impl<'a> Template<'a> {
                 &spec.node_name,
                 &spec.node_selector,
                 &dns,
-                host_ports(spec),
+                host_ports(&ports),
             ),
             10,
         );
@@ -522,6 +479,7 @@ impl<'a> Template<'a> {
             labels,
             spec,
             workloads,
+            ports,
             dns,
             hash,
         })
@@ -540,7 +498,7 @@ impl<'a> Template<'a> {
             node_name: node.or_else(|| self.spec.node_name.clone()),
             node_selector: self.node_selector(),
             workloads: self.workloads.clone(),
-            ports: container_ports(self.spec),
+            ports: self.ports.clone(),
             hash: self.hash.clone(),
             owner: Some(owner.to_string()),
             hostname: self.spec.hostname.clone(),
@@ -558,6 +516,11 @@ pub fn scheduling_labels(
     let mut l = labels.clone();
     l.insert("kubernetes.io/hostname".into(), name.to_string());
     l
+}
+
+/// Whether a nodeSelector admits a node with these labels.
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The outcome of scheduling.
@@ -611,10 +574,7 @@ pub fn place(
             None => {
                 let eligible: Vec<&NodePlan> = nodes
                     .iter()
-                    .filter(|n| {
-                        let l = n.scheduling_labels();
-                        w.node_selector.iter().all(|(k, v)| l.get(k) == Some(v))
-                    })
+                    .filter(|n| selects(&w.node_selector, &n.scheduling_labels()))
                     .collect();
                 if eligible.is_empty() {
                     Err(format!(

@@ -230,65 +230,45 @@ pub fn plan_host_ports(
     };
     let object = format!("Pod {ns}/{name}");
     let mut mine = BTreeSet::new();
-    for (i, c) in spec.containers.iter().enumerate() {
-        for (j, p) in c.ports.iter().flatten().enumerate() {
-            let Some(host_port) = p.host_port.filter(|h| *h != 0) else {
-                continue;
-            };
-            let field = |f: &str| format!("spec.containers[{i}].ports[{j}].{f}");
-            let bad = |f: &str, why: String| ModelError::new(&object, field(f), why);
-            let host_port = u16::try_from(host_port)
-                .map_err(|_| bad("hostPort", format!("{host_port} is not a port (1-65535)")))?;
-            let port = u16::try_from(p.container_port)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    bad(
-                        "containerPort",
-                        format!("{} is not a port (1-65535)", p.container_port),
-                    )
-                })?;
-            let proto = Proto::parse(p.protocol.as_deref()).ok_or_else(|| {
-                bad(
-                    "protocol",
-                    format!("{:?} is not TCP, UDP or SCTP", p.protocol),
-                )
-            })?;
-            let host_ip = match p.host_ip.as_deref() {
-                None | Some("" | "0.0.0.0") => None,
-                Some(h) => match h.parse::<std::net::IpAddr>() {
-                    Ok(std::net::IpAddr::V4(ip)) => Some(ip),
-                    Ok(std::net::IpAddr::V6(_)) => continue, // this table is IPv4's
-                    Err(_) => return Err(bad("hostIP", format!("{h:?} is not an IP address"))),
-                },
-            };
-            let key = (proto, host_port);
-            if host_ip.is_none() {
-                if let Some(other) = taken(key)
-                    .or_else(|| (!mine.insert(key)).then(|| format!("{ns}/{name} itself")))
-                {
-                    return Err(bad(
-                        "hostPort",
-                        format!("{host_port}/{} is already used by {other}", proto.as_str()),
-                    ));
-                }
+    for p in cluster::pod_ports(&object, spec)? {
+        let Some(host_port) = p.host_port else {
+            continue;
+        };
+        let proto = Proto::parse(Some(&p.protocol)).expect("pod_ports checks the protocol");
+        let host_ip = match p.host_ip {
+            None => None,
+            Some(std::net::IpAddr::V4(ip)) if ip.is_unspecified() => None,
+            Some(std::net::IpAddr::V4(ip)) => Some(ip),
+            Some(std::net::IpAddr::V6(_)) => continue, // this table is IPv4's
+        };
+        let key = (proto, host_port);
+        if host_ip.is_none() {
+            if let Some(other) =
+                taken(key).or_else(|| (!mine.insert(key)).then(|| format!("{ns}/{name} itself")))
+            {
+                return Err(ModelError::new(
+                    &object,
+                    format!("{}.hostPort", p.path),
+                    format!("{host_port}/{} is already used by {other}", proto.as_str()),
+                ));
             }
-            let id = format!("{ns}/{name}:{host_port}/{}", proto.as_str());
-            let rules = vec![Rule::MasqIfFrom(pod_ip), Rule::Dnat(pod_ip, port, proto)];
-            let chain = chain_name("hp", &id, &rules);
-            rs.comments.insert(
-                chain.clone(),
-                format!(
-                    "hostPort {host_port}/{} -> {ns}/{name}:{port}",
-                    proto.as_str()
-                ),
-            );
-            rs.chains.insert(chain.clone(), rules);
-            match host_ip {
-                Some(ip) => rs.service_ips.insert((ip, proto, host_port), chain),
-                None => rs.node_ports.insert(key, chain),
-            };
         }
+        let port = p.container_port;
+        let id = format!("{ns}/{name}:{host_port}/{}", proto.as_str());
+        let rules = vec![Rule::MasqIfFrom(pod_ip), Rule::Dnat(pod_ip, port, proto)];
+        let chain = chain_name("hp", &id, &rules);
+        rs.comments.insert(
+            chain.clone(),
+            format!(
+                "hostPort {host_port}/{} -> {ns}/{name}:{port}",
+                proto.as_str()
+            ),
+        );
+        rs.chains.insert(chain.clone(), rules);
+        match host_ip {
+            Some(ip) => rs.service_ips.insert((ip, proto, host_port), chain),
+            None => rs.node_ports.insert(key, chain),
+        };
     }
     Ok(rs)
 }

@@ -13,7 +13,6 @@ use crate::plan::{
 use cluster::manifests::namespaced;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What one sync did.
@@ -145,32 +144,29 @@ impl Proxy {
 
     /// Makes the known objects exactly these (a full listing), marking only what changed.
     pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice], pods: &[Pod]) {
-        for k in absent(self.services.keys(), services.iter().map(|s| &s.metadata)) {
+        for k in absent(
+            self.services.keys(),
+            services.iter().map(|s| namespaced(&s.metadata)),
+        ) {
             self.delete_service(&k);
         }
         for s in services {
             self.upsert_service(s);
         }
-        for k in absent(self.slice_owner.keys(), slices.iter().map(|s| &s.metadata)) {
+        for k in absent(
+            self.slice_owner.keys(),
+            slices.iter().map(|s| namespaced(&s.metadata)),
+        ) {
             self.delete_slice(&k);
         }
         for s in slices {
             self.upsert_slice(s);
         }
-        let listed: BTreeSet<ServiceKey> = pods
-            .iter()
-            .map(|p| {
-                let (ns, name) = namespaced(&p.metadata);
-                pod_key(&ns, &name)
-            })
-            .collect();
-        let gone: Vec<ServiceKey> = self
-            .pods
-            .keys()
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
+        let pod_keys = pods.iter().map(|p| {
+            let (ns, name) = namespaced(&p.metadata);
+            pod_key(&ns, &name)
+        });
+        for k in absent(self.pods.keys(), pod_keys) {
             self.delete_pod(&k);
         }
         for p in pods {
@@ -291,8 +287,8 @@ impl Proxy {
 /// The keys held that a full listing no longer has.
 fn absent<'a>(
     held: impl Iterator<Item = &'a ServiceKey>,
-    listed: impl Iterator<Item = &'a ObjectMeta>,
+    listed: impl Iterator<Item = ServiceKey>,
 ) -> Vec<ServiceKey> {
-    let listed: BTreeSet<ServiceKey> = listed.map(namespaced).collect();
+    let listed: BTreeSet<ServiceKey> = listed.collect();
     held.filter(|k| !listed.contains(*k)).cloned().collect()
 }

@@ -122,9 +122,12 @@ pub fn explain(rs: &Ruleset, p: &Packet) -> String {
                 .flatten()
         })
         .and_then(|c| rs.comments.get(c))
-        .map(|c| match c.starts_with("hostPort") {
-            true => format!(" ({c})"),
-            false => format!(" (Service port {c})"),
+        .map(|c| {
+            if c.starts_with("hostPort") {
+                format!(" ({c})")
+            } else {
+                format!(" (Service port {c})")
+            }
         })
         .unwrap_or_default();
     match trace(rs, p) {
