@@ -561,10 +561,12 @@ impl Lab {
         });
         s.pods = keep;
         if !drop.is_empty() {
-            // Like a terminating pod: out of the EndpointSlices first, and a moment for the
-            // agents (they poll every 100 ms) before the pod goes away.
+            // Like a terminating pod: out of the EndpointSlices first; the pod goes only once
+            // every agent has the new endpoints (no new connection can reach it), and after a
+            // moment for connections already sent there to finish their exchange.
             self.publish_services(&mut s, &m.services)?;
-            std::thread::sleep(Duration::from_millis(300));
+            self.wait_synced(&s)?;
+            std::thread::sleep(Duration::from_millis(200));
         }
         for p in &drop {
             self.remove_pod(p);
