@@ -1,6 +1,6 @@
 //! The cluster model every part reads: Kubernetes objects (k8s-openapi's own types) parsed from
 //! ordinary multi-document YAML manifests, the lab document that describes a lab cluster, their
-//! validation, and the `file` source through which an agent sees cluster state.
+//! validation, and the cluster-state interface every part reads through ([`store`]).
 //!
 //! Errors name the object, the field and what would be valid, e.g.
 //! `Pod default/web: spec.nodeName: no node "node-9" (nodes: node-1, node-2)`.
@@ -8,10 +8,12 @@
 pub mod lab;
 pub mod manifests;
 pub mod source;
+pub mod store;
 
 pub use lab::{Backend, LabSpec, NodeSpec};
 pub use manifests::Manifests;
-pub use source::{ClusterState, FileSource, NodeInfo};
+pub use source::{ClusterState, NodeInfo};
+pub use store::{Change, Kind, Object, Store, Update};
 
 use std::fmt;
 

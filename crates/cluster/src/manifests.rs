@@ -2,9 +2,10 @@
 //! raw values, so a file written for a real cluster loads whole.
 
 use crate::lab::LabSpec;
+use crate::store::Object;
 use crate::{is_dns_subdomain, ModelError};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
@@ -16,6 +17,7 @@ pub struct Manifests {
     pub stateful_sets: Vec<StatefulSet>,
     pub daemon_sets: Vec<DaemonSet>,
     pub nodes: Vec<Node>,
+    pub namespaces: Vec<Namespace>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Other kinds (ConfigMap, NetworkPolicy, …), for the parts that will read them.
@@ -97,7 +99,7 @@ impl Manifests {
         }
         let object = describe(
             kind,
-            if kind == "Node" || kind == "Lab" {
+            if matches!(kind, "Node" | "Namespace" | "Lab") {
                 None
             } else {
                 Some(ns.unwrap_or("default"))
@@ -141,6 +143,9 @@ impl Manifests {
                 .daemon_sets
                 .push(serde_json::from_value(doc).map_err(typed)?),
             "Node" => self.nodes.push(serde_json::from_value(doc).map_err(typed)?),
+            "Namespace" => self
+                .namespaces
+                .push(serde_json::from_value(doc).map_err(typed)?),
             "Service" => self
                 .services
                 .push(serde_json::from_value(doc).map_err(typed)?),
@@ -196,10 +201,30 @@ impl Manifests {
         self.stateful_sets.extend(other.stateful_sets);
         self.daemon_sets.extend(other.daemon_sets);
         self.nodes.extend(other.nodes);
+        self.namespaces.extend(other.namespaces);
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);
         self.other.extend(other.other);
         Ok(())
+    }
+}
+
+impl Manifests {
+    /// The objects of the kinds the cluster-state [`Store`](crate::store::Store) holds.
+    pub fn into_objects(self) -> impl Iterator<Item = Object> {
+        let Manifests {
+            nodes,
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            ..
+        } = self;
+        (nodes.into_iter().map(Object::Node))
+            .chain(namespaces.into_iter().map(Object::Namespace))
+            .chain(pods.into_iter().map(Object::Pod))
+            .chain(services.into_iter().map(Object::Service))
+            .chain(endpoint_slices.into_iter().map(Object::EndpointSlice))
     }
 }
 

@@ -1,15 +1,11 @@
-//! Cluster state as an agent sees it, and the `file` source: a directory of manifests (Node
-//! objects with `spec.podCIDR` and an `InternalIP`, as the node IPAM controller and the kubelet
-//! fill them in a real cluster). The `kube` source will fill the same [`ClusterState`].
+//! A node's routing facts ([`NodeInfo`], from a Node object's `spec.podCIDR` and `InternalIP`,
+//! as the node IPAM controller and the kubelet fill them in a real cluster), and
+//! [`ClusterState`], a snapshot of the store for one-shot planning and tests.
 
-use crate::manifests::Manifests;
-use crate::ModelError;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
 
 /// What node routing needs to know about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +53,7 @@ impl NodeInfo {
     }
 }
 
+/// A snapshot of the objects the parts read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
     pub nodes: Vec<NodeInfo>,
@@ -66,99 +63,18 @@ pub struct ClusterState {
     pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
 }
 
-/// A directory of `*.yaml`, `*.yml` and `*.json` manifests, read whole on each load.
-#[derive(Debug, Clone)]
-pub struct FileSource {
-    pub dir: PathBuf,
-}
-
-impl FileSource {
-    pub fn new(dir: impl Into<PathBuf>) -> FileSource {
-        FileSource { dir: dir.into() }
-    }
-
-    fn files(&self) -> std::io::Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.dir.clone()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d)? {
-                let p = e?.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                ) {
-                    out.push(p);
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    /// Changes whenever a file appears, goes or is rewritten: cheap enough to poll.
-    pub fn fingerprint(&self) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for p in self.files().unwrap_or_default() {
-            p.hash(&mut h);
-            if let Ok(m) = std::fs::metadata(&p) {
-                m.len().hash(&mut h);
-                m.modified().ok().hash(&mut h);
-            }
-        }
-        h.finish()
-    }
-
-    pub fn load(&self) -> Result<ClusterState, ModelError> {
-        let io = |p: &Path, e: std::io::Error| {
-            ModelError::new(p.display().to_string(), "", e.to_string())
-        };
-        let mut all = Manifests::default();
-        for p in self.files().map_err(|e| io(&self.dir, e))? {
-            let text = match std::fs::read_to_string(&p) {
-                Ok(t) => t,
-                // Removed between listing and reading: the next poll sees the new state.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io(&p, e)),
-            };
-            all.extend(Manifests::parse(&text, &p.display().to_string())?)?;
-        }
-        let mut nodes: Vec<NodeInfo> = all.nodes.iter().filter_map(NodeInfo::from_node).collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        nodes.dedup_by(|a, b| a.name == b.name);
-        Ok(ClusterState {
-            nodes,
-            services: all.services,
-            endpoint_slices: all.endpoint_slices,
-            pods: all.pods,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn nodes_round_trip_through_files() {
-        let dir = std::env::temp_dir().join(format!("fn-src-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("nodes")).unwrap();
+    fn node_info_round_trips_through_a_node_object() {
         let n = NodeInfo {
             name: "node-1".into(),
             ip: "172.18.0.2".parse().unwrap(),
             pod_cidr: "10.244.1.0/24".parse().unwrap(),
-            labels: BTreeMap::new(),
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
         };
-        let src = FileSource::new(&dir);
-        let before = src.fingerprint();
-        std::fs::write(
-            dir.join("nodes/node-1.json"),
-            serde_json::to_string(&n.to_node()).unwrap(),
-        )
-        .unwrap();
-        assert_ne!(before, src.fingerprint());
-        assert_eq!(src.load().unwrap().nodes, vec![n]);
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(NodeInfo::from_node(&n.to_node()), Some(n));
     }
 }

@@ -952,6 +952,11 @@ impl Lab {
                     .iter()
                     .map(|d| ("Service", namespaced(&d.metadata))),
             )
+            .chain(
+                m.namespaces
+                    .iter()
+                    .map(|d| ("Namespace", namespaced(&d.metadata))),
+            )
             .map(|(k, (ns, n))| (k.to_string(), format!("{ns}/{n}")))
             .collect();
         let replaced = |kind: &str, meta: &ObjectMeta| {
@@ -973,6 +978,9 @@ impl Lab {
         all.deployments.extend(m.deployments);
         all.stateful_sets.extend(m.stateful_sets);
         all.daemon_sets.extend(m.daemon_sets);
+        all.namespaces
+            .retain(|d| !replaced("Namespace", &d.metadata));
+        all.namespaces.extend(m.namespaces);
         all.other.extend(m.other);
         self.write_manifests(&all)?;
         self.reconcile()
@@ -993,6 +1001,7 @@ impl Lab {
         docs.extend(values(&m.stateful_sets));
         docs.extend(values(&m.daemon_sets));
         docs.extend(values(&m.services));
+        docs.extend(values(&m.namespaces));
         docs.extend(m.other.iter().cloned());
         let text: Vec<String> = docs
             .iter()

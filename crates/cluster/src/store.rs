@@ -1,0 +1,536 @@
+//! The cluster-state interface (DESIGN.md, "Cluster state"): a [`Store`] of typed Kubernetes
+//! objects kept current by a source, which hands every batch of source [`Update`]s back as the
+//! [`Change`]s it made, so each part re-plans only what a change touches. The sources (the
+//! `kube` watchers and the `file` watcher, crate `state`) only produce `Update`s; nothing that
+//! reads the store knows which source fed it.
+//!
+//! The semantics are client-go's informer store: objects keyed by kind, namespace and name;
+//! `Apply` adds or replaces, `Delete` removes; a re-list (`Relist(kind)` … `Listed(kind)`, what a
+//! watch restart or a `410 Gone` brings) is buffered and swapped in at its end, objects it no
+//! longer names becoming deletions. Until then the old objects stay, so an unreachable source
+//! never empties the store: every part keeps serving the last state it had.
+//!
+//! Cost: applying an update is a hash lookup and one comparison of the object with the one held
+//! (an unchanged object, as a resync brings, changes nothing); a re-list costs the listing.
+
+use crate::source::ClusterState;
+use crate::ModelError;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// The kinds the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Node,
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+
+    /// The API group and plural resource name (what RBAC rules and API paths name).
+    pub fn api_resource(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Node => ("", "nodes"),
+            Kind::Namespace => ("", "namespaces"),
+            Kind::Pod => ("", "pods"),
+            Kind::Service => ("", "services"),
+            Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Node | Kind::Namespace)
+    }
+}
+
+/// Namespace (empty for cluster-scoped kinds) and name.
+pub type Key = (String, String);
+
+/// One object of a kind the store holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Node(Node),
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Node(_) => Kind::Node,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Node(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+        }
+    }
+
+    /// The store's key: namespaced kinds default to `default`, as the API server does.
+    pub fn key(&self) -> Key {
+        let m = self.meta();
+        let ns = if self.kind().namespaced() {
+            m.namespace.clone().unwrap_or_else(|| "default".into())
+        } else {
+            String::new()
+        };
+        (ns, m.name.clone().unwrap_or_default())
+    }
+
+    /// An object of `kind` from its JSON form (the API's wire format); errors name the object.
+    pub fn from_value(kind: Kind, mut v: serde_json::Value) -> Result<Object, ModelError> {
+        let (group, _) = kind.api_resource();
+        if let Some(fields) = v.as_object_mut() {
+            let version = if group.is_empty() {
+                "v1".to_string()
+            } else {
+                format!("{group}/v1")
+            };
+            fields.insert("apiVersion".into(), version.into());
+            fields.insert("kind".into(), kind.name().into());
+        }
+        let name = |v: &serde_json::Value, f: &str| {
+            v.pointer(&format!("/metadata/{f}"))
+                .and_then(|n| n.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let key = (name(&v, "namespace"), name(&v, "name"));
+        let bad = |e: serde_json::Error| ModelError::new(describe_key(kind, &key), "", e.to_string());
+        Ok(match kind {
+            Kind::Node => Object::Node(serde_json::from_value(v).map_err(bad)?),
+            Kind::Namespace => Object::Namespace(serde_json::from_value(v).map_err(bad)?),
+            Kind::Pod => Object::Pod(serde_json::from_value(v).map_err(bad)?),
+            Kind::Service => Object::Service(serde_json::from_value(v).map_err(bad)?),
+            Kind::EndpointSlice => {
+                Object::EndpointSlice(serde_json::from_value(v).map_err(bad)?)
+            }
+        })
+    }
+
+    /// "Kind namespace/name", for messages.
+    pub fn describe(&self) -> String {
+        describe_key(self.kind(), &self.key())
+    }
+}
+
+/// "Kind namespace/name" (or "Kind name" for cluster-scoped kinds).
+pub fn describe_key(kind: Kind, key: &Key) -> String {
+    if key.0.is_empty() {
+        format!("{} {}", kind.name(), key.1)
+    } else {
+        format!("{} {}/{}", kind.name(), key.0, key.1)
+    }
+}
+
+/// A Kubernetes type the store holds, for typed access.
+pub trait Resource: Sized + 'static {
+    const KIND: Kind;
+    fn from_object(o: &Object) -> Option<&Self>;
+    fn into_object(self) -> Object;
+}
+
+macro_rules! resource {
+    ($t:ident) => {
+        impl Resource for $t {
+            const KIND: Kind = Kind::$t;
+            fn from_object(o: &Object) -> Option<&Self> {
+                match o {
+                    Object::$t(x) => Some(x),
+                    _ => None,
+                }
+            }
+            fn into_object(self) -> Object {
+                Object::$t(self)
+            }
+        }
+    };
+}
+resource!(Node);
+resource!(Namespace);
+resource!(Pod);
+resource!(Service);
+resource!(EndpointSlice);
+
+/// What a source reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// An object was added or changed.
+    Apply(Object),
+    /// An object is gone.
+    Delete(Kind, Key),
+    /// A full listing of `kind` follows, as `Apply`s, up to `Listed(kind)`.
+    Relist(Kind),
+    /// The listing is complete: objects of `kind` it did not name are gone.
+    Listed(Kind),
+    /// Every kind the source watches has been listed once: the store is complete.
+    Synced,
+    /// The source's position after the updates before it (the file source: a fingerprint of the
+    /// files read). A part that has applied everything up to it may report it, so a lab or a
+    /// test can wait until the state it wrote has landed.
+    Mark(String),
+    /// Something the source could not read (a bad file, an API error); the store keeps what it
+    /// had. The daemons log and count it.
+    Error(String),
+}
+
+/// One object's change, after a batch of updates: `old` was held before, `new` is held now
+/// (`None`: absent). Never `old == new`.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub kind: Kind,
+    pub key: Key,
+    pub old: Option<Arc<Object>>,
+    pub new: Option<Arc<Object>>,
+}
+
+impl Change {
+    pub fn old_as<T: Resource>(&self) -> Option<&T> {
+        self.old.as_deref().and_then(T::from_object)
+    }
+
+    pub fn new_as<T: Resource>(&self) -> Option<&T> {
+        self.new.as_deref().and_then(T::from_object)
+    }
+}
+
+/// The objects, by kind and key.
+#[derive(Debug, Default)]
+pub struct Store {
+    objects: HashMap<Kind, HashMap<Key, Arc<Object>>>,
+    /// Re-listings in progress.
+    relisting: HashMap<Kind, HashMap<Key, Arc<Object>>>,
+    /// EndpointSlices by the Service they belong to (`kubernetes.io/service-name`).
+    slices_of: HashMap<Key, BTreeSet<String>>,
+    synced: bool,
+    mark: Option<String>,
+    errors: Vec<String>,
+}
+
+/// The Service an EndpointSlice belongs to: its namespace and `kubernetes.io/service-name`.
+pub fn slice_service(slice: &EndpointSlice) -> Option<Key> {
+    let svc = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")?;
+    let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+    Some((ns.to_string(), svc.clone()))
+}
+
+/// Collects changes, one per object however often it changed in the batch.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<Change>,
+    index: HashMap<(Kind, Key), usize>,
+}
+
+impl Batch {
+    fn record(&mut self, kind: Kind, key: Key, old: Option<Arc<Object>>, new: Option<Arc<Object>>) {
+        match self.index.get(&(kind, key.clone())) {
+            Some(&i) => self.changes[i].new = new,
+            None => {
+                self.index.insert((kind, key.clone()), self.changes.len());
+                self.changes.push(Change {
+                    kind,
+                    key,
+                    old,
+                    new,
+                });
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<Change> {
+        self.changes
+            .into_iter()
+            .filter(|c| match (&c.old, &c.new) {
+                (None, None) => false,
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                _ => true,
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    /// Applies a batch of updates; returns what changed, one [`Change`] per object.
+    pub fn apply(&mut self, updates: impl IntoIterator<Item = Update>) -> Vec<Change> {
+        let mut batch = Batch::default();
+        for u in updates {
+            match u {
+                Update::Apply(o) => {
+                    let (kind, key) = (o.kind(), o.key());
+                    if let Some(buffer) = self.relisting.get_mut(&kind) {
+                        buffer.insert(key, Arc::new(o));
+                        continue;
+                    }
+                    let held = self.objects.entry(kind).or_default().get(&key);
+                    if held.is_some_and(|h| **h == o) {
+                        continue;
+                    }
+                    self.put(&mut batch, kind, key, Some(Arc::new(o)));
+                }
+                Update::Delete(kind, key) => {
+                    if let Some(buffer) = self.relisting.get_mut(&kind) {
+                        buffer.remove(&key);
+                    }
+                    self.put(&mut batch, kind, key, None);
+                }
+                Update::Relist(kind) => {
+                    self.relisting.insert(kind, HashMap::new());
+                }
+                Update::Listed(kind) => {
+                    let Some(listing) = self.relisting.remove(&kind) else {
+                        continue;
+                    };
+                    let gone: Vec<Key> = self
+                        .objects
+                        .get(&kind)
+                        .into_iter()
+                        .flat_map(|m| m.keys())
+                        .filter(|k| !listing.contains_key(*k))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        self.put(&mut batch, kind, key, None);
+                    }
+                    for (key, o) in listing {
+                        let held = self.objects.get(&kind).and_then(|m| m.get(&key));
+                        if held.is_none_or(|h| **h != *o) {
+                            self.put(&mut batch, kind, key, Some(o));
+                        }
+                    }
+                }
+                Update::Synced => self.synced = true,
+                Update::Mark(m) => self.mark = Some(m),
+                Update::Error(e) => self.errors.push(e),
+            }
+        }
+        batch.finish()
+    }
+
+    fn put(&mut self, batch: &mut Batch, kind: Kind, key: Key, new: Option<Arc<Object>>) {
+        let map = self.objects.entry(kind).or_default();
+        let old = match &new {
+            Some(o) => map.insert(key.clone(), o.clone()),
+            None => map.remove(&key),
+        };
+        if kind == Kind::EndpointSlice {
+            let service = |o: &Option<Arc<Object>>| {
+                o.as_deref()
+                    .and_then(EndpointSlice::from_object)
+                    .and_then(slice_service)
+            };
+            if let Some(s) = service(&old) {
+                if let Some(set) = self.slices_of.get_mut(&s) {
+                    set.remove(&key.1);
+                    if set.is_empty() {
+                        self.slices_of.remove(&s);
+                    }
+                }
+            }
+            if let Some(s) = service(&new) {
+                self.slices_of.entry(s).or_default().insert(key.1.clone());
+            }
+        }
+        batch.record(kind, key, old, new);
+    }
+
+    /// Whether the source has delivered every kind once.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The source's last [`Update::Mark`].
+    pub fn mark(&self) -> Option<&str> {
+        self.mark.as_deref()
+    }
+
+    /// Source errors since the last call.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.errors)
+    }
+
+    pub fn get<T: Resource>(&self, namespace: &str, name: &str) -> Option<&T> {
+        let key = (namespace.to_string(), name.to_string());
+        self.objects
+            .get(&T::KIND)?
+            .get(&key)
+            .and_then(|o| T::from_object(o))
+    }
+
+    /// Every object of a kind, in no particular order.
+    pub fn list<T: Resource>(&self) -> impl Iterator<Item = &T> {
+        self.objects
+            .get(&T::KIND)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|o| T::from_object(o))
+    }
+
+    pub fn count(&self, kind: Kind) -> usize {
+        self.objects.get(&kind).map_or(0, HashMap::len)
+    }
+
+    /// The EndpointSlices of Service `key`.
+    pub fn slices_of(&self, key: &Key) -> Vec<&EndpointSlice> {
+        self.slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.get::<EndpointSlice>(&key.0, name))
+            .collect()
+    }
+
+    /// A copy of the whole state (for one-shot planning: `--dry-run`, `explain`, tests).
+    pub fn snapshot(&self) -> ClusterState {
+        let mut nodes: Vec<_> = self
+            .list::<Node>()
+            .filter_map(crate::NodeInfo::from_node)
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterState {
+            nodes,
+            services: self.list::<Service>().cloned().collect(),
+            endpoint_slices: self.list::<EndpointSlice>().cloned().collect(),
+            pods: self.list::<Pod>().cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(name: &str, port: i32) -> Object {
+        Object::Service(
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns"},
+                "spec": {"ports": [{"port": port}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn slice(name: &str, svc: &str) -> Object {
+        Object::EndpointSlice(
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns",
+                "labels": {"kubernetes.io/service-name": svc}}, "addressType": "IPv4", "endpoints": []}))
+            .unwrap(),
+        )
+    }
+
+    fn key(name: &str) -> Key {
+        ("ns".into(), name.into())
+    }
+
+    #[test]
+    fn changes_are_one_per_object_and_unchanged_objects_change_nothing() {
+        let mut s = Store::new();
+        let ch = s.apply([Update::Apply(svc("a", 80)), Update::Apply(svc("a", 81))]);
+        assert_eq!(ch.len(), 1);
+        assert!(ch[0].old.is_none());
+        assert_eq!(ch[0].new.as_deref(), Some(&svc("a", 81)));
+        assert!(s.apply([Update::Apply(svc("a", 81))]).is_empty());
+        // Added and deleted in one batch: nothing happened.
+        assert!(s
+            .apply([
+                Update::Apply(svc("b", 1)),
+                Update::Delete(Kind::Service, key("b"))
+            ])
+            .is_empty());
+        let ch = s.apply([Update::Delete(Kind::Service, key("a"))]);
+        assert_eq!(ch[0].old_as::<Service>(), Service::from_object(&svc("a", 81)));
+        assert!(ch[0].new.is_none());
+        assert_eq!(s.count(Kind::Service), 0);
+        // Deleting what is not there is no change.
+        assert!(s.apply([Update::Delete(Kind::Service, key("a"))]).is_empty());
+    }
+
+    #[test]
+    fn a_relist_keeps_the_old_state_until_it_completes_then_deletes_what_it_missed() {
+        let mut s = Store::new();
+        s.apply([
+            Update::Apply(svc("a", 80)),
+            Update::Apply(svc("b", 80)),
+            Update::Synced,
+        ]);
+        assert!(s.apply([Update::Relist(Kind::Service), Update::Apply(svc("b", 90))]).is_empty());
+        assert_eq!(s.count(Kind::Service), 2, "the old state serves during a re-list");
+        let mut ch = s.apply([Update::Apply(svc("c", 1)), Update::Listed(Kind::Service)]);
+        ch.sort_by(|x, y| x.key.cmp(&y.key));
+        let got: Vec<(String, bool, bool)> = ch
+            .iter()
+            .map(|c| (c.key.1.clone(), c.old.is_some(), c.new.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".into(), true, false),
+                ("b".into(), true, true),
+                ("c".into(), false, true)
+            ]
+        );
+        assert!(s.synced());
+    }
+
+    #[test]
+    fn slices_are_indexed_by_their_service() {
+        let mut s = Store::new();
+        s.apply([
+            Update::Apply(slice("web-1", "web")),
+            Update::Apply(slice("web-2", "web")),
+            Update::Apply(slice("db-1", "db")),
+        ]);
+        assert_eq!(s.slices_of(&key("web")).len(), 2);
+        // A slice moved to another Service leaves the first one's index.
+        s.apply([Update::Apply(slice("web-2", "db"))]);
+        assert_eq!(s.slices_of(&key("web")).len(), 1);
+        assert_eq!(s.slices_of(&key("db")).len(), 2);
+        s.apply([
+            Update::Delete(Kind::EndpointSlice, key("web-1")),
+            Update::Relist(Kind::EndpointSlice),
+            Update::Listed(Kind::EndpointSlice),
+        ]);
+        assert!(s.slices_of(&key("web")).is_empty());
+        assert!(s.slices_of(&key("db")).is_empty());
+    }
+}
