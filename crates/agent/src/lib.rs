@@ -1,17 +1,48 @@
-//! The node agent: reads cluster state from a source, plans this node's routing and applies it,
-//! again whenever the state changes (polled every 100 ms, so a joining or leaving node is
-//! routed within a second) and every 10 s regardless (repairing drift). Like flanneld, it
-//! takes its network settings from a Flannel-style `net-conf.json`.
+//! The node agent: reads cluster state through the store (fed by the `kube` or `file` source)
+//! and keeps this node's routing and service proxy in step with it. Each batch of changes goes
+//! to the part it touches: Node changes re-plan the routes (a plan over the nodes, as
+//! flanneld's), Service, EndpointSlice and Pod changes re-plan only their Services' share of
+//! the proxy table. Routes are also re-checked every 10 s, repairing drift. Like flanneld, it
+//! takes its network settings from a Flannel-style `net-conf.json` and waits for its Node's pod
+//! CIDR; once it has it, it writes the node's CNI configuration for the runtime.
 
 pub mod cli;
 pub mod health;
 
-use cluster::{Backend, ClusterState, FileSource, NodeInfo};
+use cluster::store::{Change, Kind, Store, Update};
+use cluster::{Backend, NodeInfo};
 use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use netlink::{LinkInfo, Netlink};
+use state::kube::Watch;
+use state::SourceMetrics;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How often routes are re-checked without a change.
+const RECHECK: Duration = Duration::from_secs(10);
+/// How soon a failed sync is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The kinds the agent reads (its RBAC follows from them: get, list, watch on each).
+pub const KINDS: [Kind; 4] = [Kind::Node, Kind::Service, Kind::EndpointSlice, Kind::Pod];
+
+/// What the agent watches: every Node, Service and EndpointSlice, and the pods of its own node
+/// (for their hostPorts), as the kubelet narrows its watch.
+pub fn watches(node: &str) -> Vec<Watch> {
+    KINDS
+        .into_iter()
+        .map(|kind| Watch {
+            kind,
+            fields: (kind == Kind::Pod).then(|| format!("spec.nodeName={node}")),
+        })
+        .collect()
+}
 
 /// Flannel's net-conf.json: `{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}`;
 /// `"DirectRouting": true` on vxlan (Flannel's spelling) or `"Type": "auto"` both mean auto.
@@ -54,12 +85,16 @@ pub fn read_net_conf(path: &Path) -> Result<(Ipv4Net, Backend), String> {
 
 pub struct Agent {
     pub node: String,
-    pub source: FileSource,
+    /// What it watches ([`watches`] of its node).
+    pub watches: Vec<Watch>,
     pub cluster_cidr: Ipv4Net,
     pub backend: Backend,
     pub service_cidr: Ipv4Net,
     pub node_ports: (u16, u16),
-    pub status_file: Option<std::path::PathBuf>,
+    /// After each complete sync, the source's mark is written here.
+    pub status_file: Option<PathBuf>,
+    /// Where this node's CNI conflist goes once its pod CIDR is known (none: not written).
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 /// Where this node sits: the link and subnet holding its node IP.
@@ -83,67 +118,267 @@ fn underlay(nl: &Netlink, ip: Ipv4Addr) -> Result<(u32, Ipv4Net, u32), String> {
     Ok((idx, net.trunc(), mtu))
 }
 
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn log(node: &str, msg: &str) {
+    eprintln!(
+        "{:.3} agent {node}: {msg}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+    );
+}
+
 impl Agent {
-    /// This node in `state`.
-    fn me<'a>(&self, state: &'a ClusterState) -> Result<&'a NodeInfo, String> {
-        state
-            .nodes
-            .iter()
-            .find(|n| n.name == self.node)
-            .ok_or_else(|| format!("node {:?} is not in the cluster state (yet)", self.node))
+    /// This node's routing facts, once its Node has a pod CIDR and an InternalIP.
+    fn me(&self, store: &Store) -> Result<NodeInfo, String> {
+        let node = store
+            .get::<Node>("", &self.node)
+            .ok_or_else(|| format!("node {:?} is not in the cluster state (yet)", self.node))?;
+        NodeInfo::from_node(node).ok_or_else(|| {
+            format!(
+                "node {:?} has no spec.podCIDR or InternalIP address yet (waiting, as flanneld does)",
+                self.node
+            )
+        })
     }
 
-    /// This node's plan for `state`, and the index of its underlay device.
-    pub fn plan(&self, nl: &Netlink, state: &ClusterState) -> Result<(routing::Plan, u32), String> {
-        let me = self.me(state)?;
-        let (dev, subnet, mtu) = underlay(nl, me.ip)?;
-        let cfg = routing::Config {
+    fn routing_config(&self, mtu: u32) -> routing::Config {
+        routing::Config {
             backend: self.backend,
             cluster_cidr: self.cluster_cidr,
             underlay_mtu: mtu,
-        };
+        }
+    }
+
+    /// This node's routing plan for the nodes in `store`, the index of its underlay device and
+    /// its underlay MTU.
+    pub fn plan(&self, nl: &Netlink, store: &Store) -> Result<(routing::Plan, u32, u32), String> {
+        let me = self.me(store)?;
+        let (dev, subnet, mtu) = underlay(nl, me.ip)?;
         let who = routing::Me {
             name: me.name.clone(),
             ip: me.ip,
             underlay: subnet,
             pod_cidr: me.pod_cidr,
         };
-        Ok((routing::plan(&cfg, &who, &state.nodes), dev))
-    }
-
-    /// One reconcile against `state`; returns what changed.
-    pub fn sync(&self, nl: &Netlink, state: &ClusterState) -> Result<routing::Changes, String> {
-        let (plan, dev) = self.plan(nl, state)?;
-        routing::apply(nl, &plan, dev)
+        let mut nodes: Vec<NodeInfo> = store.list::<Node>().filter_map(NodeInfo::from_node).collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((routing::plan(&self.routing_config(mtu), &who, &nodes), dev, mtu))
     }
 
     /// The service proxy's view of this node.
-    fn proxy_config(&self, state: &ClusterState) -> Result<proxy::Config, String> {
-        let me = self.me(state)?;
-        Ok(proxy::Config {
+    fn proxy_config(&self, me: &NodeInfo) -> proxy::Config {
+        proxy::Config {
             node: self.node.clone(),
             node_ips: vec![me.ip],
             cluster_cidr: self.cluster_cidr,
             service_cidr: self.service_cidr,
             node_ports: self.node_ports,
-        })
+        }
     }
 
-    /// Brings the service proxy up to `state`: only changed Services are re-planned and sent.
+    /// The plan as `--dry-run` prints it: routes as `ip`/`bridge`/`nft` commands, then the
+    /// service proxy's table as an `nft -f` script.
+    pub fn dry_run(&self, nl: &Netlink, store: &Store) -> Result<String, String> {
+        let (plan, _, _) = self.plan(nl, store)?;
+        let snap = store.snapshot();
+        let on_node: Vec<Pod> = snap
+            .pods
+            .into_iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node))
+            .collect();
+        let rules = proxy::plan::plan_node(
+            &self.proxy_config(&self.me(store)?),
+            &snap.services,
+            &snap.endpoint_slices,
+            &on_node,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "# routing ({} backend)\n{plan}\n# service proxy (nft -f)\n{}",
+            match self.backend {
+                Backend::HostGw => "host-gw",
+                Backend::Vxlan => "vxlan",
+                Backend::Auto => "auto",
+            },
+            rules.render()
+        ))
+    }
+
+    /// Syncs routing and the proxy once against `store`; returns what changed.
+    pub fn once(&self, nl: &Netlink, store: &Store) -> Result<String, String> {
+        let (plan, dev, _) = self.plan(nl, store)?;
+        let routes = routing::apply(nl, &plan, dev)?;
+        let mut p = proxy::Proxy::new(self.proxy_config(&self.me(store)?))?;
+        feed_all(&mut p, store);
+        let report = p.sync()?;
+        Ok(format!(
+            "routes: {routes:?}\nservice proxy: {} Services, {} kernel objects",
+            report.services, report.objects
+        ))
+    }
+
+    /// Writes this node's CNI conflist (atomically; only when it changes).
+    fn write_conflist(&self, me: &NodeInfo, mtu: u32) -> Result<(), String> {
+        let Some(dir) = &self.cni_conf_dir else {
+            return Ok(());
+        };
+        let text = serde_json::to_string_pretty(&routing::cni_conflist(
+            &self.routing_config(mtu),
+            me.pod_cidr,
+            None,
+        ))
+        .expect("json");
+        let path = dir.join("10-flatnet.conflist");
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)
+            .and_then(|()| write_atomic(&path, &text))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        log(&self.node, &format!("wrote {} (pod CIDR {})", path.display(), me.pod_cidr));
+        Ok(())
+    }
+
+    /// Runs until the source ends: applies each batch of updates as it comes.
+    pub fn run(
+        &self,
+        updates: Receiver<Vec<Update>>,
+        metrics: Arc<SourceMetrics>,
+        ready: Arc<AtomicBool>,
+    ) -> Result<(), String> {
+        let nl = loop {
+            match Netlink::connect() {
+                Ok(nl) => break nl,
+                Err(e) => {
+                    log(&self.node, &format!("netlink: {e}"));
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
+        let mut store = Store::new();
+        let mut proxy: Option<proxy::Proxy> = None;
+        let mut health = health::HealthChecks::default();
+        let mut last_routing: Option<Instant> = None;
+        let mut waiting_said = String::new();
+        let mut failed = false;
+        loop {
+            // After a failed sync, try again within a second even without news.
+            let wait = if failed { RETRY } else { RECHECK };
+            let mut batch = match updates.recv_timeout(wait) {
+                Ok(b) => b,
+                Err(RecvTimeoutError::Timeout) => Vec::new(),
+                Err(RecvTimeoutError::Disconnected) => return Err("the source ended".into()),
+            };
+            while let Ok(more) = updates.try_recv() {
+                batch.extend(more);
+            }
+            let started = Instant::now();
+            metrics.observe(&batch);
+            let changes = store.apply(batch);
+            metrics.count(&store);
+            for e in store.take_errors() {
+                log(&self.node, &e);
+            }
+            if !store.synced() {
+                continue; // never plan from half a listing: it would remove what the rest needs
+            }
+            let me = match self.me(&store) {
+                Ok(me) => me,
+                Err(e) => {
+                    if e != waiting_said {
+                        log(&self.node, &e);
+                        waiting_said = e;
+                    }
+                    continue;
+                }
+            };
+            let nodes_changed = changes.iter().any(|c| c.kind == Kind::Node);
+            let mut ok = true;
+            if nodes_changed || failed || last_routing.is_none_or(|t| t.elapsed() >= RECHECK) {
+                let t = Instant::now();
+                let routed = self.plan(&nl, &store).and_then(|(plan, dev, mtu)| {
+                    self.write_conflist(&me, mtu)?;
+                    routing::apply(&nl, &plan, dev)
+                });
+                match routed {
+                    Ok(ch) => {
+                        if ch.total() > 0 {
+                            log(&self.node, &format!("routes synced: {ch:?}"));
+                        }
+                        last_routing = Some(Instant::now());
+                        metrics.synced("routing", t.elapsed());
+                    }
+                    Err(e) => {
+                        ok = false;
+                        log(&self.node, &format!("routing sync failed (will retry): {e}"));
+                    }
+                }
+            }
+            let t = Instant::now();
+            match self.sync_proxy(&mut proxy, &store, &changes, &me) {
+                Ok(r) => {
+                    if r.objects > 0 {
+                        log(
+                            &self.node,
+                            &format!(
+                                "service proxy synced: {} Services, {} kernel objects",
+                                r.services, r.objects
+                            ),
+                        );
+                    }
+                    metrics.synced("proxy", t.elapsed());
+                }
+                Err(e) => {
+                    ok = false;
+                    log(&self.node, &format!("service proxy sync failed (will retry): {e}"));
+                }
+            }
+            if let Some(p) = &proxy {
+                let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
+                for (port, e) in health.update(&p.health_checks(), any) {
+                    log(&self.node, &format!("healthCheckNodePort {port}: {e}"));
+                }
+            }
+            failed = !ok;
+            if ok {
+                ready.store(true, Ordering::Relaxed);
+                metrics.synced("agent", started.elapsed());
+                if let (Some(f), Some(mark)) = (&self.status_file, store.mark()) {
+                    let _ = write_atomic(f, mark);
+                }
+            }
+        }
+    }
+
+    /// Brings the service proxy up to the store: only the Services that `changes` touch are
+    /// re-planned and sent (all of them when the proxy starts or the node's facts change).
     fn sync_proxy(
         &self,
         proxy: &mut Option<proxy::Proxy>,
-        state: &ClusterState,
+        store: &Store,
+        changes: &[Change],
+        me: &NodeInfo,
     ) -> Result<proxy::Report, String> {
-        let cfg = self.proxy_config(state)?;
+        let cfg = self.proxy_config(me);
         let p = match proxy {
             Some(p) => {
                 p.set_config(cfg);
+                feed(p, changes);
                 p
             }
-            None => proxy.insert(proxy::Proxy::new(cfg)?),
+            None => {
+                let p = proxy.insert(proxy::Proxy::new(cfg)?);
+                feed_all(p, store);
+                p
+            }
         };
-        p.replace_all(&state.services, &state.endpoint_slices, &state.pods);
         let before = p.errors.clone();
         let report = p.sync();
         for (svc, e) in &p.errors {
@@ -152,88 +387,40 @@ impl Agent {
                     Some(pod) => format!("hostPorts of Pod {}/{pod}", svc.0),
                     None => format!("Service {}/{}", svc.0, svc.1),
                 };
-                self.log(&format!(
-                    "{what} not applied (its last good rules stay): {e}"
-                ));
+                log(
+                    &self.node,
+                    &format!("{what} not applied (its last good rules stay): {e}"),
+                );
             }
         }
         report
     }
+}
 
-    fn log(&self, msg: &str) {
-        eprintln!(
-            "{:.3} agent {}: {msg}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-            self.node
-        );
-    }
-
-    /// Loads the state and syncs once.
-    pub fn once(&self, nl: &Netlink) -> Result<routing::Changes, String> {
-        let state = self.source.load().map_err(|e| e.to_string())?;
-        self.sync(nl, &state)
-    }
-
-    /// Runs until killed.
-    pub fn run(&self) -> ! {
-        let nl = loop {
-            match Netlink::connect() {
-                Ok(nl) => break nl,
-                Err(e) => {
-                    self.log(&format!("netlink: {e}"));
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        };
-        let mut seen = None;
-        let mut last = Instant::now() - Duration::from_secs(3600);
-        let mut proxy = None;
-        let mut health = health::HealthChecks::default();
-        loop {
-            let fp = self.source.fingerprint();
-            if seen != Some(fp) || last.elapsed() > Duration::from_secs(10) {
-                match self.source.load() {
-                    Ok(state) => {
-                        let routed = self.sync(&nl, &state);
-                        match &routed {
-                            Ok(ch) if ch.total() > 0 => self.log(&format!("routes synced: {ch:?}")),
-                            Ok(_) => {}
-                            Err(e) => self.log(&format!("routing sync failed (will retry): {e}")),
-                        }
-                        let proxied = self.sync_proxy(&mut proxy, &state);
-                        if let Some(p) = &proxy {
-                            let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
-                            for (port, e) in health.update(&p.health_checks(), any) {
-                                self.log(&format!("healthCheckNodePort {port}: {e}"));
-                            }
-                        }
-                        match &proxied {
-                            Ok(r) if r.objects == 0 => {}
-                            Ok(r) => self.log(&format!(
-                                "service proxy synced: {} Services, {} kernel objects",
-                                r.services, r.objects
-                            )),
-                            Err(e) => {
-                                self.log(&format!("service proxy sync failed (will retry): {e}"))
-                            }
-                        }
-                        if routed.is_ok() && proxied.is_ok() {
-                            seen = Some(fp);
-                            if let Some(f) = &self.status_file {
-                                let tmp = f.with_extension("tmp");
-                                let _ = std::fs::write(&tmp, fp.to_string())
-                                    .and_then(|()| std::fs::rename(&tmp, f));
-                            }
-                        }
-                    }
-                    Err(e) => self.log(&format!("reading cluster state (will retry): {e}")),
-                }
-                last = Instant::now();
-            }
-            std::thread::sleep(Duration::from_millis(100));
+/// Hands the proxy what `changes` did to Services, EndpointSlices and Pods.
+fn feed(p: &mut proxy::Proxy, changes: &[Change]) {
+    for c in changes {
+        match c.kind {
+            Kind::Service => match c.new_as::<Service>() {
+                Some(s) => p.upsert_service(s),
+                None => p.delete_service(&c.key),
+            },
+            Kind::EndpointSlice => match c.new_as::<EndpointSlice>() {
+                Some(s) => p.upsert_slice(s),
+                None => p.delete_slice(&c.key),
+            },
+            Kind::Pod => match c.new_as::<Pod>() {
+                Some(pod) => p.upsert_pod(pod),
+                None => p.delete_pod(&proxy::plan::pod_key(&c.key.0, &c.key.1)),
+            },
+            Kind::Node | Kind::Namespace => {}
         }
     }
+}
+
+/// Hands a new proxy everything the store holds.
+fn feed_all(p: &mut proxy::Proxy, store: &Store) {
+    store.list::<Service>().for_each(|s| p.upsert_service(s));
+    store.list::<EndpointSlice>().for_each(|s| p.upsert_slice(s));
+    store.list::<Pod>().for_each(|pod| p.upsert_pod(pod));
 }

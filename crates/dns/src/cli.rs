@@ -61,10 +61,11 @@ pub struct DnsArgs {
     /// The cluster domain.
     #[arg(long, default_value = "cluster.local")]
     pub domain: String,
-    /// The file source: a directory of manifests (Services, EndpointSlices, Pods). Without
-    /// it the zone holds only its apex records and `--record`s.
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
+    /// Where Services, EndpointSlices and Pods come from: `--source kube` (the Kubernetes API)
+    /// or `--source file --dir DIR`. With the file source and no `--dir`, the zone holds only
+    /// its apex records and `--record`s.
+    #[command(flatten)]
+    pub source: state::SourceArgs,
     /// Upstream server for names outside the zone (IP or IP:PORT; repeat for more, tried in
     /// order). Default: the nameservers of --resolv-conf.
     #[arg(long = "upstream")]
@@ -157,7 +158,8 @@ fn options(a: DnsArgs) -> Result<Options, String> {
     Ok(Options {
         listen: a.listen,
         http,
-        dir: a.dir,
+        source: (a.source.source == state::SourceKind::Kube || a.source.dir.is_some())
+            .then_some(a.source),
         zone: ZoneConfig {
             domain: a.domain,
             ttl: a.ttl,

@@ -11,3 +11,15 @@ pub mod rendered;
 pub mod server;
 pub mod udp;
 pub mod zone;
+
+use cluster::store::Kind;
+use state::kube::Watch;
+
+/// The kinds the DNS server reads (its RBAC follows from them: get, list, watch on each): Pods
+/// for the `verified` pod names, as CoreDNS's `pods verified` watches them.
+pub const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Pod];
+
+/// What the DNS server watches: every object of [`KINDS`].
+pub fn watches() -> Vec<Watch> {
+    KINDS.into_iter().map(Watch::all).collect()
+}

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub upstream_seconds: Histogram,
     pub upstream_failures: Counter,
     pub zone_names: Gauge,
+    /// The source's and the zone updates' metrics (`flatnet_source_*`, `flatnet_sync_*`).
+    pub source: std::sync::Arc<state::SourceMetrics>,
     hot: Hot,
 }
 
@@ -85,6 +87,7 @@ impl Default for Metrics {
             upstream_seconds: Histogram::new(exponential_buckets(0.00025, 2.0, 16)),
             upstream_failures: Counter::default(),
             zone_names: Gauge::default(),
+            source: Default::default(),
         }
     }
 }
@@ -92,7 +95,9 @@ impl Default for Metrics {
 impl Metrics {
     /// The registry `/metrics` encodes (metrics are shared handles, so this is cheap).
     pub fn registry(&self) -> Registry {
-        let mut r = Registry::with_prefix("flatnet_dns");
+        let mut top = Registry::default();
+        self.source.register(&mut top);
+        let r = top.sub_registry_with_prefix("flatnet_dns");
         r.register(
             "requests",
             "Queries received, by transport and type",
@@ -133,7 +138,7 @@ impl Metrics {
             "Owner names in the cluster zone",
             self.zone_names.clone(),
         );
-        r
+        top
     }
 
     /// Counts one query and its reply (`rcode`: the header's low four bits).

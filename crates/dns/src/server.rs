@@ -12,8 +12,8 @@ use crate::answer::{self, Step};
 use crate::forward::{Forwarder, Upstream};
 use crate::metrics::{Metrics, Transport};
 use crate::rendered::Answers;
-use crate::zone::{Zone, ZoneConfig};
-use cluster::FileSource;
+use crate::zone::{LiveZone, Zone, ZoneConfig};
+use cluster::store::{Store, Update};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Record, RecordType};
 use std::net::SocketAddr;
@@ -34,15 +34,15 @@ const IDLE: Duration = Duration::from_secs(10);
 pub struct Options {
     pub listen: SocketAddr,
     pub http: Option<SocketAddr>,
-    /// The file source's directory; `None`: a zone without cluster objects.
-    pub dir: Option<PathBuf>,
+    /// Where cluster state comes from; `None`: a zone without cluster objects.
+    pub source: Option<state::SourceArgs>,
     pub zone: ZoneConfig,
     pub upstreams: Vec<SocketAddr>,
     pub timeout: Duration,
     pub cache_size: usize,
     pub workers: usize,
-    /// After each zone load, write the fingerprint of the state it loaded to `<dir>/<hostname>`
-    /// (so a lab or a test can wait for every replica to catch up).
+    /// After each zone update, write the source's mark to `<dir>/<hostname>` (so a lab or a
+    /// test can wait for every replica to catch up).
     pub status_dir: Option<PathBuf>,
 }
 
@@ -87,10 +87,7 @@ fn question_type(packet: &[u8]) -> RecordType {
 impl Server {
     pub fn new(opts: &Options, metrics: Arc<Metrics>) -> Server {
         Server {
-            zone: RwLock::new(Arc::new(Answers::new(Zone::build(
-                &opts.zone,
-                &Default::default(),
-            )))),
+            zone: RwLock::new(Arc::new(Answers::new(Zone::new(&opts.zone)))),
             forwarder: Forwarder::new(
                 opts.upstreams.clone(),
                 opts.timeout,
@@ -98,7 +95,7 @@ impl Server {
                 metrics.clone(),
             ),
             metrics,
-            ready: AtomicBool::new(opts.dir.is_none()),
+            ready: AtomicBool::new(opts.source.is_none()),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
         }
     }
@@ -319,37 +316,57 @@ fn release_freed_memory() {
     }
 }
 
-/// Rebuilds the zone whenever the source's files change (polled every 100 ms, so records follow
-/// a Service or EndpointSlice change within a second).
-fn watch(server: Arc<Server>, source: FileSource, cfg: ZoneConfig, status_dir: Option<PathBuf>) {
+/// Keeps the zone in step with the source: the first complete listing builds it, each later
+/// batch of changes updates only the records of the objects it touches.
+fn follow(
+    server: Arc<Server>,
+    updates: std::sync::mpsc::Receiver<Vec<Update>>,
+    cfg: ZoneConfig,
+    status_dir: Option<PathBuf>,
+) {
     let status = status_dir.map(|d| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         d.join(host.trim())
     });
-    let mut last = None;
-    loop {
-        let fp = source.fingerprint();
-        if last != Some(fp) {
-            match source.load() {
-                Ok(state) => {
-                    server.set_zone(Zone::build(&cfg, &state));
-                    drop(state);
-                    release_freed_memory();
-                    last = Some(fp);
-                    if let Some(path) = &status {
-                        let tmp = path.with_extension("tmp");
-                        let written = std::fs::write(&tmp, fp.to_string())
-                            .and_then(|()| std::fs::rename(&tmp, path));
-                        if let Err(e) = written {
-                            eprintln!("flatnet dns: {}: {e}", path.display());
-                        }
-                    }
+    let metrics = server.metrics.source.clone();
+    let mut store = Store::new();
+    let mut live: Option<LiveZone> = None;
+    while let Ok(mut batch) = updates.recv() {
+        while let Ok(more) = updates.try_recv() {
+            batch.extend(more);
+        }
+        let started = std::time::Instant::now();
+        metrics.observe(&batch);
+        let changes = store.apply(batch);
+        for e in store.take_errors() {
+            eprintln!("flatnet dns: {e}");
+        }
+        if !store.synced() {
+            continue;
+        }
+        match &mut live {
+            Some(z) => {
+                if z.apply(&store, &changes) {
+                    server.set_zone(z.zone());
                 }
-                Err(e) => eprintln!("flatnet dns: {e}"),
+            }
+            None => {
+                let z = live.insert(LiveZone::new(&cfg, &store));
+                server.set_zone(z.zone());
+                release_freed_memory();
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        metrics.count(&store);
+        metrics.synced("dns", started.elapsed());
+        if let (Some(path), Some(mark)) = (&status, store.mark()) {
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, mark).and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = written {
+                eprintln!("flatnet dns: {}: {e}", path.display());
+            }
+        }
     }
+    eprintln!("flatnet dns: the source ended; serving the last zone");
 }
 
 /// Runs the server until the process is killed.
@@ -389,11 +406,13 @@ pub fn run(opts: Options) -> Result<(), String> {
                 }
             });
         }
-        if let Some(dir) = opts.dir.clone() {
-            let (s, cfg, status) = (server.clone(), opts.zone.clone(), opts.status_dir.clone());
-            std::thread::spawn(move || watch(s, FileSource::new(dir), cfg, status));
-        } else {
-            server.set_zone(Zone::build(&opts.zone, &Default::default()));
+        match &opts.source {
+            Some(source) => {
+                let updates = source.start(crate::watches())?;
+                let (s, cfg, status) = (server.clone(), opts.zone.clone(), opts.status_dir.clone());
+                std::thread::spawn(move || follow(s, updates, cfg, status));
+            }
+            None => server.set_zone(Zone::new(&opts.zone)),
         }
         eprintln!(
             "flatnet dns: {} on {} (UDP, TCP), upstreams {:?}",

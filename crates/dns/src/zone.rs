@@ -1,9 +1,12 @@
 //! The cluster zone: Services, EndpointSlices and Pods → the records of the Kubernetes DNS
 //! specification (kubernetes/dns `docs/specification.md`, schema 1.0.1), answered from memory.
 //!
-//! Design: the zone is rebuilt whole from cluster state on every change (a map from lower-case
-//! owner name to its records, built in one pass: ~1 µs per Service) and swapped in; a query is
-//! then one hash lookup, whatever the cluster's size. What the zone holds, per object:
+//! Design: each Service contributes its own records (from its EndpointSlices), each Pod its
+//! addresses; a change re-computes the contributions of the objects it touches, takes the old
+//! ones out and puts the new ones in ([`LiveZone`]), so an update costs what changed, whatever
+//! the cluster's size. The maps are persistent (imbl: shared structure), so the copy the
+//! server swaps in after each update costs nothing, and a query is still one hash lookup. What
+//! the zone holds, per object:
 //! - ClusterIP Service: `A`/`AAAA` `<svc>.<ns>.svc.<zone>`, one `SRV`
 //!   `_<port>._<proto>.<svc>.<ns>.svc.<zone>` per named port, a `PTR` per ClusterIP;
 //! - headless Service: one `A`/`AAAA` per ready endpoint (or every endpoint with
@@ -24,12 +27,13 @@
 //! forwarded, as CoreDNS's `fallthrough in-addr.arpa ip6.arpa`.
 
 use cluster::manifests::namespaced;
+use cluster::store::{slice_service, Change, Key, Kind, Object, Store, Update};
 use cluster::ClusterState;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
@@ -86,10 +90,13 @@ pub struct Zone {
     /// `cluster.local.`
     apex: String,
     apex_name: Name,
-    records: HashMap<String, Vec<RData>>,
-    /// Ancestors of stored names inside the zone.
-    non_terminals: HashSet<String>,
-    pod_ips: HashSet<(String, IpAddr)>,
+    /// Owner name → its records: a multiset, each contribution added once and taken out once.
+    records: imbl::HashMap<String, Vec<RData>>,
+    /// Ancestors of stored names inside the zone, and how many stored names are below each.
+    non_terminals: imbl::HashMap<String, u32>,
+    /// (namespace, address) of pods, and how many pods hold it.
+    pod_ips: imbl::HashMap<(String, IpAddr), u32>,
+    serial: u32,
     soa: Record,
 }
 
@@ -156,125 +163,191 @@ fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     ips
 }
 
+/// One object's records: (lower-case owner, data), without repeats.
+type Records = Vec<(String, RData)>;
+
+/// Collects one Service's records.
 struct Builder {
     apex: String,
-    records: HashMap<String, Vec<RData>>,
+    records: Records,
 }
 
 impl Builder {
     fn add(&mut self, owner: &str, data: RData) {
-        let v = self.records.entry(owner.to_ascii_lowercase()).or_default();
-        if !v.contains(&data) {
-            v.push(data);
+        let entry = (owner.to_ascii_lowercase(), data);
+        if !self.records.contains(&entry) {
+            self.records.push(entry);
         }
     }
 }
 
-impl Zone {
-    /// Builds the zone from cluster state.
-    pub fn build(cfg: &ZoneConfig, state: &ClusterState) -> Zone {
-        let apex = format!("{}.", cfg.domain.trim_end_matches('.').to_ascii_lowercase());
-        let mut b = Builder {
-            apex: apex.clone(),
-            records: HashMap::new(),
-        };
-        let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-        for s in &state.endpoint_slices {
-            if let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-            {
-                slices
-                    .entry((namespaced(&s.metadata).0, svc.clone()))
-                    .or_default()
-                    .push(s);
-            }
+/// The records of one Service, from its own EndpointSlices.
+fn service_records(apex: &str, svc: &Service, slices: &[&EndpointSlice]) -> Records {
+    let (ns, svc_name) = namespaced(&svc.metadata);
+    let mut b = Builder {
+        apex: apex.to_string(),
+        records: Vec::new(),
+    };
+    b.service(svc, &ns, &svc_name, slices);
+    if ns == "kube-system" && svc_name == "kube-dns" {
+        if let Some(ip) = cluster_ips(svc).into_iter().next() {
+            b.add(&format!("ns.dns.{apex}"), address(ip));
         }
-        let mut dns_ip = None;
-        for svc in &state.services {
-            let (ns, svc_name) = namespaced(&svc.metadata);
-            let own = slices
-                .get(&(ns.clone(), svc_name.clone()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            if ns == "kube-system" && svc_name == "kube-dns" {
-                dns_ip = cluster_ips(svc).into_iter().next();
-            }
-            b.service(svc, &ns, &svc_name, own);
+    }
+    b.records
+}
+
+/// The (namespace, address) pairs of a pod.
+fn pod_addresses(p: &Pod) -> Vec<(String, IpAddr)> {
+    let (ns, _) = namespaced(&p.metadata);
+    let status = p.status.as_ref();
+    let mut out: Vec<(String, IpAddr)> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|i| i.ip.as_str())
+        .chain(status.and_then(|s| s.pod_ip.as_deref()))
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .map(|ip| (ns.clone(), ip))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The zone's SOA record.
+fn soa(apex: &str, ttl: u32, serial: u32) -> Record {
+    Record::from_rdata(
+        name(apex),
+        ttl,
+        RData::SOA(SOA::new(
+            name(&format!("ns.dns.{apex}")),
+            name(&format!("hostmaster.{apex}")),
+            serial,
+            7200,
+            1800,
+            86400,
+            ttl,
+        )),
+    )
+}
+
+/// Adds `by` to a count (removing it at zero).
+fn count<K: std::hash::Hash + Eq + Clone>(map: &mut imbl::HashMap<K, u32>, k: K, by: i64) {
+    let n = map.get(&k).copied().unwrap_or(0) as i64 + by;
+    if n > 0 {
+        map.insert(k, n as u32);
+    } else {
+        map.remove(&k);
+    }
+}
+
+impl Zone {
+    /// A zone holding only its apex records and the configured fixed records.
+    pub fn new(cfg: &ZoneConfig) -> Zone {
+        let apex = format!("{}.", cfg.domain.trim_end_matches('.').to_ascii_lowercase());
+        let apex_name = name(&apex);
+        let mut z = Zone {
+            ttl: cfg.ttl,
+            pods: cfg.pods,
+            soa: soa(&apex, cfg.ttl, 1),
+            apex_name,
+            records: imbl::HashMap::new(),
+            non_terminals: imbl::HashMap::new(),
+            pod_ips: imbl::HashMap::new(),
+            serial: 1,
+            apex,
+        };
+        let apex = z.apex.clone();
+        z.non_terminals.insert(format!("svc.{apex}"), 1);
+        if cfg.pods != PodMode::Disabled {
+            z.non_terminals.insert(format!("pod.{apex}"), 1);
         }
         for (owner, ip) in &cfg.records {
-            b.add(&format!("{}.", owner.trim_end_matches('.')), address(*ip));
+            z.add(&format!("{}.", owner.trim_end_matches('.')), address(*ip));
         }
-        b.add(
+        z.add(
             &format!("dns-version.{apex}"),
             RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
         );
-        let ns_host = format!("ns.dns.{apex}");
-        b.add(&apex, RData::NS(NS(name(&ns_host))));
-        if let Some(ip) = dns_ip {
-            b.add(&ns_host, address(ip));
+        z.add(&apex, RData::NS(NS(name(&format!("ns.dns.{apex}")))));
+        z
+    }
+
+    /// Builds the zone from a snapshot of cluster state.
+    pub fn build(cfg: &ZoneConfig, state: &ClusterState) -> Zone {
+        let mut store = Store::new();
+        let objects = (state.services.iter().cloned().map(Object::Service))
+            .chain(state.endpoint_slices.iter().cloned().map(Object::EndpointSlice))
+            .chain(state.pods.iter().cloned().map(Object::Pod));
+        store.apply(objects.map(Update::Apply));
+        LiveZone::new(cfg, &store).zone()
+    }
+
+    /// The names strictly between `owner` and the apex.
+    fn parents<'a>(&self, owner: &'a str) -> Vec<&'a str> {
+        let mut out = Vec::new();
+        if !owner.ends_with(&self.apex) {
+            return out;
         }
-        let mut non_terminals = HashSet::from([format!("svc.{apex}")]);
-        if cfg.pods != PodMode::Disabled {
-            non_terminals.insert(format!("pod.{apex}"));
+        let mut rest = owner;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if parent.len() <= self.apex.len() {
+                break;
+            }
+            out.push(parent);
+            rest = parent;
         }
-        for owner in b.records.keys().filter(|k| k.ends_with(&apex)) {
-            let mut rest = owner.as_str();
-            while let Some((_, parent)) = rest.split_once('.') {
-                if parent.len() <= apex.len() {
-                    break;
-                }
-                non_terminals.insert(parent.to_string());
-                rest = parent;
+        out
+    }
+
+    fn add(&mut self, owner: &str, data: RData) {
+        let mut v = self.records.get(owner).cloned().unwrap_or_default();
+        if v.is_empty() {
+            for p in self.parents(owner) {
+                count(&mut self.non_terminals, p.to_string(), 1);
             }
         }
-        let mut pod_ips = HashSet::new();
-        for p in &state.pods {
-            let (ns, _) = namespaced(&p.metadata);
-            let status = p.status.as_ref();
-            for ip in status
-                .and_then(|s| s.pod_ips.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|i| i.ip.as_str())
-                .chain(status.and_then(|s| s.pod_ip.as_deref()))
-                .filter_map(|s| s.parse::<IpAddr>().ok())
-            {
-                non_terminals.insert(format!("{ns}.pod.{apex}"));
-                pod_ips.insert((ns.clone(), ip));
+        v.push(data);
+        self.records.insert(owner.to_string(), v);
+    }
+
+    fn remove(&mut self, owner: &str, data: &RData) {
+        let Some(mut v) = self.records.get(owner).cloned() else {
+            return;
+        };
+        if let Some(i) = v.iter().position(|d| d == data) {
+            v.remove(i);
+        }
+        if v.is_empty() {
+            self.records.remove(owner);
+            for p in self.parents(owner) {
+                count(&mut self.non_terminals, p.to_string(), -1);
             }
+        } else {
+            self.records.insert(owner.to_string(), v);
         }
-        let apex_name = name(&apex);
-        // The serial only has to change when the zone does; the state's size is enough for the
-        // lab's secondary-free world, and stays stable across rebuilds of the same state.
-        let serial = (state.services.len() as u32)
-            .wrapping_mul(2654435761)
-            .wrapping_add(state.endpoint_slices.len() as u32);
-        let soa = Record::from_rdata(
-            apex_name.clone(),
-            cfg.ttl,
-            RData::SOA(SOA::new(
-                name(&ns_host),
-                name(&format!("hostmaster.{apex}")),
-                serial,
-                7200,
-                1800,
-                86400,
-                cfg.ttl,
-            )),
-        );
-        Zone {
-            ttl: cfg.ttl,
-            pods: cfg.pods,
-            apex,
-            apex_name,
-            records: b.records,
-            non_terminals,
-            pod_ips,
-            soa,
+    }
+
+    /// Replaces one object's records `old` with `new`.
+    fn replace(&mut self, old: &Records, new: &Records) {
+        for (owner, data) in old.iter().filter(|r| !new.contains(r)) {
+            self.remove(owner, data);
         }
+        for (owner, data) in new.iter().filter(|r| !old.contains(r)) {
+            self.add(owner, data.clone());
+        }
+    }
+
+    fn pod_ip(&mut self, (ns, ip): &(String, IpAddr), by: i64) {
+        count(&mut self.pod_ips, (ns.clone(), *ip), by);
+        count(&mut self.non_terminals, format!("{ns}.pod.{}", self.apex), by);
+    }
+
+    /// A new SOA serial: secondaries and caches can tell this version of the zone.
+    fn bump_serial(&mut self) {
+        self.serial = self.serial.wrapping_add(1);
+        self.soa = soa(&self.apex, self.ttl, self.serial);
     }
 
     /// The zone's SOA (for negative answers' authority section).
@@ -324,7 +397,7 @@ impl Zone {
                 _ => Answer::NoData,
             };
         }
-        if self.non_terminals.contains(&k) {
+        if self.non_terminals.contains_key(&k) {
             Answer::NoData
         } else {
             Answer::NxDomain
@@ -377,7 +450,10 @@ impl Zone {
             .or_else(|_| label.replace('-', ":").parse::<Ipv6Addr>().map(IpAddr::V6))
             .ok()?;
         match self.pods {
-            PodMode::Verified => self.pod_ips.contains(&(ns.to_string(), ip)).then_some(ip),
+            PodMode::Verified => self
+                .pod_ips
+                .contains_key(&(ns.to_string(), ip))
+                .then_some(ip),
             _ => Some(ip),
         }
     }
@@ -476,6 +552,108 @@ impl Builder {
                 }
             }
         }
+    }
+}
+
+/// The zone kept in step with the store: each Service's and Pod's contribution is remembered,
+/// so a change replaces only the contributions of the objects it touches.
+pub struct LiveZone {
+    zone: Zone,
+    services: HashMap<Key, Records>,
+    pods: HashMap<Key, Vec<(String, IpAddr)>>,
+}
+
+impl LiveZone {
+    /// The zone of everything `store` holds.
+    pub fn new(cfg: &ZoneConfig, store: &Store) -> LiveZone {
+        let mut z = LiveZone {
+            zone: Zone::new(cfg),
+            services: HashMap::new(),
+            pods: HashMap::new(),
+        };
+        let services: Vec<Key> = store
+            .list::<Service>()
+            .map(|s| namespaced(&s.metadata))
+            .collect();
+        for k in services {
+            z.service(store, k);
+        }
+        let pods: Vec<Key> = store.list::<Pod>().map(|p| namespaced(&p.metadata)).collect();
+        for k in pods {
+            z.pod(store, k);
+        }
+        z
+    }
+
+    /// A copy to answer from (constant time: the maps share their structure).
+    pub fn zone(&self) -> Zone {
+        self.zone.clone()
+    }
+
+    /// Re-computes what `changes` touch; returns whether the zone changed.
+    pub fn apply(&mut self, store: &Store, changes: &[Change]) -> bool {
+        let mut services = BTreeSet::new();
+        let mut pods = BTreeSet::new();
+        for c in changes {
+            match c.kind {
+                Kind::Service => {
+                    services.insert(c.key.clone());
+                }
+                Kind::EndpointSlice => {
+                    let owner = |o: Option<&EndpointSlice>| o.and_then(slice_service);
+                    services.extend(owner(c.old_as()));
+                    services.extend(owner(c.new_as()));
+                }
+                Kind::Pod => {
+                    pods.insert(c.key.clone());
+                }
+                Kind::Node | Kind::Namespace => {}
+            }
+        }
+        let mut changed = false;
+        for k in services {
+            changed |= self.service(store, k);
+        }
+        for k in pods {
+            changed |= self.pod(store, k);
+        }
+        if changed {
+            self.zone.bump_serial();
+        }
+        changed
+    }
+
+    fn service(&mut self, store: &Store, k: Key) -> bool {
+        let new = store
+            .get::<Service>(&k.0, &k.1)
+            .map(|svc| service_records(&self.zone.apex, svc, &store.slices_of(&k)))
+            .unwrap_or_default();
+        let old = self.services.remove(&k).unwrap_or_default();
+        self.zone.replace(&old, &new);
+        let changed = old != new;
+        if !new.is_empty() {
+            self.services.insert(k, new);
+        }
+        changed
+    }
+
+    fn pod(&mut self, store: &Store, k: Key) -> bool {
+        let new = store
+            .get::<Pod>(&k.0, &k.1)
+            .map(pod_addresses)
+            .unwrap_or_default();
+        let old = self.pods.remove(&k).unwrap_or_default();
+        for a in old.iter().filter(|a| !new.contains(a)) {
+            self.zone.pod_ip(a, -1);
+        }
+        for a in new.iter().filter(|a| !old.contains(a)) {
+            self.zone.pod_ip(a, 1);
+        }
+        let changed = old != new;
+        if !new.is_empty() {
+            self.pods.insert(k, new);
+        }
+        changed
     }
 }
 

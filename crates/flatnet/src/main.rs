@@ -38,6 +38,13 @@ enum Cmd {
         #[command(flatten)]
         args: dns::cli::DnsArgs,
     },
+    /// Copies this binary into a CNI plugin directory as `flatnet` (atomically), as the
+    /// DaemonSet's init container does on every node.
+    InstallCni {
+        /// The host's CNI plugin directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        dest: std::path::PathBuf,
+    },
     /// Service-proxy tools: sync cost benchmark.
     Proxy {
         #[command(subcommand)]
@@ -70,6 +77,16 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::main(a),
         Cmd::Dns { tool: Some(t), .. } => dns::cli::tool(t),
         Cmd::Dns { tool: None, args } => dns::cli::main(args),
+        Cmd::InstallCni { dest } => match install_cni(&dest) {
+            Ok(path) => {
+                println!("installed {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Proxy {
             tool: ProxyTool::Bench { sizes, endpoints },
         } => match proxy::bench::run(&sizes, endpoints) {
@@ -80,6 +97,26 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Copies the running binary to `<dest>/flatnet`: written aside, then renamed over the old
+/// one, so a runtime calling the plugin meanwhile runs either the old or the new binary whole.
+fn install_cni(dest: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
+    std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let target = dest.join("flatnet");
+    let tmp = dest.join(".flatnet.tmp");
+    std::fs::copy(&me, &tmp)
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        })
+        .and_then(|()| std::fs::rename(&tmp, &target))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("{}: {e}", target.display())
+        })?;
+    Ok(target)
 }
 
 fn cni_main() -> ExitCode {

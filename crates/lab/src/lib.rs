@@ -436,10 +436,7 @@ impl Lab {
             cluster_cidr: s.spec.cluster_cidr,
             underlay_mtu: mtu,
         };
-        let conflist = json!({"cniVersion": CNI_VERSION, "name": "flatnet", "plugins": [{
-            "type": "flatnet", "bridge": "cni0", "isGateway": true, "hairpinMode": true, "mtu": cfg.pod_mtu(),
-            "ipam": {"type": "flatnet", "dataDir": dir.join("ipam"), "ranges": [[{"subnet": n.pod_cidr.to_string()}]],
-                     "routes": [{"dst": "0.0.0.0/0"}]}}]});
+        let conflist = routing::cni_conflist(&cfg, n.pod_cidr, Some(&dir.join("ipam")));
         write_atomic(
             &dir.join("net.d/10-flatnet.conflist"),
             &serde_json::to_string_pretty(&conflist).expect("json"),
@@ -514,9 +511,7 @@ impl Lab {
     /// Waits until every agent has applied the cluster state as it is now (each writes the
     /// fingerprint of what it applied), so traffic works when a command returns.
     fn wait_synced(&self, s: &State) -> Result<(), String> {
-        let want = cluster::FileSource::new(self.dir.join("cluster"))
-            .fingerprint()
-            .to_string();
+        let want = state::file::fingerprint(&self.dir.join("cluster")).to_string();
         let behind = |file: String| {
             std::fs::read_to_string(self.dir.join("status").join(file))
                 .ok()
@@ -1199,14 +1194,11 @@ impl Lab {
             service_cidr: s.spec.service_cidr,
             node_ports: services::NODE_PORTS,
         };
-        let cluster = cluster::FileSource::new(self.dir.join("cluster"))
-            .load()
+        let mut store = cluster::Store::new();
+        store.apply(state::file::load(&self.dir.join("cluster")));
+        let cluster = store.snapshot();
+        let rs = proxy::plan::plan_node(&cfg, &s.services, &cluster.endpoint_slices, &cluster.pods)
             .map_err(|e| e.to_string())?;
-        let mut rs =
-            proxy::plan(&cfg, &s.services, &cluster.endpoint_slices).map_err(|e| e.to_string())?;
-        for pod in &cluster.pods {
-            rs.merge(proxy::plan::plan_host_ports(&cfg, pod, |_| None).map_err(|e| e.to_string())?);
-        }
         let to_node = s.nodes.iter().any(|n| n.ip == dst);
         let mut out = format!("on {node}: ");
         out += &proxy::explain(

@@ -177,6 +177,21 @@ pub fn plan(
     Ok(rs)
 }
 
+/// [`plan`] plus the hostPorts of `pods` (those on this node): the node's whole table, as
+/// `--dry-run` prints it and `explain` walks it.
+pub fn plan_node(
+    cfg: &Config,
+    services: &[Service],
+    slices: &[EndpointSlice],
+    pods: &[Pod],
+) -> Result<Ruleset, ModelError> {
+    let mut rs = plan(cfg, services, slices)?;
+    for pod in pods {
+        rs.merge(plan_host_ports(cfg, pod, |_| None)?);
+    }
+    Ok(rs)
+}
+
 /// One Service's fragment of the table, from its own EndpointSlices. `taken` says which other
 /// Service already holds a NodePort, if any.
 pub fn plan_service(

@@ -5,4 +5,4 @@ pub mod apply;
 pub mod plan;
 
 pub use apply::{apply, teardown, Changes};
-pub use plan::{plan, vtep_mac, Config, Me, Plan, PROTOCOL};
+pub use plan::{cni_conflist, plan, vtep_mac, Config, Me, Plan, PROTOCOL};

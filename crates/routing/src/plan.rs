@@ -54,6 +54,25 @@ impl Config {
     }
 }
 
+/// The CNI network configuration list of a node (`10-flatnet.conflist`): the flatnet plugin on
+/// bridge `cni0`, the node's pod CIDR as its IPAM range, the pod MTU of the backend. What the
+/// agent writes for the kubelet's runtime once it knows the node's pod CIDR, and what the lab
+/// writes for its nodes. `data_dir`: where IPAM keeps its leases (default: the plugin's).
+pub fn cni_conflist(
+    cfg: &Config,
+    pod_cidr: Ipv4Net,
+    data_dir: Option<&std::path::Path>,
+) -> serde_json::Value {
+    let mut ipam = serde_json::json!({"type": "flatnet", "ranges": [[{"subnet": pod_cidr.to_string()}]],
+                                      "routes": [{"dst": "0.0.0.0/0"}]});
+    if let Some(d) = data_dir {
+        ipam["dataDir"] = d.display().to_string().into();
+    }
+    serde_json::json!({"cniVersion": "1.0.0", "name": "flatnet", "plugins": [{
+        "type": "flatnet", "bridge": "cni0", "isGateway": true, "hairpinMode": true,
+        "mtu": cfg.pod_mtu(), "ipam": ipam}]})
+}
+
 /// This node: who it is and where it sits on the underlay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Me {

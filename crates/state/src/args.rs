@@ -22,7 +22,7 @@ pub struct SourceArgs {
     #[arg(long, value_enum, default_value = "file")]
     pub source: SourceKind,
     /// The file source's directory of manifests.
-    #[arg(long, required_if_eq("source", "file"))]
+    #[arg(long)]
     pub dir: Option<PathBuf>,
     /// The kube source's kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long)]

@@ -12,7 +12,7 @@
 
 use cluster::store::{Key, Kind, Update};
 use cluster::Manifests;
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
@@ -188,13 +188,17 @@ fn run(dir: &Path, events: &Receiver<notify::Result<notify::Event>>, tx: &Sender
         return;
     }
     loop {
-        let Ok(first) = events.recv() else {
-            return;
+        let first = match events.recv() {
+            Ok(Ok(ev)) if matches!(ev.kind, EventKind::Access(_)) => continue,
+            Ok(ev) => ev,
+            Err(_) => return,
         };
         // Paths touched, and whether the kernel dropped events (then everything is re-read).
         let mut touched: Vec<PathBuf> = Vec::new();
         let mut rescan = false;
         let mut take = |ev: notify::Result<notify::Event>| match ev {
+            // Reads (ours and every other reader's) are not changes.
+            Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
             Ok(ev) => {
                 rescan |= ev.need_rescan();
                 touched.extend(ev.paths);
