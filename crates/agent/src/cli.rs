@@ -21,7 +21,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = "/etc/flatnet/net-conf.json")]
     pub net_conf: PathBuf,
     /// The Service CIDR (ClusterIPs outside it are refused).
-    #[arg(long, default_value = "10.96.0.0/12")]
+    #[arg(long, env = "FLATNET_SERVICE_CIDR", default_value = "10.96.0.0/12")]
     pub service_cidr: ipnet::Ipv4Net,
     /// The NodePort range, FIRST-LAST.
     #[arg(long, default_value = "30000-32767")]
@@ -79,9 +79,10 @@ pub fn run(a: AgentArgs) -> ExitCode {
             Err(_) => return fail(format!("--http {h:?}: expected IP:PORT")),
         },
     };
-    let cni_conf_dir = a.cni_conf_dir.clone().or_else(|| {
-        (a.source.source == SourceKind::Kube).then(|| PathBuf::from("/etc/cni/net.d"))
-    });
+    let cni_conf_dir = a
+        .cni_conf_dir
+        .clone()
+        .or_else(|| (a.source.source == SourceKind::Kube).then(|| PathBuf::from("/etc/cni/net.d")));
     let agent = Agent {
         watches: crate::watches(&node),
         node,

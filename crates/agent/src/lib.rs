@@ -6,6 +6,7 @@
 //! takes its network settings from a Flannel-style `net-conf.json` and waits for its Node's pod
 //! CIDR; once it has it, it writes the node's CNI configuration for the runtime.
 
+pub mod bench;
 pub mod cli;
 pub mod health;
 
@@ -167,9 +168,16 @@ impl Agent {
             underlay: subnet,
             pod_cidr: me.pod_cidr,
         };
-        let mut nodes: Vec<NodeInfo> = store.list::<Node>().filter_map(NodeInfo::from_node).collect();
+        let mut nodes: Vec<NodeInfo> = store
+            .list::<Node>()
+            .filter_map(NodeInfo::from_node)
+            .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok((routing::plan(&self.routing_config(mtu), &who, &nodes), dev, mtu))
+        Ok((
+            routing::plan(&self.routing_config(mtu), &who, &nodes),
+            dev,
+            mtu,
+        ))
     }
 
     /// The service proxy's view of this node.
@@ -242,7 +250,10 @@ impl Agent {
         std::fs::create_dir_all(dir)
             .and_then(|()| write_atomic(&path, &text))
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        log(&self.node, &format!("wrote {} (pod CIDR {})", path.display(), me.pod_cidr));
+        log(
+            &self.node,
+            &format!("wrote {} (pod CIDR {})", path.display(), me.pod_cidr),
+        );
         Ok(())
     }
 
@@ -317,7 +328,10 @@ impl Agent {
                     }
                     Err(e) => {
                         ok = false;
-                        log(&self.node, &format!("routing sync failed (will retry): {e}"));
+                        log(
+                            &self.node,
+                            &format!("routing sync failed (will retry): {e}"),
+                        );
                     }
                 }
             }
@@ -337,7 +351,10 @@ impl Agent {
                 }
                 Err(e) => {
                     ok = false;
-                    log(&self.node, &format!("service proxy sync failed (will retry): {e}"));
+                    log(
+                        &self.node,
+                        &format!("service proxy sync failed (will retry): {e}"),
+                    );
                 }
             }
             if let Some(p) = &proxy {
@@ -421,6 +438,8 @@ fn feed(p: &mut proxy::Proxy, changes: &[Change]) {
 /// Hands a new proxy everything the store holds.
 fn feed_all(p: &mut proxy::Proxy, store: &Store) {
     store.list::<Service>().for_each(|s| p.upsert_service(s));
-    store.list::<EndpointSlice>().for_each(|s| p.upsert_slice(s));
+    store
+        .list::<EndpointSlice>()
+        .for_each(|s| p.upsert_slice(s));
     store.list::<Pod>().for_each(|pod| p.upsert_pod(pod));
 }

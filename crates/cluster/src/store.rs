@@ -130,15 +130,14 @@ impl Object {
                 .to_string()
         };
         let key = (name(&v, "namespace"), name(&v, "name"));
-        let bad = |e: serde_json::Error| ModelError::new(describe_key(kind, &key), "", e.to_string());
+        let bad =
+            |e: serde_json::Error| ModelError::new(describe_key(kind, &key), "", e.to_string());
         Ok(match kind {
             Kind::Node => Object::Node(serde_json::from_value(v).map_err(bad)?),
             Kind::Namespace => Object::Namespace(serde_json::from_value(v).map_err(bad)?),
             Kind::Pod => Object::Pod(serde_json::from_value(v).map_err(bad)?),
             Kind::Service => Object::Service(serde_json::from_value(v).map_err(bad)?),
-            Kind::EndpointSlice => {
-                Object::EndpointSlice(serde_json::from_value(v).map_err(bad)?)
-            }
+            Kind::EndpointSlice => Object::EndpointSlice(serde_json::from_value(v).map_err(bad)?),
         })
     }
 
@@ -478,11 +477,16 @@ mod tests {
             ])
             .is_empty());
         let ch = s.apply([Update::Delete(Kind::Service, key("a"))]);
-        assert_eq!(ch[0].old_as::<Service>(), Service::from_object(&svc("a", 81)));
+        assert_eq!(
+            ch[0].old_as::<Service>(),
+            Service::from_object(&svc("a", 81))
+        );
         assert!(ch[0].new.is_none());
         assert_eq!(s.count(Kind::Service), 0);
         // Deleting what is not there is no change.
-        assert!(s.apply([Update::Delete(Kind::Service, key("a"))]).is_empty());
+        assert!(s
+            .apply([Update::Delete(Kind::Service, key("a"))])
+            .is_empty());
     }
 
     #[test]
@@ -493,8 +497,14 @@ mod tests {
             Update::Apply(svc("b", 80)),
             Update::Synced,
         ]);
-        assert!(s.apply([Update::Relist(Kind::Service), Update::Apply(svc("b", 90))]).is_empty());
-        assert_eq!(s.count(Kind::Service), 2, "the old state serves during a re-list");
+        assert!(s
+            .apply([Update::Relist(Kind::Service), Update::Apply(svc("b", 90))])
+            .is_empty());
+        assert_eq!(
+            s.count(Kind::Service),
+            2,
+            "the old state serves during a re-list"
+        );
         let mut ch = s.apply([Update::Apply(svc("c", 1)), Update::Listed(Kind::Service)]);
         ch.sort_by(|x, y| x.key.cmp(&y.key));
         let got: Vec<(String, bool, bool)> = ch

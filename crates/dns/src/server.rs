@@ -373,6 +373,11 @@ fn follow(
 pub fn run(opts: Options) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
     let server = Arc::new(Server::new(&opts, metrics));
+    // The source runs on threads of its own (the kube source's runtime is not this one).
+    let updates = match &opts.source {
+        Some(source) => Some(source.start(crate::watches())?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.workers.max(1))
         .enable_all()
@@ -406,9 +411,8 @@ pub fn run(opts: Options) -> Result<(), String> {
                 }
             });
         }
-        match &opts.source {
-            Some(source) => {
-                let updates = source.start(crate::watches())?;
+        match updates {
+            Some(updates) => {
                 let (s, cfg, status) = (server.clone(), opts.zone.clone(), opts.status_dir.clone());
                 std::thread::spawn(move || follow(s, updates, cfg, status));
             }

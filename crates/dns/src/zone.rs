@@ -278,7 +278,13 @@ impl Zone {
     pub fn build(cfg: &ZoneConfig, state: &ClusterState) -> Zone {
         let mut store = Store::new();
         let objects = (state.services.iter().cloned().map(Object::Service))
-            .chain(state.endpoint_slices.iter().cloned().map(Object::EndpointSlice))
+            .chain(
+                state
+                    .endpoint_slices
+                    .iter()
+                    .cloned()
+                    .map(Object::EndpointSlice),
+            )
             .chain(state.pods.iter().cloned().map(Object::Pod));
         store.apply(objects.map(Update::Apply));
         LiveZone::new(cfg, &store).zone()
@@ -341,7 +347,11 @@ impl Zone {
 
     fn pod_ip(&mut self, (ns, ip): &(String, IpAddr), by: i64) {
         count(&mut self.pod_ips, (ns.clone(), *ip), by);
-        count(&mut self.non_terminals, format!("{ns}.pod.{}", self.apex), by);
+        count(
+            &mut self.non_terminals,
+            format!("{ns}.pod.{}", self.apex),
+            by,
+        );
     }
 
     /// A new SOA serial: secondaries and caches can tell this version of the zone.
@@ -578,7 +588,10 @@ impl LiveZone {
         for k in services {
             z.service(store, k);
         }
-        let pods: Vec<Key> = store.list::<Pod>().map(|p| namespaced(&p.metadata)).collect();
+        let pods: Vec<Key> = store
+            .list::<Pod>()
+            .map(|p| namespaced(&p.metadata))
+            .collect();
         for k in pods {
             z.pod(store, k);
         }
@@ -958,5 +971,86 @@ mod tests {
         ));
         assert_eq!(q(&z, "example.com.", RecordType::A), Answer::Outside);
         assert_eq!(q(&z, "notcluster.local.", RecordType::A), Answer::Outside);
+    }
+
+    /// Everything a zone holds, in a comparable form.
+    fn contents(z: &Zone) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let mut records: Vec<String> = z
+            .records
+            .iter()
+            .flat_map(|(o, v)| v.iter().map(move |d| format!("{o} {d}")))
+            .collect();
+        records.sort();
+        let mut nts: Vec<String> = z
+            .non_terminals
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        nts.sort();
+        let mut pods: Vec<String> = z
+            .pod_ips
+            .keys()
+            .map(|(ns, ip)| format!("{ns} {ip}"))
+            .collect();
+        pods.sort();
+        (records, nts, pods)
+    }
+
+    #[test]
+    fn an_updated_zone_equals_the_zone_built_from_scratch() {
+        let cfg = ZoneConfig::default();
+        let st = state();
+        let mut store = Store::new();
+        let objects = (st.services.iter().cloned().map(Object::Service))
+            .chain(
+                st.endpoint_slices
+                    .iter()
+                    .cloned()
+                    .map(Object::EndpointSlice),
+            )
+            .chain(st.pods.iter().cloned().map(Object::Pod));
+        store.apply(objects.map(Update::Apply));
+        let mut live = LiveZone::new(&cfg, &store);
+        let serial = live.zone().serial;
+        let steps: Vec<Vec<Update>> = vec![
+            // A Service goes; a slice moves to another Service; a pod changes its address.
+            vec![Update::Delete(Kind::Service, ("shop".into(), "web".into()))],
+            vec![Update::Apply(Object::EndpointSlice(slice(
+                "shop",
+                "empty",
+                json!([{"addresses": ["10.244.1.5"], "hostname": "db-0", "conditions": {"ready": true}}]),
+                json!([{"name": "pg", "port": 5432}]),
+            )))],
+            vec![
+                Update::Apply(Object::Pod(
+                    serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "shop"},
+                        "status": {"podIP": "10.244.9.9"}}))
+                    .unwrap(),
+                )),
+                Update::Apply(Object::Service(svc(
+                    json!({"metadata": {"name": "web", "namespace": "other"},
+                    "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}]}}),
+                ))),
+            ],
+            vec![Update::Delete(
+                Kind::EndpointSlice,
+                ("shop".into(), "db-x".into()),
+            )],
+            vec![Update::Delete(Kind::Pod, ("shop".into(), "p".into()))],
+        ];
+        for step in steps {
+            let changes = store.apply(step);
+            assert!(live.apply(&store, &changes));
+            let fresh = LiveZone::new(&cfg, &store).zone();
+            assert_eq!(contents(&live.zone()), contents(&fresh));
+        }
+        assert!(live.zone().serial > serial, "each update is a new serial");
+        // A change that touches no record leaves the zone and its serial alone.
+        let changes = store.apply([Update::Apply(Object::Node(
+            serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap(),
+        ))]);
+        let before = live.zone().serial;
+        assert!(!live.apply(&store, &changes));
+        assert_eq!(live.zone().serial, before);
     }
 }

@@ -45,10 +45,32 @@ enum Cmd {
         #[arg(long, default_value = "/opt/cni/bin")]
         dest: std::path::PathBuf,
     },
+    /// Cluster-state tools: propagation benchmark (one change → kernel and DNS, per source).
+    State {
+        #[command(subcommand)]
+        tool: StateTool,
+    },
     /// Service-proxy tools: sync cost benchmark.
     Proxy {
         #[command(subcommand)]
         tool: ProxyTool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateTool {
+    /// With N Services present, times one EndpointSlice, Service and Node change from the
+    /// `file` and the `kube` source to the kernel and to DNS answers (needs root).
+    Bench {
+        /// Service counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        sizes: Vec<usize>,
+        /// Endpoints per Service.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Changes timed of each kind.
+        #[arg(long, default_value_t = 30)]
+        changes: usize,
     },
 }
 
@@ -77,6 +99,30 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::main(a),
         Cmd::Dns { tool: Some(t), .. } => dns::cli::tool(t),
         Cmd::Dns { tool: None, args } => dns::cli::main(args),
+        Cmd::State {
+            tool:
+                StateTool::Bench {
+                    sizes,
+                    endpoints,
+                    changes,
+                },
+        } => {
+            let o = agent::bench::BenchOptions {
+                sizes,
+                endpoints,
+                changes,
+            };
+            match agent::bench::run(&o) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::InstallCni { dest } => match install_cni(&dest) {
             Ok(path) => {
                 println!("installed {}", path.display());

@@ -170,12 +170,12 @@ pub fn is_dns_pod(p: &PodRecord) -> bool {
     p.namespace == NAMESPACE && p.labels.get(APP_LABEL.0).map(String::as_str) == Some(APP_LABEL.1)
 }
 
-/// The running pods as Pod objects (what the kubelet reports to the API server): DNS answers
+/// The running pods as Pod objects (what the kubelet reports to the API server), one file name
+/// and text each: DNS answers
 /// `a-b-c-d.<ns>.pod` names only for pods that exist, and each node's proxy serves the
 /// hostPorts of its pods.
-pub fn pods_document(pods: &[PodRecord]) -> String {
-    let docs: Vec<String> = pods
-        .iter()
+pub fn pod_objects(pods: &[PodRecord]) -> Vec<(String, String)> {
+    pods.iter()
         .filter_map(|p| {
             let ip = p.ip?;
             // The declared ports, hostPorts among them (the node's service proxy serves those).
@@ -190,10 +190,9 @@ pub fn pods_document(pods: &[PodRecord]) -> String {
                 "spec": {"nodeName": p.node, "hostname": p.hostname, "subdomain": p.subdomain,
                          "containers": [{"name": "main", "ports": ports}]},
                 "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}});
-            Some(pod.to_string())
+            Some((format!("{}.{}.json", p.namespace, p.name), pod.to_string()))
         })
-        .collect();
-    docs.join("\n---\n")
+        .collect()
 }
 
 #[cfg(test)]

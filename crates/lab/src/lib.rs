@@ -665,10 +665,9 @@ impl Lab {
                 );
             }
         }
-        want.insert(
-            self.dir.join("cluster/pods/pods.yaml"),
-            dns::pods_document(&s.pods),
-        );
+        for (file, text) in dns::pod_objects(&s.pods) {
+            want.insert(self.dir.join("cluster/pods").join(file), text);
+        }
         for d in ["cluster/services", "cluster/endpointslices", "cluster/pods"] {
             let dir = self.dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;

@@ -30,7 +30,7 @@ pub struct SourceArgs {
     /// The kube source's API server URL, overriding the kubeconfig's (e.g.
     /// https://192.168.1.10:6443: the agent cannot use the `kubernetes` ClusterIP before its own
     /// rules exist).
-    #[arg(long)]
+    #[arg(long, env = "FLATNET_API_SERVER")]
     pub api_server: Option<String>,
 }
 
@@ -46,7 +46,7 @@ impl SourceArgs {
             SourceKind::Kube => {
                 let c = Connection {
                     kubeconfig: self.kubeconfig.clone(),
-                    api_server: self.api_server.clone(),
+                    api_server: self.api_server.clone().filter(|s| !s.is_empty()),
                 };
                 crate::kube::watch(&c, watches, tx)?;
             }

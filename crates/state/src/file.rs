@@ -163,8 +163,7 @@ pub fn load(dir: &Path) -> Vec<Update> {
 pub fn watch(dir: PathBuf, tx: Sender<Vec<Update>>) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let (ntx, nrx) = std::sync::mpsc::channel();
-    let mut watcher =
-        notify::recommended_watcher(ntx).map_err(|e| format!("inotify: {e}"))?;
+    let mut watcher = notify::recommended_watcher(ntx).map_err(|e| format!("inotify: {e}"))?;
     watcher
         .watch(&dir, RecursiveMode::Recursive)
         .map_err(|e| format!("watching {}: {e}", dir.display()))?;
@@ -305,7 +304,9 @@ mod tests {
         write(&d.join("sub/bc.yaml"), "kind: [");
         let batch = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(
-            batch.iter().any(|u| matches!(u, Update::Error(e) if e.contains("bc.yaml"))),
+            batch
+                .iter()
+                .any(|u| matches!(u, Update::Error(e) if e.contains("bc.yaml"))),
             "{batch:?}"
         );
         store.apply(batch);

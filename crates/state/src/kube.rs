@@ -173,7 +173,8 @@ mod tests {
         if let Some(c) = cont {
             meta["continue"] = c.into();
         }
-        let body = json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": meta, "items": items});
+        let body =
+            json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": meta, "items": items});
         (200, body.to_string())
     }
 
@@ -239,7 +240,10 @@ mod tests {
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !done(store) {
-            assert!(tokio::time::Instant::now() < deadline, "timed out; saw {seen:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out; saw {seen:?}"
+            );
             match rx.try_recv() {
                 Ok(batch) => {
                     seen.extend(batch.iter().cloned());
@@ -264,7 +268,8 @@ mod tests {
             // After the 410: b is gone, c and the new a are listed.
             list(20, vec![svc("a", 12, 81), svc("c", 11, 80)], None),
         ]);
-        let bookmark = json!({"kind": "Service", "apiVersion": "v1", "metadata": {"resourceVersion": "15"}});
+        let bookmark =
+            json!({"kind": "Service", "apiVersion": "v1", "metadata": {"resourceVersion": "15"}});
         let watches = VecDeque::from([
             events(&[
                 ("ADDED", svc("c", 11, 80)),
@@ -292,7 +297,8 @@ mod tests {
         // The API away (503s): errors are reported, the state stays, then it follows again.
         let seen = until(&rx, &mut store, |s| port(s, "d").is_some()).await;
         assert!(
-            seen.iter().any(|u| matches!(u, Update::Error(e) if e.contains("services"))),
+            seen.iter()
+                .any(|u| matches!(u, Update::Error(e) if e.contains("services"))),
             "{seen:?}"
         );
         assert!(port(&store, "c").is_none());
@@ -303,11 +309,22 @@ mod tests {
             uris.iter()
                 .any(|u| u.contains("watch=true") && u.contains(&format!("resourceVersion={rv}")))
         };
-        assert!(uris[0].contains("limit=") && uris[1].contains("continue=page-2"), "{uris:?}");
-        assert!(watch_from("10"), "the watch starts at the list's version: {uris:?}");
+        assert!(
+            uris[0].contains("limit=") && uris[1].contains("continue=page-2"),
+            "{uris:?}"
+        );
+        assert!(
+            watch_from("10"),
+            "the watch starts at the list's version: {uris:?}"
+        );
         assert!(watch_from("15"), "it resumes from the bookmark: {uris:?}");
-        assert!(uris.iter().all(|u| !u.contains("watch=true") || u.contains("allowWatchBookmarks=true")));
-        assert!(watch_from("20"), "after the re-list, from its version: {uris:?}");
+        assert!(uris
+            .iter()
+            .all(|u| !u.contains("watch=true") || u.contains("allowWatchBookmarks=true")));
+        assert!(
+            watch_from("20"),
+            "after the re-list, from its version: {uris:?}"
+        );
     }
 
     #[tokio::test]
@@ -324,7 +341,8 @@ mod tests {
         let seen = until(&rx, &mut store, |s| port(s, "later").is_some()).await;
         assert!(port(&store, "good").is_some());
         assert!(
-            seen.iter().any(|u| matches!(u, Update::Error(e) if e.contains("Service default/bad"))),
+            seen.iter()
+                .any(|u| matches!(u, Update::Error(e) if e.contains("Service default/bad"))),
             "{seen:?}"
         );
     }

@@ -166,9 +166,15 @@ impl ApiServer {
             .and_then(kind_of)
             .ok_or_else(|| format!("not a kind the stand-in serves: {}", o["kind"]))?;
         let plural = kind.api_resource().1;
-        let name = o["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = o["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let ns = if kind.namespaced() {
-            let ns = o["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let ns = o["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
             o["metadata"]["namespace"] = ns.clone().into();
             ns
         } else {
@@ -310,16 +316,16 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     let Some(kind) = route(req.uri().path()) else {
         return respond(
             StatusCode::NOT_FOUND,
-            &status(404, "NotFound", "the server could not find the requested resource"),
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     };
     let plural = kind.api_resource().1;
@@ -327,7 +333,11 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
     if !s.available {
         return respond(
             StatusCode::SERVICE_UNAVAILABLE,
-            &status(503, "ServiceUnavailable", "the server is currently unable to handle the request"),
+            &status(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            ),
         );
     }
     if s.forbidden.contains(plural) {
@@ -346,17 +356,28 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
         .unwrap_or(0);
     if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
         s.log.push(format!("WATCH {plural} from {rv}"));
-        let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+        let bookmarks = query
+            .get("allowWatchBookmarks")
+            .is_some_and(|b| b == "true");
         let timeout = query
             .get("timeoutSeconds")
             .and_then(|t| t.parse().ok())
             .map_or(Duration::from_secs(290), Duration::from_secs);
         let first = if rv != 0 && rv < s.oldest {
             // What etcd's compaction gives a watch that resumes too late.
-            let gone = status(410, "Expired", &format!("too old resource version: {rv} ({})", s.oldest));
+            let gone = status(
+                410,
+                "Expired",
+                &format!("too old resource version: {rv} ({})", s.oldest),
+            );
             return Response::builder()
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(json!({"type": "ERROR", "object": gone}).to_string() + "\n")).boxed())
+                .body(
+                    Full::new(Bytes::from(
+                        json!({"type": "ERROR", "object": gone}).to_string() + "\n",
+                    ))
+                    .boxed(),
+                )
                 .expect("a valid response");
         } else if rv == 0 {
             // "Any version": the current objects as ADDED, then what follows.
