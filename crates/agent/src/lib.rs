@@ -226,10 +226,14 @@ impl Agent {
         let mut p = proxy::Proxy::new(self.proxy_config(&self.me(store)?))?;
         feed_all(&mut p, store);
         let report = p.sync()?;
-        Ok(format!(
-            "routes: {routes:?}\nservice proxy: {} Services, {} kernel objects",
-            report.services, report.objects
-        ))
+        let mut out = format!("{routes:?}");
+        if report.objects > 0 {
+            out += &format!(
+                "\nservice proxy: {} Services, {} kernel objects",
+                report.services, report.objects
+            );
+        }
+        Ok(out)
     }
 
     /// Writes this node's CNI conflist (atomically; only when it changes).

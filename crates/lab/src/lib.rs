@@ -793,6 +793,9 @@ impl Lab {
     fn add_pod(&self, spec: &LabSpec, w: &PodWant, n: &NodePlan) -> Result<PodRecord, String> {
         let lab = self.name();
         let netns = ns_name(&lab, &format!("pod.{}.{}", w.namespace, w.name));
+        if netns::named_path(&netns).exists() {
+            self.clear_leftover_pod(spec, w, &netns);
+        }
         let ns = infra::create_ns(&netns)?;
         let (list, node_ns) = self.runtime_parts(&n.name)?;
         let rt = Runtime {
@@ -883,6 +886,25 @@ impl Lab {
             }
         }
         Ok(rec)
+    }
+
+    /// A pod namespace no record names: a run killed after creating the pod and before saving
+    /// it. Its processes, its attachment (released on every node: the record of which node
+    /// held it died with the run) and the namespace go.
+    fn clear_leftover_pod(&self, spec: &LabSpec, w: &PodWant, netns: &str) {
+        infra::kill_inside(&[netns.to_string()]);
+        let att = self.attachment(&w.namespace, &w.name, netns);
+        for node in &spec.nodes {
+            if let Ok((list, node_ns)) = self.runtime_parts(&node.name) {
+                let rt = Runtime {
+                    bin_dirs: vec![self.dir.join("bin")],
+                    node: Some(&node_ns),
+                    runtime_config: json!({}),
+                };
+                let _ = rt.del(&list, CNI_VERSION, &att, None);
+            }
+        }
+        let _ = netns::delete_named(netns);
     }
 
     fn remove_pod(&self, p: &PodRecord) {
