@@ -17,7 +17,7 @@
 use netlink::Netlink;
 use serde_json::{json, Value};
 use state::standin::ApiServer;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,9 +166,22 @@ fn resolve(sock: &UdpSocket, name: &str) -> Vec<Ipv4Addr> {
         .unwrap_or_default()
 }
 
-/// Whether `ip:80` answers (the SYN's DNAT reached the local endpoint).
+/// Whether `ip:80` answers (the SYN's DNAT reached the local endpoint). Each attempt comes from
+/// a source port of its own: a port the kernel handed out again would match the conntrack
+/// entry of an earlier, unanswered SYN and follow that one's DNAT to the old endpoint.
 fn answers(ip: Ipv4Addr) -> bool {
-    TcpStream::connect_timeout(&SocketAddr::from((ip, 80)), Duration::from_millis(3)).is_ok()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let port = 20_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 40_000;
+    let Ok(s) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
+        return false;
+    };
+    let _ = s.set_reuse_address(true);
+    if s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into()).is_err() {
+        return false;
+    }
+    s.connect_timeout(&SocketAddr::from((ip, 80)).into(), Duration::from_millis(3))
+        .is_ok()
 }
 
 /// Polls `probe` until true (30 s at most); the time since `from`.
@@ -214,6 +227,8 @@ fn run_one(exe: &Path, n: usize, o: &BenchOptions, kube: bool) -> Result<Row, St
         "ip link set eth0p up",
         "ip addr add 172.18.0.2/16 dev eth0",
         "ip link set eth0 up",
+        // ClusterIPs are routed somewhere (as on any node) before the DNAT picks an endpoint.
+        "ip route add default dev eth0",
     ] {
         sh(ns.name(), cmd)?;
     }
@@ -330,8 +345,9 @@ fn run_one(exe: &Path, n: usize, o: &BenchOptions, kube: bool) -> Result<Row, St
                 || answers(last) && !resolve(&udp, "headless.bench.svc.cluster.local.").is_empty();
             if until(started, ready_probe).is_none() {
                 return Err(format!(
-                    "the agent and DNS server did not load {n} Services within 30 s (logs in {})",
-                    "the bench's temporary directory"
+                    "the agent and DNS server did not load {n} Services within 30 s (ClusterIP {last} answers: {}; DNS answers: {:?})",
+                    answers(last),
+                    resolve(&udp, "headless.bench.svc.cluster.local.")
                 ));
             }
             let ready = started.elapsed();
@@ -394,7 +410,14 @@ fn run_one(exe: &Path, n: usize, o: &BenchOptions, kube: bool) -> Result<Row, St
     let row = rrx.recv().map_err(|e| e.to_string())?;
     drop(tx);
     let _ = prober.join();
-    row
+    row.map_err(|e| {
+        let tail = |f: &str| {
+            let text = std::fs::read_to_string(tmp.path().join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        };
+        format!("{e}\nagent:\n{}\ndns:\n{}", tail("agent.log"), tail("dns.log"))
+    })
 }
 
 /// Runs every size with both sources; returns the report.

@@ -428,3 +428,34 @@ fn an_unreachable_api_server_is_a_clear_error_for_one_shot_runs() {
         "{err}"
     );
 }
+
+#[test]
+fn an_rbac_denial_is_logged_and_counted_and_the_agent_waits_until_it_is_granted() {
+    let Some(mut n) = Node::new() else { return };
+    n.api.forbid("endpointslices", true);
+    let args = n.agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    n.spawn(&args, "agent.log");
+    let ctx = || format!("routes:\n{}\nlog:\n{}", n.routes(), n.log("agent.log"));
+    eventually(
+        "a log line naming the denied resource",
+        || n.log("agent.log").contains("endpointslices is forbidden"),
+        ctx,
+    );
+    // Half a listing is never planned from: not ready, nothing written.
+    let ready = n.text(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:10256/readyz"]);
+    assert_eq!(ready, "503");
+    assert!(n.routes().is_empty(), "{}", ctx());
+    let metrics = n.text(&["curl", "-s", "http://127.0.0.1:10256/metrics"]);
+    assert!(!metrics.contains("flatnet_source_errors_total 0"), "{metrics}");
+    // Granted: the watcher's retry lists it and everything is programmed.
+    n.api.forbid("endpointslices", false);
+    eventually(
+        "the routes and rules once the denial is lifted",
+        || {
+            has_route(&n.routes(), "10.244.2.0/24", "172.18.0.3")
+                && n.proxy_table().contains("10.96.0.20 . tcp . 80")
+        },
+        ctx,
+    );
+}

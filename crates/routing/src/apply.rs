@@ -214,11 +214,21 @@ pub fn apply(nl: &Netlink, plan: &Plan, underlay_dev: u32) -> Result<Changes, St
     Ok(ch)
 }
 
+/// The masquerade table's comment, `None` without the table. Asked of the kernel natively:
+/// `nft list table` would dump every table of the namespace first, the service proxy's too
+/// (1.4 s with 10k Services), on every re-check.
+fn masquerade_comment() -> Result<Option<String>, String> {
+    let name = NFT_TABLE.trim_start_matches("ip ");
+    let mut conn = nft::netlink::Conn::open().map_err(|e| format!("nf_tables netlink: {e}"))?;
+    Ok(conn
+        .table_info(nft::netlink::FAMILY_IPV4, name)?
+        .map(|(comment, _)| comment))
+}
+
 /// Replaces the masquerade table unless it already carries this plan's fingerprint.
 fn ensure_masquerade(script: &str) -> Result<usize, String> {
     let tag = format!("plan-{}", hex(&Sha256::digest(script.as_bytes())[..8]));
-    let current = nft::list_table(NFT_TABLE).map_err(|e| e.to_string())?;
-    if current.is_some_and(|t| t.contains(&tag)) {
+    if masquerade_comment()?.is_some_and(|c| c == tag) {
         return Ok(0);
     }
     let tagged = script.replacen('{', &format!("{{\n  comment \"{tag}\""), 1);
@@ -240,10 +250,7 @@ pub fn teardown(nl: &Netlink) -> Result<(), String> {
         batch.push(Request::delete_link(l.index(), VXLAN_DEVICE));
     }
     nl.apply(batch).map_err(|e| e.to_string())?;
-    if nft::list_table(NFT_TABLE)
-        .map_err(|e| e.to_string())?
-        .is_some()
-    {
+    if masquerade_comment()?.is_some() {
         nft::apply(&format!("delete table {NFT_TABLE}\n")).map_err(|e| e.to_string())?;
     }
     Ok(())
