@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 const RECHECK: Duration = Duration::from_secs(10);
 /// How soon a failed sync is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Changes arriving together are gathered into one sync: until 2 ms pass without news, for at
+/// most 20 ms (each proxy sync costs the kernel a walk of its table, so two syncs cost twice).
+const GATHER_QUIET: Duration = Duration::from_millis(2);
+const GATHER_MAX: Duration = Duration::from_millis(20);
 
 /// The kinds the agent reads (its RBAC follows from them: get, list, watch on each).
 pub const KINDS: [Kind; 4] = [Kind::Node, Kind::Service, Kind::EndpointSlice, Kind::Pod];
@@ -291,8 +295,8 @@ impl Agent {
                 Err(RecvTimeoutError::Timeout) => Vec::new(),
                 Err(RecvTimeoutError::Disconnected) => return Err("the source ended".into()),
             };
-            while let Ok(more) = updates.try_recv() {
-                batch.extend(more);
+            if !batch.is_empty() && !state::gather(&updates, &mut batch, GATHER_QUIET, GATHER_MAX) {
+                return Err("the source ended".into());
             }
             let started = Instant::now();
             metrics.observe(&batch);
@@ -362,6 +366,7 @@ impl Agent {
                 }
             }
             if let Some(p) = &proxy {
+                metrics.set_refused("proxy", p.errors.len());
                 let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
                 for (port, e) in health.update(&p.health_checks(), any) {
                     log(&self.node, &format!("healthCheckNodePort {port}: {e}"));

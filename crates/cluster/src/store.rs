@@ -69,7 +69,9 @@ impl Kind {
 /// Namespace (empty for cluster-scoped kinds) and name.
 pub type Key = (String, String);
 
-/// One object of a kind the store holds.
+/// One object of a kind the store holds. Objects live behind `Arc`s (in the store, in
+/// updates and changes), so the variants' sizes never get copied around.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Node(Node),
@@ -77,6 +79,13 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     EndpointSlice(EndpointSlice),
+}
+
+impl Update {
+    /// `Apply` of `o`.
+    pub fn apply(o: Object) -> Update {
+        Update::Apply(Arc::new(o))
+    }
 }
 
 impl Object {
@@ -188,8 +197,8 @@ resource!(EndpointSlice);
 /// What a source reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
-    /// An object was added or changed.
-    Apply(Object),
+    /// An object was added or changed (shared: the store keeps it as it comes).
+    Apply(Arc<Object>),
     /// An object is gone.
     Delete(Kind, Key),
     /// A full listing of `kind` follows, as `Apply`s, up to `Listed(kind)`.
@@ -299,14 +308,14 @@ impl Store {
                 Update::Apply(o) => {
                     let (kind, key) = (o.kind(), o.key());
                     if let Some(buffer) = self.relisting.get_mut(&kind) {
-                        buffer.insert(key, Arc::new(o));
+                        buffer.insert(key, o);
                         continue;
                     }
                     let held = self.objects.entry(kind).or_default().get(&key);
-                    if held.is_some_and(|h| **h == o) {
+                    if held.is_some_and(|h| *h == o) {
                         continue;
                     }
-                    self.put(&mut batch, kind, key, Some(Arc::new(o)));
+                    self.put(&mut batch, kind, key, Some(o));
                 }
                 Update::Delete(kind, key) => {
                     if let Some(buffer) = self.relisting.get_mut(&kind) {
@@ -464,15 +473,15 @@ mod tests {
     #[test]
     fn changes_are_one_per_object_and_unchanged_objects_change_nothing() {
         let mut s = Store::new();
-        let ch = s.apply([Update::Apply(svc("a", 80)), Update::Apply(svc("a", 81))]);
+        let ch = s.apply([Update::apply(svc("a", 80)), Update::apply(svc("a", 81))]);
         assert_eq!(ch.len(), 1);
         assert!(ch[0].old.is_none());
         assert_eq!(ch[0].new.as_deref(), Some(&svc("a", 81)));
-        assert!(s.apply([Update::Apply(svc("a", 81))]).is_empty());
+        assert!(s.apply([Update::apply(svc("a", 81))]).is_empty());
         // Added and deleted in one batch: nothing happened.
         assert!(s
             .apply([
-                Update::Apply(svc("b", 1)),
+                Update::apply(svc("b", 1)),
                 Update::Delete(Kind::Service, key("b"))
             ])
             .is_empty());
@@ -493,19 +502,19 @@ mod tests {
     fn a_relist_keeps_the_old_state_until_it_completes_then_deletes_what_it_missed() {
         let mut s = Store::new();
         s.apply([
-            Update::Apply(svc("a", 80)),
-            Update::Apply(svc("b", 80)),
+            Update::apply(svc("a", 80)),
+            Update::apply(svc("b", 80)),
             Update::Synced,
         ]);
         assert!(s
-            .apply([Update::Relist(Kind::Service), Update::Apply(svc("b", 90))])
+            .apply([Update::Relist(Kind::Service), Update::apply(svc("b", 90))])
             .is_empty());
         assert_eq!(
             s.count(Kind::Service),
             2,
             "the old state serves during a re-list"
         );
-        let mut ch = s.apply([Update::Apply(svc("c", 1)), Update::Listed(Kind::Service)]);
+        let mut ch = s.apply([Update::apply(svc("c", 1)), Update::Listed(Kind::Service)]);
         ch.sort_by(|x, y| x.key.cmp(&y.key));
         let got: Vec<(String, bool, bool)> = ch
             .iter()
@@ -526,13 +535,13 @@ mod tests {
     fn slices_are_indexed_by_their_service() {
         let mut s = Store::new();
         s.apply([
-            Update::Apply(slice("web-1", "web")),
-            Update::Apply(slice("web-2", "web")),
-            Update::Apply(slice("db-1", "db")),
+            Update::apply(slice("web-1", "web")),
+            Update::apply(slice("web-2", "web")),
+            Update::apply(slice("db-1", "db")),
         ]);
         assert_eq!(s.slices_of(&key("web")).len(), 2);
         // A slice moved to another Service leaves the first one's index.
-        s.apply([Update::Apply(slice("web-2", "db"))]);
+        s.apply([Update::apply(slice("web-2", "db"))]);
         assert_eq!(s.slices_of(&key("web")).len(), 1);
         assert_eq!(s.slices_of(&key("db")).len(), 2);
         s.apply([

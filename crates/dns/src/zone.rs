@@ -286,7 +286,7 @@ impl Zone {
                     .map(Object::EndpointSlice),
             )
             .chain(state.pods.iter().cloned().map(Object::Pod));
-        store.apply(objects.map(Update::Apply));
+        store.apply(objects.map(Update::apply));
         LiveZone::new(cfg, &store).zone()
     }
 
@@ -1009,25 +1009,25 @@ mod tests {
                     .map(Object::EndpointSlice),
             )
             .chain(st.pods.iter().cloned().map(Object::Pod));
-        store.apply(objects.map(Update::Apply));
+        store.apply(objects.map(Update::apply));
         let mut live = LiveZone::new(&cfg, &store);
         let serial = live.zone().serial;
         let steps: Vec<Vec<Update>> = vec![
             // A Service goes; a slice moves to another Service; a pod changes its address.
             vec![Update::Delete(Kind::Service, ("shop".into(), "web".into()))],
-            vec![Update::Apply(Object::EndpointSlice(slice(
+            vec![Update::apply(Object::EndpointSlice(slice(
                 "shop",
                 "empty",
                 json!([{"addresses": ["10.244.1.5"], "hostname": "db-0", "conditions": {"ready": true}}]),
                 json!([{"name": "pg", "port": 5432}]),
             )))],
             vec![
-                Update::Apply(Object::Pod(
+                Update::apply(Object::Pod(
                     serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "shop"},
                         "status": {"podIP": "10.244.9.9"}}))
                     .unwrap(),
                 )),
-                Update::Apply(Object::Service(svc(
+                Update::apply(Object::Service(svc(
                     json!({"metadata": {"name": "web", "namespace": "other"},
                     "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}]}}),
                 ))),
@@ -1046,7 +1046,7 @@ mod tests {
         }
         assert!(live.zone().serial > serial, "each update is a new serial");
         // A change that touches no record leaves the zone and its serial alone.
-        let changes = store.apply([Update::Apply(Object::Node(
+        let changes = store.apply([Update::apply(Object::Node(
             serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap(),
         ))]);
         let before = live.zone().serial;

@@ -443,11 +443,22 @@ fn an_rbac_denial_is_logged_and_counted_and_the_agent_waits_until_it_is_granted(
         ctx,
     );
     // Half a listing is never planned from: not ready, nothing written.
-    let ready = n.text(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:10256/readyz"]);
+    let ready = n.text(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.0.1:10256/readyz",
+    ]);
     assert_eq!(ready, "503");
     assert!(n.routes().is_empty(), "{}", ctx());
     let metrics = n.text(&["curl", "-s", "http://127.0.0.1:10256/metrics"]);
-    assert!(!metrics.contains("flatnet_source_errors_total 0"), "{metrics}");
+    assert!(
+        !metrics.contains("flatnet_source_errors_total 0"),
+        "{metrics}"
+    );
     // Granted: the watcher's retry lists it and everything is programmed.
     n.api.forbid("endpointslices", false);
     eventually(

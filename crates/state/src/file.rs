@@ -13,7 +13,7 @@
 use cluster::store::{Key, Kind, Update};
 use cluster::Manifests;
 use notify::{EventKind, RecursiveMode, Watcher};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -73,6 +73,8 @@ struct Reader {
     files: HashMap<PathBuf, (u64, Vec<(Kind, Key)>)>,
     /// Which file an object came from (a later file defining it again takes it over).
     owner: HashMap<(Kind, Key), PathBuf>,
+    /// Directories holding files read (a removed one is recognised without a walk).
+    dirs: HashSet<PathBuf>,
     fingerprint: u64,
 }
 
@@ -112,10 +114,15 @@ impl Reader {
         self.forget(path, keys.clone(), out);
         for (o, k) in objects.into_iter().zip(&keys) {
             self.owner.insert(k.clone(), path.to_path_buf());
-            out.push(Update::Apply(o));
+            out.push(Update::apply(o));
         }
         self.fingerprint = self.fingerprint.wrapping_add(print);
         self.files.insert(path.to_path_buf(), (print, keys));
+        if let Some(d) = path.parent() {
+            if !self.dirs.contains(d) {
+                self.dirs.insert(d.to_path_buf());
+            }
+        }
     }
 
     /// Drops `path`'s record, deleting the objects it owned that `keeping` does not name.
@@ -225,7 +232,8 @@ fn run(dir: &Path, events: &Receiver<notify::Result<notify::Event>>, tx: &Sender
                     reader.rescan(p, &mut out);
                 } else if is_manifest(p) {
                     reader.read(p, &mut out);
-                } else if !p.exists() && reader.files.keys().any(|f| f.starts_with(p)) {
+                } else if reader.dirs.contains(p) && !p.exists() {
+                    reader.dirs.retain(|d| !d.starts_with(p));
                     reader.rescan(p, &mut out); // a directory removed
                 }
             }

@@ -85,7 +85,7 @@ fn typed(kind: Kind, o: DynamicObject) -> Update {
         .map_err(|e| e.to_string())
         .and_then(|v| Object::from_value(kind, v).map_err(|e| e.to_string()))
     {
-        Ok(o) => Update::Apply(o),
+        Ok(o) => Update::apply(o),
         Err(e) => Update::Error(format!("ignored (not a valid object): {e}")),
     }
 }

@@ -11,3 +11,30 @@ pub mod standin;
 
 pub use args::{SourceArgs, SourceKind};
 pub use metrics::SourceMetrics;
+
+use cluster::Update;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// Adds to `batch` what else arrives on `rx` until it has been quiet for `quiet`, for at most
+/// `max`: changes made together (a Service and its EndpointSlice, written a millisecond apart)
+/// are then applied as one batch, one kernel transaction. Returns false once `rx` is closed.
+pub fn gather(
+    rx: &Receiver<Vec<Update>>,
+    batch: &mut Vec<Update>,
+    quiet: Duration,
+    max: Duration,
+) -> bool {
+    let deadline = Instant::now() + max;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        match rx.recv_timeout(quiet.min(left)) {
+            Ok(more) => batch.extend(more),
+            Err(RecvTimeoutError::Timeout) => return true,
+            Err(RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+}

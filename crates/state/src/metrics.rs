@@ -1,6 +1,6 @@
 //! What every daemon reports about its source and its parts, in Prometheus text format:
 //! objects held per kind, watch restarts (re-lists after the first) per kind, source errors,
-//! and the time each part took per sync. And the daemons' small HTTP status server
+//! objects each part refuses, and the time each part took per sync. And the daemons' small HTTP status server
 //! (`/healthz`, `/readyz`, `/metrics`).
 
 use cluster::store::{Kind, Store, Update};
@@ -36,6 +36,8 @@ pub struct SourceMetrics {
     pub watch_restarts: Family<KindLabel, Counter>,
     pub errors: Counter,
     pub sync_seconds: Family<PartLabel, Histogram, fn() -> Histogram>,
+    /// Objects a part's planner refuses (each also logged, naming the object and field).
+    pub refused: Family<PartLabel, Gauge>,
     listed: Mutex<BTreeSet<Kind>>,
 }
 
@@ -46,6 +48,7 @@ impl Default for SourceMetrics {
             watch_restarts: Family::default(),
             errors: Counter::default(),
             sync_seconds: Family::new_with_constructor(sync_histogram),
+            refused: Family::default(),
             listed: Mutex::default(),
         }
     }
@@ -68,6 +71,11 @@ impl SourceMetrics {
             "flatnet_source_errors",
             "Source errors: API errors, unreadable files, objects that are not valid",
             self.errors.clone(),
+        );
+        r.register(
+            "flatnet_refused_objects",
+            "Objects a part refuses (their last good state stays), by part",
+            self.refused.clone(),
         );
         r.register(
             "flatnet_sync_seconds",
@@ -101,6 +109,12 @@ impl SourceMetrics {
                 .get_or_create(&KindLabel { kind: k.name() })
                 .set(store.count(k) as i64);
         }
+    }
+
+    pub fn set_refused(&self, part: &'static str, count: usize) {
+        self.refused
+            .get_or_create(&PartLabel { part })
+            .set(count as i64);
     }
 
     pub fn synced(&self, part: &'static str, took: Duration) {
