@@ -112,27 +112,11 @@ fn main() -> ExitCode {
                 endpoints,
                 changes,
             };
-            match agent::bench::run(&o) {
-                Ok(report) => {
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            report(agent::bench::run(&o))
         }
-        Cmd::InstallCni { dest } => match install_cni(&dest) {
-            Ok(path) => {
-                println!("installed {}", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Cmd::InstallCni { dest } => {
+            report(install_cni(&dest).map(|p| format!("installed {}", p.display())))
+        }
         Cmd::Proxy {
             tool: ProxyTool::Bench { sizes, endpoints },
         } => match proxy::bench::run(&sizes, endpoints) {
@@ -142,6 +126,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Prints a command's report, or its error.
+fn report(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

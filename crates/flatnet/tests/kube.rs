@@ -148,6 +148,11 @@ impl Node {
         .to_vec()
     }
 
+    /// The HTTP status of a GET inside the namespace.
+    fn status_code(&self, url: &str) -> String {
+        self.text(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+    }
+
     fn routes(&self) -> String {
         self.text(&["ip", "route", "show", "proto", "201"])
     }
@@ -218,15 +223,7 @@ fn agent_programs_routes_and_service_rules_from_the_api_and_keeps_them_while_it_
         conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
         "10.244.1.0/24"
     );
-    let ready = n.text(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://127.0.0.1:10256/readyz",
-    ]);
+    let ready = n.status_code("http://127.0.0.1:10256/readyz");
     assert_eq!(ready, "200");
     let metrics = n.text(&["curl", "-s", "http://127.0.0.1:10256/metrics"]);
     assert!(
@@ -383,15 +380,7 @@ fn dns_answers_from_the_api_and_follows_it() {
         },
         ctx,
     );
-    let ready = n.text(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://127.0.0.1:18080/ready",
-    ]);
+    let ready = n.status_code("http://127.0.0.1:18080/ready");
     assert_eq!(ready, "200");
 }
 
@@ -443,15 +432,7 @@ fn an_rbac_denial_is_logged_and_counted_and_the_agent_waits_until_it_is_granted(
         ctx,
     );
     // Half a listing is never planned from: not ready, nothing written.
-    let ready = n.text(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://127.0.0.1:10256/readyz",
-    ]);
+    let ready = n.status_code("http://127.0.0.1:10256/readyz");
     assert_eq!(ready, "503");
     assert!(n.routes().is_empty(), "{}", ctx());
     let metrics = n.text(&["curl", "-s", "http://127.0.0.1:10256/metrics"]);
