@@ -129,16 +129,6 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn log(node: &str, msg: &str) {
-    eprintln!(
-        "{:.3} agent {node}: {msg}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64(),
-    );
-}
-
 impl Agent {
     /// This node's routing facts, once its Node has a pod CIDR and an InternalIP.
     fn me(&self, store: &Store) -> Result<NodeInfo, String> {
@@ -258,10 +248,7 @@ impl Agent {
         std::fs::create_dir_all(dir)
             .and_then(|()| write_atomic(&path, &text))
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        log(
-            &self.node,
-            &format!("wrote {} (pod CIDR {})", path.display(), me.pod_cidr),
-        );
+        tracing::info!(node = %self.node, "wrote {} (pod CIDR {})", path.display(), me.pod_cidr);
         Ok(())
     }
 
@@ -276,7 +263,7 @@ impl Agent {
             match Netlink::connect() {
                 Ok(nl) => break nl,
                 Err(e) => {
-                    log(&self.node, &format!("netlink: {e}"));
+                    tracing::warn!(node = %self.node, "netlink: {e}");
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
@@ -303,7 +290,7 @@ impl Agent {
             let changes = store.apply(batch);
             metrics.count(&store);
             for e in store.take_errors() {
-                log(&self.node, &e);
+                tracing::warn!(node = %self.node, "{e}");
             }
             if !store.synced() {
                 continue; // never plan from half a listing: it would remove what the rest needs
@@ -312,7 +299,7 @@ impl Agent {
                 Ok(me) => me,
                 Err(e) => {
                     if e != waiting_said {
-                        log(&self.node, &e);
+                        tracing::info!(node = %self.node, "{e}");
                         waiting_said = e;
                     }
                     continue;
@@ -329,17 +316,14 @@ impl Agent {
                 match routed {
                     Ok(ch) => {
                         if ch.total() > 0 {
-                            log(&self.node, &format!("routes synced: {ch:?}"));
+                            tracing::info!(node = %self.node, "routes synced: {ch:?}");
                         }
                         last_routing = Some(Instant::now());
                         metrics.synced("routing", t.elapsed());
                     }
                     Err(e) => {
                         ok = false;
-                        log(
-                            &self.node,
-                            &format!("routing sync failed (will retry): {e}"),
-                        );
+                        tracing::warn!(node = %self.node, "routing sync failed (will retry): {e}");
                     }
                 }
             }
@@ -347,29 +331,20 @@ impl Agent {
             match self.sync_proxy(&mut proxy, &store, &changes, &me) {
                 Ok(r) => {
                     if r.objects > 0 {
-                        log(
-                            &self.node,
-                            &format!(
-                                "service proxy synced: {} Services, {} kernel objects",
-                                r.services, r.objects
-                            ),
-                        );
+                        tracing::info!(node = %self.node, "service proxy synced: {} Services, {} kernel objects", r.services, r.objects);
                     }
                     metrics.synced("proxy", t.elapsed());
                 }
                 Err(e) => {
                     ok = false;
-                    log(
-                        &self.node,
-                        &format!("service proxy sync failed (will retry): {e}"),
-                    );
+                    tracing::warn!(node = %self.node, "service proxy sync failed (will retry): {e}");
                 }
             }
             if let Some(p) = &proxy {
                 metrics.set_refused("proxy", p.errors.len());
                 let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
                 for (port, e) in health.update(&p.health_checks(), any) {
-                    log(&self.node, &format!("healthCheckNodePort {port}: {e}"));
+                    tracing::warn!(node = %self.node, "healthCheckNodePort {port}: {e}");
                 }
             }
             failed = !ok;
@@ -413,10 +388,7 @@ impl Agent {
                     Some(pod) => format!("hostPorts of Pod {}/{pod}", svc.0),
                     None => format!("Service {}/{}", svc.0, svc.1),
                 };
-                log(
-                    &self.node,
-                    &format!("{what} not applied (its last good rules stay): {e}"),
-                );
+                tracing::warn!(node = %self.node, "{what} not applied (its last good rules stay): {e}");
             }
         }
         report

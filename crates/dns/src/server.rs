@@ -339,7 +339,7 @@ fn follow(
         metrics.observe(&batch);
         let changes = store.apply(batch);
         for e in store.take_errors() {
-            eprintln!("flatnet dns: {e}");
+            tracing::warn!("{e}");
         }
         if !store.synced() {
             continue;
@@ -362,11 +362,11 @@ fn follow(
             let tmp = path.with_extension("tmp");
             let written = std::fs::write(&tmp, mark).and_then(|()| std::fs::rename(&tmp, path));
             if let Err(e) = written {
-                eprintln!("flatnet dns: {}: {e}", path.display());
+                tracing::warn!("{}: {e}", path.display());
             }
         }
     }
-    eprintln!("flatnet dns: the source ended; serving the last zone");
+    tracing::warn!("the source ended; serving the last zone");
 }
 
 /// Runs the server until the process is killed.
@@ -418,9 +418,11 @@ pub fn run(opts: Options) -> Result<(), String> {
             }
             None => server.set_zone(Zone::new(&opts.zone)),
         }
-        eprintln!(
-            "flatnet dns: {} on {} (UDP, TCP), upstreams {:?}",
-            opts.zone.domain, opts.listen, opts.upstreams
+        tracing::info!(
+            "{} on {} (UDP, TCP), upstreams {:?}",
+            opts.zone.domain,
+            opts.listen,
+            opts.upstreams
         );
         std::future::pending::<()>().await;
         Ok(())

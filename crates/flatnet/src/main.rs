@@ -92,6 +92,14 @@ fn main() -> ExitCode {
         return cni_main();
     }
     let cli = Cli::parse();
+    // Daemon logs (and kube-rs's) through tracing, to stderr; FLATNET_LOG filters (default info).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLATNET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     match cli.command {
         Cmd::Cni { tool } => cni_harness::cli::run(tool),
         Cmd::Lab(a) => lab::cli::run(a),
