@@ -123,12 +123,6 @@ fn underlay(nl: &Netlink, ip: Ipv4Addr) -> Result<(u32, Ipv4Net, u32), String> {
     Ok((idx, net.trunc(), mtu))
 }
 
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
 impl Agent {
     /// This node's routing facts, once its Node has a pod CIDR and an InternalIP.
     fn me(&self, store: &Store) -> Result<NodeInfo, String> {
@@ -246,7 +240,7 @@ impl Agent {
             return Ok(());
         }
         std::fs::create_dir_all(dir)
-            .and_then(|()| write_atomic(&path, &text))
+            .and_then(|()| state::write_atomic(&path, &text))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         tracing::info!(node = %self.node, "wrote {} (pod CIDR {})", path.display(), me.pod_cidr);
         Ok(())
@@ -352,7 +346,7 @@ impl Agent {
                 ready.store(true, Ordering::Relaxed);
                 metrics.synced("agent", started.elapsed());
                 if let (Some(f), Some(mark)) = (&self.status_file, store.mark()) {
-                    let _ = write_atomic(f, mark);
+                    let _ = state::write_atomic(f, mark);
                 }
             }
         }

@@ -169,7 +169,6 @@ pub fn describe_key(kind: Kind, key: &Key) -> String {
 pub trait Resource: Sized + 'static {
     const KIND: Kind;
     fn from_object(o: &Object) -> Option<&Self>;
-    fn into_object(self) -> Object;
 }
 
 macro_rules! resource {
@@ -181,9 +180,6 @@ macro_rules! resource {
                     Object::$t(x) => Some(x),
                     _ => None,
                 }
-            }
-            fn into_object(self) -> Object {
-                Object::$t(self)
             }
         }
     };

@@ -359,8 +359,7 @@ fn follow(
         metrics.count(&store);
         metrics.synced("dns", started.elapsed());
         if let (Some(path), Some(mark)) = (&status, store.mark()) {
-            let tmp = path.with_extension("tmp");
-            let written = std::fs::write(&tmp, mark).and_then(|()| std::fs::rename(&tmp, path));
+            let written = state::write_atomic(path, mark);
             if let Err(e) = written {
                 tracing::warn!("{}: {e}", path.display());
             }

@@ -119,10 +119,7 @@ fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| io(path.display(), e))
+    state::write_atomic(path, text).map_err(|e| io(path.display(), e))
 }
 
 /// Reads manifest files into one set.

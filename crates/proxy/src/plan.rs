@@ -26,6 +26,7 @@
 
 use crate::model::{service_ports, usable, Config, Endpoint, Proto, SvcPort};
 use cluster::manifests::namespaced;
+use cluster::store::slice_service;
 use cluster::ModelError;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -135,22 +136,11 @@ pub fn pod_key(namespace: &str, name: &str) -> ServiceKey {
 fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&EndpointSlice>> {
     let mut by: HashMap<ServiceKey, Vec<&EndpointSlice>> = HashMap::new();
     for s in slices {
-        if let Some(svc) = service_of(s) {
+        if let Some(svc) = slice_service(s) {
             by.entry(svc).or_default().push(s);
         }
     }
     by
-}
-
-/// The Service an EndpointSlice belongs to.
-pub fn service_of(slice: &EndpointSlice) -> Option<ServiceKey> {
-    let (ns, _) = namespaced(&slice.metadata);
-    let name = slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get("kubernetes.io/service-name")?;
-    Some((ns, name.clone()))
 }
 
 /// Plans the whole table for this node. Errors name the Service and field (a ClusterIP outside

@@ -7,10 +7,10 @@
 use crate::apply::Applier;
 use crate::model::Config;
 use crate::plan::{
-    diff, diff_all, plan_host_ports, plan_service, pod_key, service_of, Diff, PortKey, Ruleset,
-    ServiceKey,
+    diff, diff_all, plan_host_ports, plan_service, pod_key, Diff, PortKey, Ruleset, ServiceKey,
 };
 use cluster::manifests::namespaced;
+use cluster::store::slice_service;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -87,7 +87,7 @@ impl Proxy {
 
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         let id = namespaced(&slice.metadata);
-        let owner = service_of(slice);
+        let owner = slice_service(slice);
         if let Some(old) = self.slice_owner.get(&id).cloned() {
             if Some(&old) != owner.as_ref() {
                 self.delete_slice(&id);

@@ -253,9 +253,7 @@ mod tests {
 
     fn write(path: &Path, text: &str) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, path).unwrap();
+        crate::write_atomic(path, text).unwrap();
     }
 
     fn service(name: &str, port: u16) -> String {

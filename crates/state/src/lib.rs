@@ -38,3 +38,11 @@ pub fn gather(
         }
     }
 }
+
+/// Writes `text` to `path` atomically: aside first, then renamed into place, so a reader (a
+/// runtime reading a CNI config, a lab reading a status file) sees the old or the new file whole.
+pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
