@@ -86,7 +86,7 @@ impl Reader {
             Ok(x) if x.0.is_file() => x,
             Ok(_) => return,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.forget(path, Vec::new(), out);
+                self.forget(path, HashSet::new(), out);
                 return;
             }
             Err(e) => {
@@ -111,7 +111,7 @@ impl Reader {
             }
         };
         let keys: Vec<(Kind, Key)> = objects.iter().map(|o| (o.kind(), o.key())).collect();
-        self.forget(path, keys.clone(), out);
+        self.forget(path, keys.iter().cloned().collect(), out);
         for (o, k) in objects.into_iter().zip(&keys) {
             self.owner.insert(k.clone(), path.to_path_buf());
             out.push(Update::apply(o));
@@ -126,7 +126,7 @@ impl Reader {
     }
 
     /// Drops `path`'s record, deleting the objects it owned that `keeping` does not name.
-    fn forget(&mut self, path: &Path, keeping: Vec<(Kind, Key)>, out: &mut Vec<Update>) {
+    fn forget(&mut self, path: &Path, keeping: HashSet<(Kind, Key)>, out: &mut Vec<Update>) {
         let Some((print, keys)) = self.files.remove(path) else {
             return;
         };
@@ -149,7 +149,7 @@ impl Reader {
             .cloned()
             .collect();
         for p in gone {
-            self.forget(&p, Vec::new(), out);
+            self.forget(&p, HashSet::new(), out);
         }
         for p in present {
             self.read(&p, out);
