@@ -74,6 +74,12 @@ pub const REG_VERDICT: u32 = 0;
 pub const REG_1: u32 = 1;
 pub const REG_2: u32 = 2;
 
+/// The 4-byte register `i` (`NFT_REG32_00` + i): concatenations are loaded into consecutive
+/// ones, as nft allocates them, so that `nft list` reads the fields back.
+pub const fn reg32(i: u32) -> u32 {
+    8 + i
+}
+
 /// The expressions flatnet's rules are made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
@@ -100,16 +106,32 @@ pub enum Expr {
     Verdict(Verdict),
     /// `numgen random mod modulus` into a register.
     Random { modulus: u32, dreg: u32 },
-    /// A set lookup: a match.
-    Lookup { set: String, sreg: u32 },
+    /// A set lookup: a match; with `dreg`, a data-map lookup that loads the element's data.
+    Lookup {
+        set: String,
+        sreg: u32,
+        dreg: Option<u32>,
+    },
     /// `update @set { key }`: adds the key or refreshes its timeout.
     Update { set: String, sreg: u32 },
-    /// DNAT to the address in `addr` and the port in `port` (IPv4).
-    Dnat { addr: u32, port: u32 },
+    /// DNAT to the address in `addr` and the port in `port` (IPv4), with `NF_NAT_RANGE_*` flags
+    /// (0: none sent, as nft does for a mapped `addr . port`).
+    Dnat { addr: u32, port: u32, flags: u32 },
 }
 
-/// A verdict-map element: key bytes and where it sends.
-pub type Element = (Vec<u8>, Verdict);
+/// What a set element carries besides its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// A plain set's element: the key alone.
+    None,
+    /// A verdict map's: where it sends.
+    Verdict(Verdict),
+    /// A data map's: the value's bytes (each concatenated field padded to 4 bytes).
+    Value(Vec<u8>),
+}
+
+/// A set or map element: key bytes and what it carries.
+pub type Element = (Vec<u8>, Data);
 
 /// Attribute writer: nested TLVs, each padded to 4 bytes, written in place (a nest reserves its
 /// header and patches the length once its content is in), so a batch of 400k messages costs no
@@ -241,19 +263,23 @@ fn expr(list: &mut Attrs, e: &Expr) {
             Expr::Random { modulus, dreg } => {
                 b.u32(1, *dreg).u32(2, *modulus).u32(3, 1).u32(4, 0);
             }
-            Expr::Lookup { set, sreg } => {
+            Expr::Lookup { set, sreg, dreg } => {
                 b.str(1, set).u32(2, *sreg);
+                if let Some(d) = dreg {
+                    b.u32(3, *d);
+                }
             }
             Expr::Update { set, sreg } => {
                 b.str(1, set).u32(3, 1).u32(4, *sreg);
             }
-            Expr::Dnat { addr, port } => {
-                // NF_NAT_RANGE_PROTO_SPECIFIED, as nft sends for `dnat to a:p`.
+            Expr::Dnat { addr, port, flags } => {
                 b.u32(1, 1)
                     .u32(2, FAMILY_IPV4 as u32)
                     .u32(3, *addr)
-                    .u32(5, *port)
-                    .u32(7, 2);
+                    .u32(5, *port);
+                if *flags != 0 {
+                    b.u32(7, *flags);
+                }
             }
         });
     });
@@ -365,11 +391,13 @@ impl Batch {
         for chunk in elements.chunks(256) {
             self.msg(ty, flags, |a| {
                 a.str(2, set).nest(3, |list| {
-                    for (key, v) in chunk {
+                    for (key, data) in chunk {
                         list.nest(1, |el| {
                             data_value(el, 1, key);
-                            if ty == NEWSETELEM {
-                                data_verdict(el, 2, v);
+                            match data {
+                                Data::Verdict(v) if ty == NEWSETELEM => data_verdict(el, 2, v),
+                                Data::Value(v) if ty == NEWSETELEM => data_value(el, 2, v),
+                                _ => {}
                             }
                         });
                     }
@@ -378,15 +406,15 @@ impl Batch {
         }
     }
 
-    /// Adds verdict-map elements (the key must not be present).
-    pub fn add_elements(&mut self, map: &str, elements: &[Element]) {
-        self.elements(NEWSETELEM, map, elements);
+    /// Adds set or map elements (the key must not be present).
+    pub fn add_elements(&mut self, set: &str, elements: &[Element]) {
+        self.elements(NEWSETELEM, set, elements);
     }
 
-    /// Deletes map elements by key.
-    pub fn delete_elements(&mut self, map: &str, keys: &[Vec<u8>]) {
-        let elements: Vec<Element> = keys.iter().map(|k| (k.clone(), Verdict::Drop)).collect();
-        self.elements(DELSETELEM, map, &elements);
+    /// Deletes set or map elements by key.
+    pub fn delete_elements(&mut self, set: &str, keys: &[Vec<u8>]) {
+        let elements: Vec<Element> = keys.iter().map(|k| (k.clone(), Data::None)).collect();
+        self.elements(DELSETELEM, set, &elements);
     }
 }
 
@@ -734,13 +762,8 @@ impl Conn {
             .collect())
     }
 
-    /// The elements of a verdict map.
-    pub fn map_elements(
-        &mut self,
-        family: u8,
-        table: &str,
-        map: &str,
-    ) -> Result<Vec<Element>, String> {
+    /// The elements of a set, a verdict map or a data map.
+    pub fn elements(&mut self, family: u8, table: &str, map: &str) -> Result<Vec<Element>, String> {
         let mut a = Attrs::default();
         a.str(1, table).str(2, map);
         let mut out = Vec::new();
@@ -755,23 +778,27 @@ impl Conn {
                         .and_then(|k| attr(&attrs(k), 1))
                         .unwrap_or_default()
                         .to_vec();
-                    let Some(v) = attr(&el, 2).and_then(|d| attr(&attrs(d), 2)) else {
-                        continue;
+                    let data = attr(&el, 2).map(attrs).unwrap_or_default();
+                    let data = if let Some(v) = attr(&data, 2) {
+                        let v = attrs(v);
+                        let code = attr(&v, 1)
+                            .and_then(|c| c.try_into().ok())
+                            .map(i32::from_be_bytes)
+                            .unwrap_or(0);
+                        let chain = attr(&v, 2).map(string).unwrap_or_default();
+                        Data::Verdict(match code {
+                            -3 => Verdict::Jump(chain),
+                            -4 => Verdict::Goto(chain),
+                            -5 => Verdict::Return,
+                            1 => Verdict::Accept,
+                            _ => Verdict::Drop,
+                        })
+                    } else if let Some(v) = attr(&data, 1) {
+                        Data::Value(v.to_vec())
+                    } else {
+                        Data::None
                     };
-                    let v = attrs(v);
-                    let code = attr(&v, 1)
-                        .and_then(|c| c.try_into().ok())
-                        .map(i32::from_be_bytes)
-                        .unwrap_or(0);
-                    let chain = attr(&v, 2).map(string).unwrap_or_default();
-                    let verdict = match code {
-                        -3 => Verdict::Jump(chain),
-                        -4 => Verdict::Goto(chain),
-                        -5 => Verdict::Return,
-                        1 => Verdict::Accept,
-                        _ => Verdict::Drop,
-                    };
-                    out.push((key, verdict));
+                    out.push((key, data));
                 }
             }
         }

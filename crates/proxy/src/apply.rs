@@ -10,12 +10,13 @@
 //! restarted agent sends only what differs, and connections keep working throughout.
 
 use crate::model::Proto;
-use crate::plan::{
-    chain_kind, fixed_object_count, random_arms, table_comment, Diff, Key, Rule, Ruleset, AFFINITY,
-    IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
+use crate::ruleset::{
+    chain_rank, fixed_object_count, keyed_by_ip, random_arms, table_comment, Backend, Diff, Key,
+    Rule, Ruleset, AFFINITY, ENDPOINT_MAPS, HAIRPIN, IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE,
+    TABLE_NAME,
 };
 use ipnet::Ipv4Net;
-use nft::netlink::{Batch, Conn, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
+use nft::netlink::{reg32, Batch, Conn, Data, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
@@ -64,6 +65,42 @@ fn key_from_bytes(b: &[u8]) -> Option<Key> {
     }
 }
 
+/// An endpoint-map key: the frontend, then the index as `numgen` writes it (host order).
+fn endpoint_key(k: &Key, i: u32) -> Vec<u8> {
+    let mut b = key_bytes(k);
+    b.extend_from_slice(&i.to_ne_bytes());
+    b
+}
+
+fn endpoint_key_from_bytes(b: &[u8]) -> Option<(Key, u32)> {
+    let (key, index) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    Some((
+        key_from_bytes(key)?,
+        u32::from_ne_bytes(index.try_into().ok()?),
+    ))
+}
+
+/// An endpoint as a data-map value: `ip daddr . th dport`, each field padded to 4 bytes.
+fn backend_bytes((ip, port): &Backend) -> Vec<u8> {
+    let mut b = ip.octets().to_vec();
+    b.extend_from_slice(&port.to_be_bytes());
+    b.extend_from_slice(&[0, 0]);
+    b
+}
+
+fn backend_from_bytes(b: &[u8]) -> Option<Backend> {
+    let b: [u8; 8] = b.try_into().ok()?;
+    Some((
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    ))
+}
+
+/// A `hairpin` element: `a . a`.
+fn hairpin_key(ip: &Ipv4Addr) -> Vec<u8> {
+    [ip.octets(), ip.octets()].concat()
+}
+
 /// `ip saddr NET` (or `!=`), encoded the way nft does: whole bytes when the prefix allows.
 fn saddr(net: &Ipv4Net, eq: bool) -> Vec<Expr> {
     let bits = net.prefix_len();
@@ -101,7 +138,6 @@ fn load_saddr() -> Expr {
 }
 
 fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
-    let host = |ip: &Ipv4Addr| Ipv4Net::new(*ip, 32).expect("/32");
     let then = |mut e: Vec<Expr>, v: Verdict| {
         e.push(Expr::Verdict(v));
         e
@@ -110,7 +146,6 @@ fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
     let exprs = match rule {
         Rule::MasqUnlessFrom(net) => then(saddr(net, false), jump_masq()),
         Rule::Masq => vec![Expr::Verdict(jump_masq())],
-        Rule::MasqIfFrom(ip) => then(saddr(&host(ip), true), jump_masq()),
         Rule::GotoIfFrom(net, c) => then(saddr(net, true), Verdict::Goto(c.clone())),
         Rule::ReturnIfFrom(net) => then(saddr(net, true), Verdict::Return),
         Rule::Sticky(set, c) => vec![
@@ -118,6 +153,7 @@ fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
             Expr::Lookup {
                 set: set.clone(),
                 sreg: REG_1,
+                dreg: None,
             },
             Expr::Verdict(Verdict::Goto(c.clone())),
         ],
@@ -147,7 +183,48 @@ fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
             }
             return;
         }
-        Rule::Random(_) | Rule::Drop => vec![Expr::Verdict(Verdict::Drop)],
+        Rule::Random(_) | Rule::Pick(_, 0) | Rule::Drop => vec![Expr::Verdict(Verdict::Drop)],
+        Rule::Pick(map, n) => {
+            // The frontend's fields and the index, in consecutive registers (as nft loads a
+            // concatenation), looked up in the map; its `address . port` feeds the DNAT.
+            let mut e = Vec::new();
+            let mut next = 0;
+            if keyed_by_ip(map) {
+                e.push(Expr::Payload {
+                    base: 1,
+                    offset: 16,
+                    len: 4,
+                    dreg: REG_1,
+                });
+                next = 1;
+            }
+            let reg = |i: u32| if i == 0 { REG_1 } else { reg32(i) };
+            e.push(Expr::Meta {
+                key: 16, // l4proto
+                dreg: reg(next),
+            });
+            e.push(Expr::Payload {
+                base: 2,
+                offset: 2,
+                len: 2,
+                dreg: reg(next + 1),
+            });
+            e.push(Expr::Random {
+                modulus: *n,
+                dreg: reg(next + 2),
+            });
+            e.push(Expr::Lookup {
+                set: map.to_string(),
+                sreg: REG_1,
+                dreg: Some(REG_1),
+            });
+            e.push(Expr::Dnat {
+                addr: REG_1,
+                port: reg32(1),
+                flags: 0,
+            });
+            e
+        }
         Rule::Goto(c) => vec![Expr::Verdict(Verdict::Goto(c.clone()))],
         Rule::Dnat(ip, port, proto) => vec![
             Expr::Meta {
@@ -167,9 +244,11 @@ fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
                 dreg: REG_2,
                 data: port.to_be_bytes().to_vec(),
             },
+            // NF_NAT_RANGE_PROTO_SPECIFIED, as nft sends for `dnat to a:p`.
             Expr::Dnat {
                 addr: REG_1,
                 port: REG_2,
+                flags: 2,
             },
         ],
     };
@@ -212,8 +291,9 @@ impl Applier {
         };
         let mut held = Ruleset::default();
         for map in IP_MAPS.iter().chain(&PORT_MAPS) {
-            for (key, v) in self.conn.map_elements(FAMILY_IPV4, TABLE_NAME, map)? {
-                let (Some(key), Verdict::Goto(chain)) = (key_from_bytes(&key), v) else {
+            for (key, v) in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
+                let (Some(key), Data::Verdict(Verdict::Goto(chain))) = (key_from_bytes(&key), v)
+                else {
                     continue;
                 };
                 match (*map, key) {
@@ -236,9 +316,24 @@ impl Applier {
                 }
             }
         }
+        for map in ENDPOINT_MAPS {
+            for (key, v) in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
+                let (Some((key, i)), Data::Value(v)) = (endpoint_key_from_bytes(&key), v) else {
+                    continue;
+                };
+                if let Some(b) = backend_from_bytes(&v) {
+                    held.endpoints.entry((map, key)).or_default().insert(i, b);
+                }
+            }
+        }
+        for (key, _) in self.conn.elements(FAMILY_IPV4, TABLE_NAME, HAIRPIN)? {
+            if let Ok(b) = <[u8; 8]>::try_from(key.as_slice()) {
+                held.hairpin.insert(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+            }
+        }
         let mut chains: BTreeSet<&str> = want
             .iter()
-            .flat_map(|f| f.chains.keys())
+            .flat_map(|f| f.chains.keys().chain(f.shared.keys()))
             .map(String::as_str)
             .collect();
         chains.extend(
@@ -264,7 +359,7 @@ impl Applier {
             return Ok(held);
         }
         for (name, comment) in self.conn.chains(FAMILY_IPV4, TABLE_NAME)? {
-            if chain_kind(&name).is_some() {
+            if chain_rank(&name).is_some() {
                 if !comment.is_empty() {
                     held.comments.insert(name.clone(), comment);
                 }
@@ -302,12 +397,25 @@ impl Applier {
         if chunked {
             self.conn.commit(std::mem::replace(&mut b, self.batch()))?;
         }
+        for (map, delete, add) in &diff.endpoints {
+            let keys: Vec<Vec<u8>> = delete.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
+            b.delete_elements(map, &keys);
+            let elements: Vec<_> = add
+                .iter()
+                .map(|(k, i, e)| (endpoint_key(k, *i), Data::Value(backend_bytes(e))))
+                .collect();
+            b.add_elements(map, &elements);
+        }
+        let (unpin, pin) = &diff.hairpin;
+        b.delete_elements(HAIRPIN, &unpin.iter().map(hairpin_key).collect::<Vec<_>>());
+        let pin: Vec<_> = pin.iter().map(|a| (hairpin_key(a), Data::None)).collect();
+        b.add_elements(HAIRPIN, &pin);
         for (map, delete, add) in &diff.maps {
             let keys: Vec<Vec<u8>> = delete.iter().map(key_bytes).collect();
             b.delete_elements(map, &keys);
-            let elements: Vec<(Vec<u8>, Verdict)> = add
+            let elements: Vec<_> = add
                 .iter()
-                .map(|(k, c)| (key_bytes(k), Verdict::Goto(c.clone())))
+                .map(|(k, c)| (key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))))
                 .collect();
             b.add_elements(map, &elements);
         }
@@ -317,7 +425,7 @@ impl Applier {
         }
         // A chain can go only once nothing refers to it: referrers first.
         let mut gone: Vec<&String> = diff.gone_chains.iter().collect();
-        gone.sort_by_key(|n| chain_kind(n));
+        gone.sort_by_key(|n| chain_rank(n));
         for name in gone {
             b.delete_chain(name);
             self.flush_if_full(&mut b, chunked)?;

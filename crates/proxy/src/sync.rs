@@ -1,19 +1,78 @@
 //! The incremental proxy: keeps the Services and EndpointSlices it was told of, re-plans only
 //! the Services whose objects changed (each Service's fragment of the table is independent, see
-//! [`plan_service`]) and sends only their [`diff`] — one transaction per sync. The first sync
-//! adopts what the kernel already holds (see [`Applier::adopt`]), so a restarted agent changes
-//! nothing that is still right.
+//! [`plan_service`]) and sends only their [`diff_own`] — one transaction per sync. What
+//! fragments share (the chains by endpoint count, hairpin addresses) is counted: it is created
+//! with its first user and deleted with its last. The first sync adopts what the kernel already
+//! holds (see [`Applier::adopt`]), so a restarted agent changes nothing that is still right.
 
 use crate::apply::Applier;
 use crate::model::Config;
-use crate::plan::{
-    diff, diff_all, plan_host_ports, plan_service, pod_key, Diff, PortKey, Ruleset, ServiceKey,
-};
+use crate::plan::{plan_host_ports, plan_service, pod_key, ServiceKey};
+use crate::ruleset::{diff_all, diff_own, Diff, PortKey, Ruleset};
 use cluster::manifests::namespaced;
 use cluster::store::slice_service;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
+use std::net::Ipv4Addr;
+
+/// How many fragments use each shared object.
+#[derive(Debug, Clone)]
+struct Counts<K: Hash + Eq> {
+    users: HashMap<K, usize>,
+}
+
+impl<K: Hash + Eq> Default for Counts<K> {
+    fn default() -> Self {
+        Counts {
+            users: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Counts<K> {
+    /// Counts a fragment's objects `before` → `after`; returns the objects that got their first
+    /// user and those that lost their last.
+    fn update<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = (HashSet<&'a K>, HashSet<&'a K>)>,
+    ) -> (Vec<K>, Vec<K>)
+    where
+        K: 'a,
+    {
+        let mut touched: Vec<(K, usize)> = Vec::new();
+        for (before, after) in changes {
+            for k in after.iter().filter(|k| !before.contains(*k)) {
+                let n = self.users.entry((*k).clone()).or_default();
+                touched.push(((*k).clone(), *n));
+                *n += 1;
+            }
+            for k in before.iter().filter(|k| !after.contains(*k)) {
+                let n = self.users.entry((*k).clone()).or_default();
+                touched.push(((*k).clone(), *n));
+                *n = n.saturating_sub(1);
+            }
+        }
+        let (mut born, mut gone) = (Vec::new(), Vec::new());
+        let mut seen = HashSet::new();
+        for (k, at_first_touch) in touched {
+            if !seen.insert(k.clone()) {
+                continue;
+            }
+            let now = self.users.get(&k).copied().unwrap_or(0);
+            if now == 0 {
+                self.users.remove(&k);
+            }
+            match (at_first_touch, now) {
+                (0, n) if n > 0 => born.push(k),
+                (n, 0) if n > 0 => gone.push(k),
+                _ => {}
+            }
+        }
+        (born, gone)
+    }
+}
 
 /// What one sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -35,6 +94,9 @@ pub struct Proxy {
     pods: HashMap<ServiceKey, Pod>,
     /// What the kernel holds, per Service.
     applied: HashMap<ServiceKey, Ruleset>,
+    /// Users of each shared chain and hairpin address among `applied`.
+    shared: Counts<String>,
+    hairpin: Counts<Ipv4Addr>,
     node_port_owner: HashMap<PortKey, ServiceKey>,
     dirty: BTreeSet<ServiceKey>,
     /// The last error of each Service that could not be planned (it keeps its last good rules).
@@ -54,6 +116,8 @@ impl Proxy {
             slice_owner: HashMap::new(),
             pods: HashMap::new(),
             applied: HashMap::new(),
+            shared: Counts::default(),
+            hairpin: Counts::default(),
             node_port_owner: HashMap::new(),
             dirty: BTreeSet::new(),
             errors: BTreeMap::new(),
@@ -224,16 +288,9 @@ impl Proxy {
             planned.push((key.clone(), new));
         }
         let result = if self.adopted {
-            let mut d = Diff::default();
-            for (key, new) in &planned {
-                let empty = Ruleset::default();
-                let old = self.applied.get(key).unwrap_or(&empty);
-                d.extend(diff(old, new));
-            }
-            let objects = d.size();
-            self.applier.apply(&d).map(|()| objects)
+            self.apply_changes(&mut planned)
         } else {
-            self.adopt_and_apply(&planned)
+            self.adopt_and_apply(&mut planned)
         };
         match result {
             Ok(objects) => {
@@ -266,19 +323,87 @@ impl Proxy {
         }
     }
 
-    fn adopt_and_apply(&mut self, planned: &[(ServiceKey, Ruleset)]) -> Result<usize, String> {
-        let replanned: BTreeSet<&ServiceKey> = planned.iter().map(|(k, _)| k).collect();
+    /// Sends the re-planned fragments' own changes plus the shared objects that got their first
+    /// user or lost their last; the counts stand only if the kernel took it.
+    fn apply_changes(&mut self, planned: &mut [(ServiceKey, Ruleset)]) -> Result<usize, String> {
+        let empty = Ruleset::default();
+        let mut d = Diff::default();
+        for (key, new) in planned.iter_mut() {
+            let old = self.applied.get(key).unwrap_or(&empty);
+            new.keep_positions(old);
+            d.extend(diff_own(old, new));
+        }
+        let (mut shared, mut hairpin) = (self.shared.clone(), self.hairpin.clone());
+        let olds = || {
+            planned
+                .iter()
+                .map(|(k, _)| self.applied.get(k).unwrap_or(&empty))
+        };
+        let (born, gone) = shared.update(
+            olds()
+                .zip(planned.iter())
+                .map(|(old, (_, new))| (old.shared.keys().collect(), new.shared.keys().collect())),
+        );
+        for name in born {
+            let (_, new) = planned
+                .iter()
+                .find(|(_, f)| f.shared.contains_key(&name))
+                .expect("a user");
+            let comment = new.comments.get(&name).cloned();
+            d.new_chains
+                .push((name.clone(), new.shared[&name].clone(), comment));
+        }
+        d.gone_chains.extend(gone);
+        let (pin, unpin) =
+            hairpin.update(olds().zip(planned.iter()).map(|(old, (_, new))| {
+                (old.hairpin.iter().collect(), new.hairpin.iter().collect())
+            }));
+        d.hairpin = (unpin, pin);
+        let objects = d.size();
+        self.applier.apply(&d)?;
+        (self.shared, self.hairpin) = (shared, hairpin);
+        Ok(objects)
+    }
+
+    fn adopt_and_apply(&mut self, planned: &mut [(ServiceKey, Ruleset)]) -> Result<usize, String> {
+        let replanned: BTreeSet<ServiceKey> = planned.iter().map(|(k, _)| k.clone()).collect();
         let want: Vec<&Ruleset> = self
             .applied
             .iter()
-            .filter(|(key, _)| !replanned.contains(key))
+            .filter(|(key, _)| !replanned.contains(*key))
             .map(|(_, r)| r)
             .chain(planned.iter().map(|(_, r)| r))
             .collect();
         let held = self.applier.adopt(&want)?;
+        // Endpoints keep the index the kernel gave them.
+        for (_, new) in planned.iter_mut() {
+            new.keep_positions(&held);
+        }
+        for (key, r) in self.applied.iter_mut() {
+            if !replanned.contains(key) {
+                r.keep_positions(&held);
+            }
+        }
+        let want: Vec<&Ruleset> = self
+            .applied
+            .iter()
+            .filter(|(key, _)| !replanned.contains(*key))
+            .map(|(_, r)| r)
+            .chain(planned.iter().map(|(_, r)| r))
+            .collect();
         let d = diff_all(&held, &want);
         let objects = d.size();
         self.applier.apply(&d)?;
+        let (mut shared, mut hairpin) = (Counts::default(), Counts::default());
+        shared.update(
+            want.iter()
+                .map(|f| (HashSet::new(), f.shared.keys().collect())),
+        );
+        hairpin.update(
+            want.iter()
+                .map(|f| (HashSet::new(), f.hairpin.iter().collect())),
+        );
+        (self.shared, self.hairpin) = (shared, hairpin);
         self.adopted = true;
         Ok(objects)
     }

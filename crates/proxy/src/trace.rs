@@ -3,7 +3,7 @@
 //! every semantic is tested exhaustively; `flatnet explain` will print the same walk.
 
 use crate::model::Proto;
-use crate::plan::{Rule, Ruleset};
+use crate::ruleset::{keyed_by_ip, Key, Rule, Ruleset};
 use std::net::Ipv4Addr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,18 @@ pub struct Hop {
     pub port: u16,
     /// The source is rewritten to the node's address on the way out.
     pub masquerade: bool,
+}
+
+impl Hop {
+    /// The hop as the packet takes it: a client reaching itself is masqueraded (hairpin).
+    fn new(rs: &Ruleset, p: &Packet, ip: Ipv4Addr, port: u16, masq: bool) -> Hop {
+        let hairpin = ip == p.src && rs.hairpin.contains(&ip);
+        Hop {
+            ip,
+            port,
+            masquerade: masq || hairpin,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +75,11 @@ fn walk(rs: &Ruleset, chain: &str, p: &Packet, mut masq: bool, depth: usize) -> 
     if depth > 16 {
         return Verdict::Dropped; // a loop would be a planner bug; the kernel refuses loops too
     }
-    for rule in rs.chains.get(chain).into_iter().flatten() {
+    let rules = rs.chains.get(chain).or_else(|| rs.shared.get(chain));
+    for rule in rules.into_iter().flatten() {
         match rule {
             Rule::MasqUnlessFrom(c) => masq |= !c.contains(&p.src),
             Rule::Masq => masq = true,
-            Rule::MasqIfFrom(ip) => masq |= *ip == p.src,
             Rule::GotoIfFrom(c, next) if c.contains(&p.src) => {
                 return walk(rs, next, p, masq, depth + 1)
             }
@@ -88,11 +100,24 @@ fn walk(rs: &Ruleset, chain: &str, p: &Packet, mut masq: bool, depth: usize) -> 
                 return Verdict::Dnat(hops);
             }
             Rule::Dnat(ip, port, _) => {
-                return Verdict::Dnat(vec![Hop {
-                    ip: *ip,
-                    port: *port,
-                    masquerade: masq,
-                }])
+                return Verdict::Dnat(vec![Hop::new(rs, p, *ip, *port, masq)])
+            }
+            Rule::Pick(map, n) => {
+                let key = if keyed_by_ip(map) {
+                    Key::Ip((p.dst, p.proto, p.dport))
+                } else {
+                    Key::Port((p.proto, p.dport))
+                };
+                let pool = rs.endpoints.get(&(*map, key));
+                let mut hops: Vec<Hop> = (0..*n)
+                    .filter_map(|i| pool?.get(&i))
+                    .map(|(ip, port)| Hop::new(rs, p, *ip, *port, masq))
+                    .collect();
+                if hops.is_empty() {
+                    return Verdict::Dropped;
+                }
+                hops.sort();
+                return Verdict::Dnat(hops);
             }
             Rule::ReturnIfFrom(c) if c.contains(&p.src) => return Verdict::Untouched,
             Rule::ReturnIfFrom(_) => {}
@@ -113,15 +138,16 @@ pub fn explain(rs: &Ruleset, p: &Packet) -> String {
         p.dport
     );
     let key = (p.dst, p.proto, p.dport);
-    let frontend = rs
-        .service_ips
-        .get(&key)
-        .or_else(|| {
-            p.to_node
-                .then(|| rs.node_ports.get(&(p.proto, p.dport)))
-                .flatten()
-        })
-        .and_then(|c| rs.comments.get(c))
+    let port_key = (p.proto, p.dport);
+    let (served, chain) = match rs.service_ips.get(&key) {
+        Some(c) => (rs.frontends.get(&Key::Ip(key)), Some(c)),
+        None if p.to_node => (
+            rs.frontends.get(&Key::Port(port_key)),
+            rs.node_ports.get(&port_key),
+        ),
+        None => (None, None),
+    };
+    let frontend = served
         .map(|c| {
             if c.starts_with("hostPort") {
                 format!(" ({c})")
@@ -130,12 +156,15 @@ pub fn explain(rs: &Ruleset, p: &Packet) -> String {
             }
         })
         .unwrap_or_default();
+    let path = chain
+        .and_then(|c| Some(format!("\n  via chain {c}: {}", rs.comments.get(c)?)))
+        .unwrap_or_default();
     match trace(rs, p) {
         Verdict::Untouched => format!("{what}: not a Service frontend; routed as is"),
         Verdict::Rejected => format!("{what}: a Service without usable endpoints: rejected at once (TCP reset / ICMP unreachable)"),
         Verdict::Dropped => format!("{what}{frontend}: dropped (source not allowed, or no endpoint on this node for a Local policy)"),
         Verdict::Dnat(hops) => {
-            let mut o = format!("{what}{frontend}: DNAT to one of {}:", hops.len());
+            let mut o = format!("{what}{frontend}: DNAT to one of {}:{path}", hops.len());
             for h in hops {
                 o += &format!(
                     "\n  {}:{}{}",

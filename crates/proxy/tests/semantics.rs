@@ -468,7 +468,7 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
         .ns()
         .run(|| {
             nft::apply(&rs.render()).unwrap();
-            nft::list_table(proxy::plan::TABLE).unwrap().unwrap()
+            nft::list_table(proxy::ruleset::TABLE).unwrap().unwrap()
         })
         .unwrap();
     let native = netns::TempNetNs::new("fnt-pxn").unwrap();
@@ -482,8 +482,8 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
                 proxy::Ruleset::default(),
                 "a fresh table holds nothing"
             );
-            a.apply(&proxy::plan::diff(&held, &rs)).unwrap();
-            let listing = nft::list_table(proxy::plan::TABLE).unwrap().unwrap();
+            a.apply(&proxy::ruleset::diff(&held, &rs)).unwrap();
+            let listing = nft::list_table(proxy::ruleset::TABLE).unwrap().unwrap();
             // Asked for by name: what the plan wants and the maps point at.
             let again = proxy::Applier::new().unwrap().adopt(&[&rs]).unwrap();
             // Wanting nothing, the count of the table's objects does not add up: listed whole.
@@ -504,7 +504,7 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
         "{text_listing}"
     );
     assert_eq!(native_listing, text_listing);
-    let left = proxy::plan::diff(&adopted, &rs);
+    let left = proxy::ruleset::diff(&adopted, &rs);
     assert!(left.is_empty(), "adoption missed something: {left:?}");
 }
 
@@ -530,9 +530,15 @@ fn a_change_to_one_service_sends_only_its_own_objects() {
         .collect();
     let before = plan(&cfg(), &services, &slices).unwrap();
     assert!(
-        proxy::plan::diff(&before, &before).is_empty(),
+        proxy::ruleset::diff(&before, &before).is_empty(),
         "no change, nothing sent"
     );
+    // Every Service shares one chain; endpoints are elements.
+    assert_eq!(before.shared.keys().collect::<Vec<_>>(), ["cluster-1"]);
+    assert!(before.chains.is_empty(), "{:?}", before.chains.keys());
+    let key = proxy::ruleset::Key::Ip(("10.96.1.8".parse().unwrap(), proxy::Proto::Tcp, 80));
+    let ep = |ip: &str| (ip.parse().unwrap(), 8080);
+    // A second endpoint: the frontend moves to the chain for two, and one element is added.
     slices[7] = slice(
         "s7",
         "",
@@ -543,34 +549,49 @@ fn a_change_to_one_service_sends_only_its_own_objects() {
         ],
     );
     let after = plan(&cfg(), &services, &slices).unwrap();
-    let d = proxy::plan::diff(&before, &after);
-    let names: Vec<&String> = d
-        .new_chains
-        .iter()
-        .map(|(n, ..)| n)
-        .chain(&d.gone_chains)
-        .collect();
-    assert!(
-        names
-            .iter()
-            .all(|n| n.ends_with("default_s7_80") || n.contains("default_s7_80_")),
-        "other services touched: {names:?}"
+    let d = proxy::ruleset::diff(&before, &after);
+    let new_chains: Vec<&String> = d.new_chains.iter().map(|(n, ..)| n).collect();
+    assert_eq!(new_chains, ["cluster-2"], "{d:?}");
+    assert!(d.gone_chains.is_empty(), "cluster-1 still serves 49: {d:?}");
+    assert_eq!(
+        d.maps,
+        vec![(
+            "service-ips",
+            vec![key],
+            vec![(key, "cluster-2".to_string())]
+        )]
     );
-    // A new endpoint chain and a new Service chain (its pick changed); the old one goes.
-    assert_eq!(d.new_chains.len(), 2, "{d:?}");
-    assert!(d.new_chains.iter().any(|(_, rules, _)| rules.iter().any(
-        |r| matches!(r, proxy::plan::Rule::Dnat(ip, 8080, _) if ip.to_string() == "10.244.2.9")
-    )));
-    assert_eq!(d.gone_chains.len(), 1, "{d:?}");
-    let key = proxy::plan::Key::Ip(("10.96.1.8".parse().unwrap(), proxy::Proto::Tcp, 80));
-    assert_eq!(d.maps.len(), 1, "only the frontend's element moves: {d:?}");
-    assert_eq!(d.maps[0].0, "service-ips");
-    assert_eq!(d.maps[0].1, vec![key]);
-    assert!(d.size() < 12, "{d:?}");
-    // Endpoints gone: the frontend moves to the reject map and the chains go.
+    assert_eq!(
+        d.endpoints,
+        vec![("endpoints", vec![], vec![(key, 1, ep("10.244.2.9"))])]
+    );
+    // An endpoint replaced: one element, no chain, no verdict element.
+    slices[7] = slice(
+        "s7",
+        "",
+        8080,
+        &[
+            ("10.244.1.2", "node-2", true, true, false),
+            ("10.244.3.3", "node-3", true, true, false),
+        ],
+    );
+    let replaced = plan(&cfg(), &services, &slices).unwrap();
+    let d = proxy::ruleset::diff(&after, &replaced);
+    assert_eq!(
+        d.endpoints,
+        vec![(
+            "endpoints",
+            vec![(key, 1)],
+            vec![(key, 1, ep("10.244.3.3"))]
+        )],
+        "{d:?}"
+    );
+    assert_eq!(d.size(), 2, "{d:?}");
+    // Endpoints gone: the frontend moves to the reject map, its elements go, and the chain for
+    // two goes with its last user.
     slices[7] = slice("s7", "", 8080, &[]);
     let gone = plan(&cfg(), &services, &slices).unwrap();
-    let d = proxy::plan::diff(&after, &gone);
+    let d = proxy::ruleset::diff(&replaced, &gone);
     let map = |name: &str| d.maps.iter().find(|(m, ..)| *m == name).cloned();
     assert_eq!(map("service-ips").map(|m| m.1), Some(vec![key]), "{d:?}");
     assert_eq!(
@@ -578,7 +599,8 @@ fn a_change_to_one_service_sends_only_its_own_objects() {
         Some(vec![(key, "reject-chain".to_string())]),
         "{d:?}"
     );
-    assert_eq!(d.gone_chains.len(), 3, "{d:?}");
+    assert_eq!(d.gone_chains, ["cluster-2"], "{d:?}");
+    assert_eq!(d.endpoints[0].1.len(), 2, "{d:?}");
 }
 
 #[test]
@@ -612,9 +634,9 @@ fn a_diff_over_fragments_is_the_diff_over_their_union() {
         .map(|s| plan(&cfg(), std::slice::from_ref(s), &new_slices).unwrap())
         .collect();
     let union = plan(&cfg(), &services[1..], &new_slices).unwrap();
-    let by_fragments = proxy::plan::diff_all(&old, &fragments.iter().collect::<Vec<_>>());
-    let whole = proxy::plan::diff(&old, &union);
-    let sorted = |d: &proxy::plan::Diff| {
+    let by_fragments = proxy::ruleset::diff_all(&old, &fragments.iter().collect::<Vec<_>>());
+    let whole = proxy::ruleset::diff(&old, &union);
+    let sorted = |d: &proxy::ruleset::Diff| {
         let mut chains: Vec<String> = d.new_chains.iter().map(|(n, ..)| n.clone()).collect();
         chains.sort();
         let mut maps = d.maps.clone();
@@ -625,12 +647,20 @@ fn a_diff_over_fragments_is_the_diff_over_their_union() {
         maps.sort();
         let mut sets = d.new_sets.clone();
         sets.sort();
+        let mut endpoints = d.endpoints.clone();
+        for (_, del, add) in &mut endpoints {
+            del.sort();
+            add.sort();
+        }
+        endpoints.sort();
         (
             chains,
             d.gone_chains.clone(),
             sets,
             d.gone_sets.clone(),
             maps,
+            endpoints,
+            d.hairpin.clone(),
         )
     };
     assert_eq!(sorted(&by_fragments), sorted(&whole));
@@ -727,4 +757,76 @@ fn host_ports_dnat_to_their_pod_on_this_node_only() {
     assert_eq!(e.object, "Pod default/clash");
     assert_eq!(e.field, "spec.containers[0].ports[0].hostPort");
     assert!(e.message.contains("default/web"), "{e}");
+}
+
+/// The incremental proxy leaves in the kernel exactly the table a fresh plan describes, after
+/// each of a run of changes (endpoints added, replaced, removed; Services added and deleted;
+/// affinity, Local and NodePort paths): a fresh applier adopts it and finds nothing to send,
+/// shared chains and hairpin addresses included, and nothing left over (as root, in a
+/// throw-away namespace).
+#[test]
+fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
+    if !netns::can_create() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let spec = |i: usize| match i % 3 {
+        0 => json!({"clusterIP": format!("10.96.3.{}", i + 1), "ports": [{"port": 80}]}),
+        1 => {
+            json!({"type": "NodePort", "clusterIP": format!("10.96.3.{}", i + 1), "externalTrafficPolicy": "Local",
+                    "ports": [{"port": 80, "nodePort": 30200 + i}]})
+        }
+        _ => {
+            json!({"clusterIP": format!("10.96.3.{}", i + 1), "sessionAffinity": "ClientIP", "ports": [{"port": 80}]})
+        }
+    };
+    let endpoints = |i: usize, round: usize| -> Vec<(String, &'static str)> {
+        (0..(i + round) % 4)
+            .map(|e| {
+                let node = if e % 2 == 0 { "node-1" } else { "node-2" };
+                (
+                    format!("10.244.{}.{}", e % 2, 10 + (i * 7 + e * 3 + round) % 20),
+                    node,
+                )
+            })
+            .collect()
+    };
+    let tmp = netns::TempNetNs::new("fnt-pxi").unwrap();
+    tmp.ns()
+        .run(|| {
+            let mut p = proxy::Proxy::new(cfg()).unwrap();
+            for round in 0..6 {
+                // Services come and go: round r has Services r/2 .. 6 + r.
+                let present: Vec<usize> = (round / 2..6 + round).collect();
+                let services: Vec<_> = present
+                    .iter()
+                    .map(|i| svc(&format!("s{i}"), spec(*i)))
+                    .collect();
+                let slices: Vec<_> = present
+                    .iter()
+                    .map(|i| {
+                        let eps = endpoints(*i, round);
+                        let eps: Vec<_> = eps
+                            .iter()
+                            .map(|(ip, node)| (ip.as_str(), *node, true, true, false))
+                            .collect();
+                        slice(&format!("s{i}"), "", 8080, &eps)
+                    })
+                    .collect();
+                p.replace_all(&services, &slices, &[]);
+                p.sync().unwrap();
+                let mut whole = plan(&cfg(), &services, &slices).unwrap();
+                let held = proxy::Applier::new().unwrap().adopt(&[&whole]).unwrap();
+                whole.keep_positions(&held);
+                let left = proxy::ruleset::diff(&held, &whole);
+                assert!(left.is_empty(), "round {round}: {left:?}");
+                assert!(!whole.shared.is_empty() && !whole.hairpin.is_empty());
+            }
+            // Nothing present: only the fixed part is left.
+            p.replace_all(&[], &[], &[]);
+            p.sync().unwrap();
+            let held = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
+            assert_eq!(held, proxy::Ruleset::default());
+        })
+        .unwrap();
 }

@@ -1,0 +1,662 @@
+//! The table the planner produces: a [`Ruleset`] (maps, their elements and chains), the diff
+//! that turns one into another, and its text as `nft -f` reads it. The applier sends the same
+//! objects natively; the tracer walks them.
+
+use crate::model::Proto;
+use ipnet::Ipv4Net;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write;
+use std::net::Ipv4Addr;
+
+pub const TABLE_NAME: &str = "flatnet-proxy";
+pub const TABLE: &str = "ip flatnet-proxy";
+pub const MASQ_MARK: u32 = 0x4000;
+/// The chain that marks a packet for masquerade.
+pub const MASQUERADE_CHAIN: &str = "mark-for-masquerade";
+pub const REJECT_CHAIN: &str = "reject-chain";
+/// The prefix of affinity sets.
+pub const AFFINITY: &str = "aff";
+
+/// The five verdict maps, in the order a packet meets them.
+pub const IP_MAPS: [&str; 3] = ["firewall-ips", "no-endpoint-services", "service-ips"];
+pub const PORT_MAPS: [&str; 2] = ["no-endpoint-nodeports", "service-nodeports"];
+
+/// The endpoint maps: `frontend . index → endpoint address . port`, read by `numgen random mod
+/// N`. A frontend is `daddr . l4proto . dport` in the first two, `l4proto . dport` (NodePorts)
+/// in the others; `local-` ones hold only this node's endpoints (`externalTrafficPolicy: Local`).
+pub const ENDPOINTS: &str = "endpoints";
+pub const LOCAL_ENDPOINTS: &str = "local-endpoints";
+pub const NODEPORT_ENDPOINTS: &str = "nodeport-endpoints";
+pub const NODEPORT_LOCAL_ENDPOINTS: &str = "nodeport-local-endpoints";
+pub const ENDPOINT_MAPS: [&str; 4] = [
+    ENDPOINTS,
+    LOCAL_ENDPOINTS,
+    NODEPORT_ENDPOINTS,
+    NODEPORT_LOCAL_ENDPOINTS,
+];
+/// The set of `a . a` pairs: a connection from an address to itself (a pod that reached itself
+/// through a Service) is masqueraded at postrouting.
+pub const HAIRPIN: &str = "hairpin";
+
+/// Chain kinds by name prefix, referrers before what they refer to (`ext_` goes to `local_` and
+/// `svc_`, those to `ep_`; `external-local-` to `cluster-`): the order in which they can be
+/// deleted. Per-Service chains have a `_` after their kind, shared ones a `-`.
+const CHAIN_KINDS: [&str; 12] = [
+    "ext_",
+    "local_",
+    "svc_",
+    "ep_",
+    "fw_",
+    "hp_",
+    "external-local-",
+    "nodeport-external-local-",
+    "external-",
+    "nodeport-external-",
+    "cluster-",
+    "nodeport-cluster-",
+];
+
+/// A planned chain's place in [`CHAIN_KINDS`]; `None` for the table's fixed chains.
+pub fn chain_rank(name: &str) -> Option<usize> {
+    CHAIN_KINDS.iter().position(|k| name.starts_with(k))
+}
+
+/// `daddr . l4proto . dport`
+pub type IpKey = (Ipv4Addr, Proto, u16);
+/// `l4proto . dport`
+pub type PortKey = (Proto, u16);
+/// An endpoint's address and port.
+pub type Backend = (Ipv4Addr, u16);
+/// One frontend's endpoints by index.
+pub type Pool = BTreeMap<u32, Backend>;
+
+/// A map key of either shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Ip(IpKey),
+    Port(PortKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// Mark for masquerade unless the source is inside this CIDR (the cluster).
+    MasqUnlessFrom(Ipv4Net),
+    /// Mark for masquerade.
+    Masq,
+    /// Continue in a chain when the source is inside this CIDR.
+    GotoIfFrom(Ipv4Net, String),
+    /// A client seen within the affinity timeout goes back to the endpoint it had (set name,
+    /// endpoint chain).
+    Sticky(String, String),
+    /// Remember the client in this set (affinity).
+    Remember(String, u32),
+    /// One of these chains, uniformly at random (see [`random_arms`]).
+    Random(Vec<String>),
+    /// DNAT to element `numgen random mod N` of the packet's frontend in this endpoint map
+    /// (map, N); with N = 0 nothing can be picked: drop.
+    Pick(&'static str, u32),
+    Goto(String),
+    Dnat(Ipv4Addr, u16, Proto),
+    /// Leave the chain (the packet goes on) when the source is inside this CIDR.
+    ReturnIfFrom(Ipv4Net),
+    Drop,
+}
+
+/// A node's table, or one Service's share of it (a fragment: see [`crate::plan::plan_service`]).
+/// Per-Service chains are named after their content, so two rulesets with a chain of the same
+/// name agree on its rules; that makes a diff a matter of names, and lets an applier adopt a
+/// table by listing names. Shared chains are named by what they do (`cluster-3`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub service_ips: BTreeMap<IpKey, String>,
+    pub node_ports: BTreeMap<PortKey, String>,
+    pub no_endpoints: BTreeSet<IpKey>,
+    pub no_endpoint_node_ports: BTreeSet<PortKey>,
+    /// Load-balancer frontends with source ranges → the chain that drops other sources.
+    pub firewall: BTreeMap<IpKey, String>,
+    /// The endpoint maps' elements: (map, frontend) → index → endpoint.
+    pub endpoints: BTreeMap<(&'static str, Key), Pool>,
+    /// Frontend → what it serves (`namespace/name:port`, or a hostPort), for explanations.
+    pub frontends: BTreeMap<Key, String>,
+    /// Endpoints on this node, masqueraded when they reach themselves (the `hairpin` set).
+    pub hairpin: BTreeSet<Ipv4Addr>,
+    /// Per-Service chains (affinity, source ranges, hostPorts).
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    /// Shared chains (one per path and endpoint count) this ruleset's elements go to.
+    pub shared: BTreeMap<String, Vec<Rule>>,
+    /// Chain → the Service port it belongs to (a comment in the ruleset).
+    pub comments: BTreeMap<String, String>,
+    /// `healthCheckNodePort` → this node's endpoint count (for `externalTrafficPolicy: Local`).
+    pub health_checks: BTreeMap<u16, usize>,
+    /// Affinity sets (one per endpoint of a `sessionAffinity: ClientIP` Service) → timeout.
+    pub sets: BTreeMap<String, u32>,
+}
+
+pub(crate) fn hash(s: &str) -> String {
+    Sha256::digest(s.as_bytes())[..5]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An endpoint map's key shape: a frontend address or a NodePort.
+pub fn keyed_by_ip(map: &str) -> bool {
+    map == ENDPOINTS || map == LOCAL_ENDPOINTS
+}
+
+/// The declarations of the fixed part: the maps and sets every Service shares.
+fn declarations() -> String {
+    let mut o = String::new();
+    for name in IP_MAPS.iter().chain(&PORT_MAPS) {
+        let key = if IP_MAPS.contains(name) {
+            "ipv4_addr . inet_proto . inet_service"
+        } else {
+            "inet_proto . inet_service"
+        };
+        let _ = writeln!(o, "  map {name} {{\n    type {key} : verdict\n  }}");
+    }
+    for name in ENDPOINT_MAPS {
+        let frontend = if keyed_by_ip(name) {
+            "ip daddr . meta l4proto . th dport"
+        } else {
+            "meta l4proto . th dport"
+        };
+        let _ = writeln!(
+            o,
+            "  map {name} {{\n    typeof {frontend} . numgen random mod 1 : ip daddr . th dport\n  }}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  set {HAIRPIN} {{\n    type ipv4_addr . ipv4_addr\n  }}"
+    );
+    o
+}
+
+/// The fixed part of the table: base chains and helpers every Service shares.
+fn fixed_chains() -> String {
+    format!(
+        "  chain {REJECT_CHAIN} {{
+    reject
+  }}
+  chain filter-prerouting {{
+    type filter hook prerouting priority -110; policy accept;
+    ct state new ip daddr . meta l4proto . th dport vmap @firewall-ips
+  }}
+  chain filter-input {{
+    type filter hook input priority -10; policy accept;
+    ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+    ct state new fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
+  }}
+  chain filter-forward {{
+    type filter hook forward priority -10; policy accept;
+    ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+  }}
+  chain filter-output {{
+    type filter hook output priority -10; policy accept;
+    ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+    ct state new fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
+  }}
+  chain nat-prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    jump services
+  }}
+  chain nat-output {{
+    type nat hook output priority -100; policy accept;
+    jump services
+  }}
+  chain nat-postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr . ip daddr @{HAIRPIN} jump {MASQUERADE_CHAIN}
+    meta mark & {MASQ_MARK:#x} == 0 return
+    meta mark set meta mark ^ {MASQ_MARK:#x}
+    masquerade fully-random
+  }}
+  chain {MASQUERADE_CHAIN} {{
+    meta mark set meta mark | {MASQ_MARK:#x}
+  }}
+  chain services {{
+    ip daddr . meta l4proto . th dport vmap @service-ips
+    fib daddr type local meta l4proto . th dport vmap @service-nodeports
+  }}
+"
+    )
+}
+
+/// The chains, maps and sets of the fixed part: what the kernel counts in the table besides
+/// the planned chains and affinity sets.
+pub fn fixed_object_count() -> usize {
+    let count = |text: String, prefixes: &[&str]| {
+        text.lines()
+            .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+            .count()
+    };
+    count(fixed_chains(), &["  chain "]) + count(declarations(), &["  map ", "  set "])
+}
+
+/// The table's comment: names the version of the fixed part, so an applier adopts a table
+/// only when its fixed part is the one this build writes.
+pub fn table_comment() -> String {
+    format!(
+        "flatnet service proxy {}",
+        hash(&(declarations() + &fixed_chains()))
+    )
+}
+
+fn k3((ip, p, port): &IpKey) -> String {
+    format!("{ip} . {} . {port}", p.as_str())
+}
+
+fn k2((p, port): &PortKey) -> String {
+    format!("{} . {port}", p.as_str())
+}
+
+fn key_text(k: &Key) -> String {
+    match k {
+        Key::Ip(k) => k3(k),
+        Key::Port(k) => k2(k),
+    }
+}
+
+/// One verdict map's changes: its name, keys to delete, then elements (key, chain) to add.
+pub type MapChange = (&'static str, Vec<Key>, Vec<(Key, String)>);
+/// One endpoint map's changes: its name, (frontend, index) to delete, then elements to add.
+pub type EndpointChange = (&'static str, Vec<(Key, u32)>, Vec<(Key, u32, Backend)>);
+
+/// The changes that turn one ruleset into another, by name (see [`Ruleset`]). An applier sends
+/// them in this order, so nothing is ever referred to before it exists or after it is gone:
+/// new sets, new chains, map elements, then the chains and sets nothing refers to any more.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub new_sets: Vec<(String, u32)>,
+    /// Name, rules, comment.
+    pub new_chains: Vec<(String, Vec<Rule>, Option<String>)>,
+    pub maps: Vec<MapChange>,
+    pub endpoints: Vec<EndpointChange>,
+    /// Hairpin addresses to delete, then to add.
+    pub hairpin: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
+    pub gone_chains: Vec<String>,
+    pub gone_sets: Vec<String>,
+}
+
+/// Adds `delete` and `add` to the change of `name` in `changes`.
+fn add_change<D, A>(
+    changes: &mut Vec<(&'static str, Vec<D>, Vec<A>)>,
+    name: &'static str,
+    delete: Vec<D>,
+    add: Vec<A>,
+) {
+    if delete.is_empty() && add.is_empty() {
+        return;
+    }
+    match changes.iter_mut().find(|(m, ..)| *m == name) {
+        Some((_, d, a)) => {
+            d.extend(delete);
+            a.extend(add);
+        }
+        None => changes.push((name, delete, add)),
+    }
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.size() == 0
+    }
+
+    /// Adds the diff of another, disjoint fragment.
+    pub fn extend(&mut self, other: Diff) {
+        self.new_sets.extend(other.new_sets);
+        self.new_chains.extend(other.new_chains);
+        self.gone_chains.extend(other.gone_chains);
+        self.gone_sets.extend(other.gone_sets);
+        self.hairpin.0.extend(other.hairpin.0);
+        self.hairpin.1.extend(other.hairpin.1);
+        for (map, delete, add) in other.maps {
+            add_change(&mut self.maps, map, delete, add);
+        }
+        for (map, delete, add) in other.endpoints {
+            add_change(&mut self.endpoints, map, delete, add);
+        }
+    }
+
+    /// Objects touched (chains, rules, elements, sets): what a sync costs the kernel.
+    pub fn size(&self) -> usize {
+        self.new_sets.len()
+            + self
+                .new_chains
+                .iter()
+                .map(|(_, r, _)| 1 + r.len())
+                .sum::<usize>()
+            + self
+                .maps
+                .iter()
+                .map(|(_, d, a)| d.len() + a.len())
+                .sum::<usize>()
+            + self
+                .endpoints
+                .iter()
+                .map(|(_, d, a)| d.len() + a.len())
+                .sum::<usize>()
+            + self.hairpin.0.len()
+            + self.hairpin.1.len()
+            + self.gone_chains.len()
+            + self.gone_sets.len()
+    }
+}
+
+/// `new` (the planner's endpoints in any order) placed so that endpoints `old` already holds
+/// keep their index: a change moves only what changed. When the pool shrinks, endpoints beyond
+/// its new size move into the holes.
+fn keep_positions(new: &Pool, old: &Pool) -> Pool {
+    let n = new.len() as u32;
+    let wanted: HashSet<&Backend> = new.values().collect();
+    let mut out = Pool::new();
+    let mut placed: HashSet<&Backend> = HashSet::new();
+    for (i, b) in old {
+        if *i < n && wanted.contains(b) && placed.insert(b) {
+            out.insert(*i, *b);
+        }
+    }
+    let mut rest = new.values().filter(|b| !placed.contains(b));
+    for i in 0..n {
+        out.entry(i)
+            .or_insert_with(|| *rest.next().expect("as many endpoints as holes"));
+    }
+    out
+}
+
+impl Ruleset {
+    /// The NodePorts this ruleset serves or rejects on.
+    pub fn claimed_node_ports(&self) -> impl Iterator<Item = &PortKey> {
+        self.node_ports.keys().chain(&self.no_endpoint_node_ports)
+    }
+
+    /// Adds a disjoint fragment (another Service's) to this ruleset.
+    pub fn merge(&mut self, other: Ruleset) {
+        self.service_ips.extend(other.service_ips);
+        self.node_ports.extend(other.node_ports);
+        self.no_endpoints.extend(other.no_endpoints);
+        self.no_endpoint_node_ports
+            .extend(other.no_endpoint_node_ports);
+        self.firewall.extend(other.firewall);
+        self.endpoints.extend(other.endpoints);
+        self.frontends.extend(other.frontends);
+        self.hairpin.extend(other.hairpin);
+        self.chains.extend(other.chains);
+        self.shared.extend(other.shared);
+        self.comments.extend(other.comments);
+        self.health_checks.extend(other.health_checks);
+        self.sets.extend(other.sets);
+    }
+
+    /// Reorders this ruleset's endpoint pools so that what `old` (the kernel's) holds keeps its
+    /// index (see [`keep_positions`]).
+    pub fn keep_positions(&mut self, old: &Ruleset) {
+        for (key, pool) in &mut self.endpoints {
+            if let Some(held) = old.endpoints.get(key) {
+                *pool = keep_positions(pool, held);
+            }
+        }
+    }
+
+    /// Every verdict map's elements, keyed as the kernel holds them (target chain by name).
+    pub fn map_elements(&self) -> BTreeMap<&'static str, BTreeMap<Key, String>> {
+        let ip = |m: &BTreeMap<IpKey, String>| {
+            m.iter()
+                .map(|(k, c)| (Key::Ip(*k), c.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let port = |m: &BTreeMap<PortKey, String>| {
+            m.iter()
+                .map(|(k, c)| (Key::Port(*k), c.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let reject_ip = self
+            .no_endpoints
+            .iter()
+            .map(|k| (Key::Ip(*k), REJECT_CHAIN.to_string()))
+            .collect();
+        let reject_port = self
+            .no_endpoint_node_ports
+            .iter()
+            .map(|k| (Key::Port(*k), REJECT_CHAIN.to_string()))
+            .collect();
+        BTreeMap::from([
+            ("firewall-ips", ip(&self.firewall)),
+            ("no-endpoint-services", reject_ip),
+            ("service-ips", ip(&self.service_ips)),
+            ("no-endpoint-nodeports", reject_port),
+            ("service-nodeports", port(&self.node_ports)),
+        ])
+    }
+
+    /// The whole table as one `nft -f` script (created fresh: `add table` + `delete table`
+    /// first). What the native applier builds is the same table.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "add table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n  comment {}",
+            nft::quote(&table_comment())
+        );
+        o.push_str(&declarations());
+        for (set, t) in &self.sets {
+            let _ = writeln!(o, "  set {set} {{\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout {t}s\n  }}");
+        }
+        o.push_str(&fixed_chains());
+        for (name, rules) in self.chains.iter().chain(&self.shared) {
+            let _ = writeln!(o, "  chain {name} {{");
+            if let Some(c) = self.comments.get(name) {
+                let _ = writeln!(o, "    comment {}", nft::quote(c));
+            }
+            for r in rules {
+                let _ = writeln!(o, "    {}", render_rule(r));
+            }
+            let _ = writeln!(o, "  }}");
+        }
+        o.push_str("}\n");
+        // Elements once every chain they name exists.
+        let mut elements: Vec<(&str, Vec<String>)> = Vec::new();
+        for (name, list) in self.map_elements() {
+            let list = list
+                .iter()
+                .map(|(k, c)| format!("{} : goto {c}", key_text(k)))
+                .collect();
+            elements.push((name, list));
+        }
+        for map in ENDPOINT_MAPS {
+            let list = self
+                .endpoints
+                .iter()
+                .filter(|((m, _), _)| *m == map)
+                .flat_map(|((_, k), pool)| {
+                    pool.iter().map(move |(i, (ip, port))| {
+                        format!("{} . {i} : {ip} . {port}", key_text(k))
+                    })
+                })
+                .collect();
+            elements.push((map, list));
+        }
+        let hairpin = self.hairpin.iter().map(|a| format!("{a} . {a}")).collect();
+        elements.push((HAIRPIN, hairpin));
+        for (name, list) in elements.into_iter().filter(|(_, l)| !l.is_empty()) {
+            let _ = writeln!(
+                o,
+                "add element {TABLE} {name} {{\n  {}\n}}",
+                list.join(",\n  ")
+            );
+        }
+        o
+    }
+}
+
+/// The arms of a uniform random pick over `chains`, one rule each: arm `i` takes the packet
+/// with probability 1/(N−i) of what reaches it (`numgen random mod (N−i)` is 0), the last takes
+/// the rest; each endpoint ends up with 1/N. Plain rules rather than one `numgen … vmap`, whose
+/// anonymous map costs the kernel a walk over every set of the table when it is created.
+pub fn random_arms(chains: &[String]) -> impl Iterator<Item = (Option<u32>, &String)> {
+    let n = chains.len() as u32;
+    chains
+        .iter()
+        .enumerate()
+        .map(move |(i, c)| ((i as u32 + 1 < n).then_some(n - i as u32), c))
+}
+
+fn render_rule(r: &Rule) -> String {
+    match r {
+        Rule::MasqUnlessFrom(c) => format!("ip saddr != {c} jump {MASQUERADE_CHAIN}"),
+        Rule::Masq => format!("jump {MASQUERADE_CHAIN}"),
+        Rule::GotoIfFrom(c, chain) => format!("ip saddr {c} goto {chain}"),
+        Rule::Sticky(set, chain) => format!("ip saddr @{set} goto {chain}"),
+        Rule::Remember(set, _) => format!("update @{set} {{ ip saddr }}"),
+        // Only reachable through a path whose own endpoints are all elsewhere (e.g. internal
+        // policy Local with none here): nothing to pick, the packet goes nowhere.
+        Rule::Random(chains) if chains.is_empty() => "drop".into(),
+        Rule::Random(chains) => random_arms(chains)
+            .map(|(modulus, c)| match modulus {
+                Some(m) => format!("numgen random mod {m} 0 goto {c}"),
+                None => format!("goto {c}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n    "),
+        Rule::Pick(_, 0) => "drop".into(),
+        Rule::Pick(map, n) => format!(
+            "dnat ip to {} . numgen random mod {n} map @{map}",
+            if keyed_by_ip(map) {
+                "ip daddr . meta l4proto . th dport"
+            } else {
+                "meta l4proto . th dport"
+            }
+        ),
+        Rule::Goto(c) => format!("goto {c}"),
+        Rule::Dnat(ip, port, p) => format!("meta l4proto {} dnat to {ip}:{port}", p.as_str()),
+        Rule::ReturnIfFrom(c) => format!("ip saddr {c} return"),
+        Rule::Drop => "drop".into(),
+    }
+}
+
+/// What turns table `old` into table `new`. Chains are compared by name only (names say what
+/// they hold), so the cost is that of the two rulesets' sizes, and nothing unchanged is sent.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> Diff {
+    diff_all(old, &[new])
+}
+
+/// What turns table `old` into the union of `new`'s disjoint fragments (a node's table as its
+/// Services' fragments), without merging them into one ruleset first.
+pub fn diff_all(old: &Ruleset, new: &[&Ruleset]) -> Diff {
+    let mut d = diff_parts(old, new, true);
+    let wanted: BTreeSet<Ipv4Addr> = new.iter().flat_map(|f| f.hairpin.iter().copied()).collect();
+    d.hairpin = (
+        old.hairpin.difference(&wanted).copied().collect(),
+        wanted.difference(&old.hairpin).copied().collect(),
+    );
+    d
+}
+
+/// What turns fragment `old` into fragment `new` in their own objects, leaving out the shared
+/// chains and hairpin addresses that other fragments may hold too: those are the caller's to
+/// count (see [`crate::sync`]).
+pub fn diff_own(old: &Ruleset, new: &Ruleset) -> Diff {
+    diff_parts(old, &[new], false)
+}
+
+fn diff_parts(old: &Ruleset, new: &[&Ruleset], with_shared: bool) -> Diff {
+    let mut d = Diff::default();
+    let mut wanted_chains: HashSet<&str> = HashSet::new();
+    let mut wanted_sets: HashSet<&str> = HashSet::new();
+    let mut new_maps: BTreeMap<&'static str, BTreeMap<Key, String>> = BTreeMap::new();
+    let mut new_pools: BTreeMap<(&'static str, Key), &Pool> = BTreeMap::new();
+    for f in new {
+        for (set, timeout) in &f.sets {
+            wanted_sets.insert(set);
+            if !old.sets.contains_key(set) {
+                d.new_sets.push((set.clone(), *timeout));
+            }
+        }
+        let shared = f.shared.iter().filter(|_| with_shared);
+        for (name, rules) in f.chains.iter().chain(shared) {
+            let held = old.chains.contains_key(name) || old.shared.contains_key(name);
+            if wanted_chains.insert(name) && !held {
+                d.new_chains
+                    .push((name.clone(), rules.clone(), f.comments.get(name).cloned()));
+            }
+        }
+        for (map, elements) in f.map_elements() {
+            new_maps.entry(map).or_default().extend(elements);
+        }
+        new_pools.extend(f.endpoints.iter().map(|(k, p)| (*k, p)));
+    }
+    d.gone_chains = old
+        .chains
+        .keys()
+        .chain(old.shared.keys().filter(|_| with_shared))
+        .filter(|n| !wanted_chains.contains(n.as_str()))
+        .cloned()
+        .collect();
+    d.gone_sets = old
+        .sets
+        .keys()
+        .filter(|s| !wanted_sets.contains(s.as_str()))
+        .cloned()
+        .collect();
+    for (map, old_elements) in old.map_elements() {
+        let new_elements = new_maps.remove(map).unwrap_or_default();
+        let delete: Vec<Key> = old_elements
+            .iter()
+            .filter(|(k, c)| new_elements.get(*k) != Some(*c))
+            .map(|(k, _)| *k)
+            .collect();
+        let add: Vec<(Key, String)> = new_elements
+            .into_iter()
+            .filter(|(k, c)| old_elements.get(k) != Some(c))
+            .collect();
+        add_change(&mut d.maps, map, delete, add);
+    }
+    let empty = Pool::new();
+    for ((map, key), held) in &old.endpoints {
+        let want = new_pools.remove(&(*map, *key)).unwrap_or(&empty);
+        let delete = held
+            .iter()
+            .filter(|(i, b)| want.get(i) != Some(b))
+            .map(|(i, _)| (*key, *i))
+            .collect();
+        let add = want
+            .iter()
+            .filter(|(i, b)| held.get(i) != Some(b))
+            .map(|(i, b)| (*key, *i, *b))
+            .collect();
+        add_change(&mut d.endpoints, map, delete, add);
+    }
+    for ((map, key), want) in new_pools {
+        let add = want.iter().map(|(i, b)| (key, *i, *b)).collect();
+        add_change(&mut d.endpoints, map, Vec::new(), add);
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(ips: &[u8]) -> Pool {
+        ips.iter()
+            .enumerate()
+            .map(|(i, n)| (i as u32, (Ipv4Addr::new(10, 0, 0, *n), 80)))
+            .collect()
+    }
+
+    #[test]
+    fn kept_positions_move_only_what_changed() {
+        let old = pool(&[1, 2, 3, 4]);
+        // 2 replaced by 9: 9 takes its index, nothing else moves.
+        let new = keep_positions(&pool(&[1, 3, 4, 9]), &old);
+        assert_eq!(new, pool(&[1, 9, 3, 4]));
+        // 2 removed: the last one moves into its hole.
+        let new = keep_positions(&pool(&[1, 3, 4]), &old);
+        assert_eq!(new, pool(&[1, 4, 3]));
+        // One added: appended.
+        let new = keep_positions(&pool(&[1, 2, 3, 4, 5]), &old);
+        assert_eq!(new, pool(&[1, 2, 3, 4, 5]));
+    }
+}
