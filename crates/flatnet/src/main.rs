@@ -76,11 +76,13 @@ enum StateTool {
 
 #[derive(Subcommand)]
 enum ProxyTool {
-    /// Plan, cold-start, add-one and change-one costs with N Services present (needs root).
+    /// Cold-start, add-one, change-one and restart costs with N Services present, beside the
+    /// structure with a chain per endpoint (needs root).
     Bench {
-        /// Service counts, comma-separated.
+        /// Service counts, comma-separated; `SERVICESxENDPOINTS` sets the endpoints of one size
+        /// (e.g. `10000,1000x1000`).
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
-        sizes: Vec<usize>,
+        sizes: Vec<String>,
         /// Endpoints per Service.
         #[arg(long, default_value_t = 10)]
         endpoints: usize,
@@ -127,7 +129,12 @@ fn main() -> ExitCode {
         }
         Cmd::Proxy {
             tool: ProxyTool::Bench { sizes, endpoints },
-        } => match proxy::bench::run(&sizes, endpoints) {
+        } => match sizes
+            .iter()
+            .map(|s| proxy::bench::parse_shape(s, endpoints))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|shapes| proxy::bench::run(&shapes))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -506,6 +506,8 @@ fn describe(buf: &[u8], seq: u32) -> String {
 pub struct Conn {
     socket: Socket,
     seq: u32,
+    /// Time spent in exchanges with the kernel (its share of what this connection did).
+    waited: std::time::Duration,
 }
 
 impl Conn {
@@ -513,11 +515,32 @@ impl Conn {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Conn { socket, seq: 1 })
+        Ok(Conn {
+            socket,
+            seq: 1,
+            waited: std::time::Duration::ZERO,
+        })
+    }
+
+    /// Time spent so far sending to the kernel and waiting for its answers: a transaction's
+    /// commit runs in that time, in the kernel.
+    pub fn waited(&self) -> std::time::Duration {
+        self.waited
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut Conn) -> T) -> T {
+        let t = std::time::Instant::now();
+        let out = f(self);
+        self.waited += t.elapsed();
+        out
     }
 
     /// Sends `batch` as one transaction; an error names the first message the kernel refused.
     pub fn commit(&mut self, batch: Batch) -> Result<(), String> {
+        self.timed(|c| c.commit_now(batch))
+    }
+
+    fn commit_now(&mut self, batch: Batch) -> Result<(), String> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -601,6 +624,10 @@ impl Conn {
     }
 
     fn dump(&mut self, ty: u16, family: u8, a: &Attrs) -> Result<Vec<Vec<u8>>, String> {
+        self.timed(|c| c.dump_now(ty, family, a))
+    }
+
+    fn dump_now(&mut self, ty: u16, family: u8, a: &Attrs) -> Result<Vec<Vec<u8>>, String> {
         let seq = self.seq;
         self.seq += 1;
         let mut buf = Vec::new();
@@ -651,6 +678,16 @@ impl Conn {
     /// one by one (a hash lookup each in the kernel) in batches of requests: unlike a dump, whose
     /// every round walks the table's list again from its start, the cost is linear.
     pub fn existing(
+        &mut self,
+        family: u8,
+        table: &str,
+        sets: bool,
+        names: &[&str],
+    ) -> Result<std::collections::BTreeSet<String>, String> {
+        self.timed(|c| c.existing_now(family, table, sets, names))
+    }
+
+    fn existing_now(
         &mut self,
         family: u8,
         table: &str,
@@ -766,42 +803,161 @@ impl Conn {
     pub fn elements(&mut self, family: u8, table: &str, map: &str) -> Result<Vec<Element>, String> {
         let mut a = Attrs::default();
         a.str(1, table).str(2, map);
-        let mut out = Vec::new();
-        for body in self.dump(GETSETELEM, family, &a)? {
-            for (ty, list) in attrs(&body) {
-                if ty != 3 {
+        Ok(self
+            .dump(GETSETELEM, family, &a)?
+            .iter()
+            .flat_map(|body| parse_elements(body))
+            .collect())
+    }
+
+    /// The elements of `set` with these keys, as the kernel holds them (`None`: not there),
+    /// asked for by key — a hash lookup each — in rounds of requests of many keys: unlike a
+    /// dump, whose every round walks the set from its start again, the cost is linear.
+    pub fn get_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Data>>, String> {
+        // Replies per round (one message each) stay well inside the receive buffer.
+        const PER_REQUEST: usize = 64;
+        const PER_ROUND: usize = 1024;
+        let mut found = std::collections::HashMap::new();
+        let mut again: Vec<Vec<u8>> = Vec::new();
+        for round in keys.chunks(PER_ROUND) {
+            let requests: Vec<&[Vec<u8>]> = round.chunks(PER_REQUEST).collect();
+            // A request stops at its first missing key: its keys are asked for one by one.
+            let refused =
+                self.timed(|c| c.ask_elements(family, table, set, &requests, &mut found))?;
+            for failed in refused {
+                again.extend(
+                    requests[failed]
+                        .iter()
+                        .filter(|k| !found.contains_key(*k))
+                        .cloned(),
+                );
+            }
+        }
+        for round in again.chunks(PER_ROUND) {
+            let requests: Vec<&[Vec<u8>]> = round.chunks(1).collect();
+            self.timed(|c| c.ask_elements(family, table, set, &requests, &mut found))?;
+        }
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
+    /// Sends one GETSETELEM request per slice of keys, each acknowledged, and files the
+    /// elements the kernel answers with; returns the requests it refused (a key not there).
+    fn ask_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        requests: &[&[Vec<u8>]],
+        found: &mut std::collections::HashMap<Vec<u8>, Data>,
+    ) -> Result<Vec<usize>, String> {
+        let first = self.seq;
+        let mut buf = Vec::new();
+        for (i, keys) in requests.iter().enumerate() {
+            let mut a = Attrs::default();
+            a.str(1, table).str(2, set).nest(3, |list| {
+                for key in *keys {
+                    list.nest(1, |el| data_value(el, 1, key));
+                }
+            });
+            push_msg(
+                &mut buf,
+                (NFNL_SUBSYS_NFTABLES << 8) | GETSETELEM,
+                NLM_F_REQUEST | NLM_F_ACK,
+                first + i as u32,
+                family,
+                0,
+                &a.0,
+            );
+        }
+        self.seq += requests.len() as u32;
+        self.grow_receive_buffer();
+        self.socket
+            .send(&buf, 0)
+            .map_err(|e| format!("asking the kernel for elements of {set}: {e}"))?;
+        let mut failed = Vec::new();
+        let mut answered = 0;
+        while answered < requests.len() {
+            let (data, _) = self
+                .socket
+                .recv_from_full()
+                .map_err(|e| format!("reading elements of {set}: {e}"))?;
+            for m in messages(&data) {
+                let Some(i) = m.seq.checked_sub(first).map(|i| i as usize) else {
+                    continue;
+                };
+                if i >= requests.len() {
                     continue;
                 }
-                for (_, el) in attrs(list) {
-                    let el = attrs(el);
-                    let key = attr(&el, 1)
-                        .and_then(|k| attr(&attrs(k), 1))
-                        .unwrap_or_default()
-                        .to_vec();
-                    let data = attr(&el, 2).map(attrs).unwrap_or_default();
-                    let data = if let Some(v) = attr(&data, 2) {
-                        let v = attrs(v);
-                        let code = attr(&v, 1)
-                            .and_then(|c| c.try_into().ok())
-                            .map(i32::from_be_bytes)
-                            .unwrap_or(0);
-                        let chain = attr(&v, 2).map(string).unwrap_or_default();
-                        Data::Verdict(match code {
-                            -3 => Verdict::Jump(chain),
-                            -4 => Verdict::Goto(chain),
-                            -5 => Verdict::Return,
-                            1 => Verdict::Accept,
-                            _ => Verdict::Drop,
-                        })
-                    } else if let Some(v) = attr(&data, 1) {
-                        Data::Value(v.to_vec())
-                    } else {
-                        Data::None
-                    };
-                    out.push((key, data));
+                if m.ty == NLMSG_ERROR {
+                    answered += 1;
+                    let code = i32::from_ne_bytes(m.payload[..4].try_into().expect("4"));
+                    match code {
+                        0 => {}
+                        -2 => failed.push(i),
+                        _ => {
+                            return Err(format!(
+                                "looking up elements of {set}: {}",
+                                std::io::Error::from_raw_os_error(-code)
+                            ))
+                        }
+                    }
+                } else {
+                    found.extend(parse_elements(m.payload.get(4..).unwrap_or_default()));
                 }
             }
         }
-        Ok(out)
+        Ok(failed)
     }
+
+    fn grow_receive_buffer(&self) {
+        // SAFETY: the descriptor is our own socket's and outlives this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket.as_raw_fd()) };
+        // Best effort, as root: without it a round of replies can overflow and fail clearly.
+        let _ = setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20));
+    }
+}
+
+/// The elements in a NEWSETELEM message body.
+fn parse_elements(body: &[u8]) -> Vec<Element> {
+    let mut out = Vec::new();
+    for (ty, list) in attrs(body) {
+        if ty != 3 {
+            continue;
+        }
+        for (_, el) in attrs(list) {
+            let el = attrs(el);
+            let key = attr(&el, 1)
+                .and_then(|k| attr(&attrs(k), 1))
+                .unwrap_or_default()
+                .to_vec();
+            let data = attr(&el, 2).map(attrs).unwrap_or_default();
+            let data = if let Some(v) = attr(&data, 2) {
+                let v = attrs(v);
+                let code = attr(&v, 1)
+                    .and_then(|c| c.try_into().ok())
+                    .map(i32::from_be_bytes)
+                    .unwrap_or(0);
+                let chain = attr(&v, 2).map(string).unwrap_or_default();
+                Data::Verdict(match code {
+                    -3 => Verdict::Jump(chain),
+                    -4 => Verdict::Goto(chain),
+                    -5 => Verdict::Return,
+                    1 => Verdict::Accept,
+                    _ => Verdict::Drop,
+                })
+            } else if let Some(v) = attr(&data, 1) {
+                Data::Value(v.to_vec())
+            } else {
+                Data::None
+            };
+            out.push((key, data));
+        }
+    }
+    out
 }

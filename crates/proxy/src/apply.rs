@@ -10,14 +10,14 @@
 //! restarted agent sends only what differs, and connections keep working throughout.
 
 use crate::model::Proto;
+use crate::plan::pools_read_by;
 use crate::ruleset::{
     chain_rank, fixed_object_count, keyed_by_ip, random_arms, table_comment, Backend, Diff, Key,
-    Rule, Ruleset, AFFINITY, ENDPOINT_MAPS, HAIRPIN, IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE,
-    TABLE_NAME,
+    Rule, Ruleset, AFFINITY, HAIRPIN, IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
 };
 use ipnet::Ipv4Net;
 use nft::netlink::{reg32, Batch, Conn, Data, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 /// Messages per transaction when a diff has to be split.
@@ -70,14 +70,6 @@ fn endpoint_key(k: &Key, i: u32) -> Vec<u8> {
     let mut b = key_bytes(k);
     b.extend_from_slice(&i.to_ne_bytes());
     b
-}
-
-fn endpoint_key_from_bytes(b: &[u8]) -> Option<(Key, u32)> {
-    let (key, index) = b.split_at_checked(b.len().checked_sub(4)?)?;
-    Some((
-        key_from_bytes(key)?,
-        u32::from_ne_bytes(index.try_into().ok()?),
-    ))
 }
 
 /// An endpoint as a data-map value: `ip daddr . th dport`, each field padded to 4 bytes.
@@ -267,6 +259,11 @@ impl Applier {
         })
     }
 
+    /// Time spent in exchanges with the kernel so far (see [`Conn::waited`]).
+    pub fn kernel_time(&self) -> std::time::Duration {
+        self.conn.waited()
+    }
+
     fn batch(&self) -> Batch {
         Batch::new(FAMILY_IPV4, TABLE_NAME)
     }
@@ -316,12 +313,29 @@ impl Applier {
                 }
             }
         }
-        for map in ENDPOINT_MAPS {
-            for (key, v) in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
-                let (Some((key, i)), Data::Value(v)) = (endpoint_key_from_bytes(&key), v) else {
-                    continue;
-                };
-                if let Some(b) = backend_from_bytes(&v) {
+        // Endpoint elements are asked for by key: the frontends the maps hold and the counts
+        // their chains read say which exist (every transaction keeps the two in step).
+        let mut wanted: BTreeMap<&'static str, Vec<(Key, u32)>> = BTreeMap::new();
+        let frontends = held.service_ips.iter().map(|(k, c)| (Key::Ip(*k), c));
+        let frontends = frontends.chain(held.node_ports.iter().map(|(k, c)| (Key::Port(*k), c)));
+        for (key, chain) in frontends {
+            for (map, n) in pools_read_by(chain) {
+                wanted
+                    .entry(map)
+                    .or_default()
+                    .extend((0..n).map(|i| (key, i)));
+            }
+        }
+        for (map, keys) in wanted {
+            let bytes: Vec<Vec<u8>> = keys.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
+            let got = self
+                .conn
+                .get_elements(FAMILY_IPV4, TABLE_NAME, map, &bytes)?;
+            for ((key, i), data) in keys.into_iter().zip(got) {
+                if let Some(b) = data.and_then(|d| match d {
+                    Data::Value(v) => backend_from_bytes(&v),
+                    _ => None,
+                }) {
                     held.endpoints.entry((map, key)).or_default().insert(i, b);
                 }
             }

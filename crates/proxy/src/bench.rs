@@ -1,13 +1,17 @@
-//! `flatnet proxy bench`: what a sync costs at scale, in a throw-away namespace — the cold start
+//! `flatnet proxy bench`: what a sync costs at scale, in throw-away namespaces — the cold start
 //! (empty kernel → full table), one Service added and one endpoint changed with N present
-//! (plan, diff and apply), and a restarted agent adopting the table. Memory is the process's RSS, which
-//! holds the objects as an agent does. Then the data path: TCP connection latency (p50/p99 of
-//! `connect()`, which waits for the SYN's DNAT and the SYN-ACK) to a ClusterIP with 10 Services
-//! in the table and with N, against the same endpoint dialled directly. The reference beside the
-//! cold start: the same table written as text and loaded by `nft -f` (what the nftables package
-//! offers, and how kube-proxy's nftables mode applies its rules), in a namespace of its own.
+//! (plan, diff and apply), and a restarted agent adopting the table. Each figure is wall time
+//! and, beside it, the kernel's share: the time spent in exchanges with the kernel, where a
+//! netlink commit runs. Memory is the process's RSS while it holds the objects as an agent does. The reference,
+//! in the same run and namespace-for-namespace: the same Services in the structure this proxy
+//! had before its endpoints moved into data maps — a chain per Service that picks one of N
+//! endpoint chains with `numgen` arms, a chain per endpoint that DNATs — sent by the same
+//! applier. Then the data path: TCP connection latency (p50/p99 of `connect()`, which waits for
+//! the SYN's DNAT and the SYN-ACK) to a ClusterIP with 10 Services in the table and with N,
+//! against the same endpoint dialled directly.
 
-use crate::{Config, Proxy, Report};
+use crate::ruleset::{diff, Rule, Ruleset};
+use crate::{Applier, Config, Proto, Proxy};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::time::{Duration, Instant};
@@ -23,11 +27,17 @@ fn service(i: usize) -> Service {
     .expect("a Service")
 }
 
-/// Service `i`'s slice; `shift` moves its addresses (an endpoint change).
+/// Endpoint `e` of Service `i`; `shift` moves the first one (an endpoint change).
+fn endpoint(i: usize, e: usize, endpoints: usize, shift: usize) -> String {
+    let shift = if e == 0 { shift } else { 0 };
+    nth([10, 128, 0, 2], i * endpoints + e + shift)
+}
+
+/// Service `i`'s slice.
 fn slice(i: usize, endpoints: usize, shift: usize) -> EndpointSlice {
     let eps: Vec<_> = (0..endpoints)
         .map(|e| {
-            serde_json::json!({"addresses": [nth([10, 128, 0, 2], i * endpoints + e + shift)],
+            serde_json::json!({"addresses": [endpoint(i, e, endpoints, shift)],
                                "nodeName": format!("node-{}", e % 10), "conditions": {"ready": true}})
         })
         .collect();
@@ -129,27 +139,115 @@ fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
-/// The reference cold start: plan, render and `nft -f` of the same table into an empty namespace.
-fn reference_cold_start(
-    cfg: &Config,
-    services: &[Service],
-    slices: &[EndpointSlice],
-) -> Result<Duration, String> {
-    let tmp = netns::TempNetNs::new("fnb-nft")
-        .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
-    let t = Instant::now();
-    let text = crate::plan(cfg, services, slices)
-        .map_err(|e| e.to_string())?
-        .render();
-    tmp.ns()
-        .run(|| nft::apply(&text))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(t.elapsed())
+/// A cost: wall time and the kernel's share of it (the thread's system time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
+struct Cost {
+    wall: Duration,
+    kernel: Duration,
 }
 
-/// Runs the sizes in `sizes` (Services × `endpoints` each), each in a namespace of its own.
-pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
+impl std::fmt::Display for Cost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", ms(self.wall), ms(self.kernel))
+    }
+}
+
+/// Runs `f` in `ns`: its wall time, and the kernel's share — the time spent in exchanges with
+/// it, a running total that was `before` and that `f` returns with its result.
+fn timed<T>(
+    ns: &netns::NetNs,
+    before: Duration,
+    f: impl FnOnce() -> Result<(T, Duration), String>,
+) -> Result<(Cost, T), String> {
+    let t = Instant::now();
+    let (out, after) = ns.run(f).map_err(|e| e.to_string())??;
+    let cost = Cost {
+        wall: t.elapsed(),
+        kernel: after.saturating_sub(before),
+    };
+    Ok((cost, out))
+}
+
+/// The median of five.
+fn median(mut v: Vec<Cost>) -> Cost {
+    v.sort_by_key(|c| c.wall);
+    v[v.len() / 2]
+}
+
+/// Service `i` in the structure this proxy had before data maps: a chain per endpoint that DNATs
+/// and a chain per Service that picks one with `numgen` arms (the hairpin rule each endpoint
+/// chain also had is left out, so the reference is slightly cheaper than what it stands for).
+fn chains_per_endpoint(cfg: &Config, i: usize, endpoints: usize, shift: usize) -> Ruleset {
+    let mut rs = Ruleset::default();
+    let mut arms = Vec::new();
+    for e in 0..endpoints {
+        let addr: std::net::Ipv4Addr = endpoint(i, e, endpoints, shift).parse().expect("ip");
+        let chain = format!("ep_{i}_{addr}");
+        rs.chains
+            .insert(chain.clone(), vec![Rule::Dnat(addr, 8080, Proto::Tcp)]);
+        arms.push(chain);
+    }
+    let svc = format!("svc_{i}_{shift}");
+    rs.chains.insert(
+        svc.clone(),
+        vec![Rule::MasqUnlessFrom(cfg.cluster_cidr), Rule::Random(arms)],
+    );
+    let ip = nth([10, 96, 0, 1], i).parse().expect("ip");
+    rs.service_ips.insert((ip, Proto::Tcp, 80), svc);
+    rs
+}
+
+/// Cold start, one Service added and one endpoint changed (median of five) in the old
+/// structure, in a namespace of its own.
+fn reference(cfg: &Config, n: usize, endpoints: usize) -> Result<[Cost; 3], String> {
+    let tmp = netns::TempNetNs::new("fnb-ref")
+        .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
+    let ns = tmp.ns();
+    let mut applier = ns.run(Applier::new).map_err(|e| e.to_string())??;
+    let mut held = Ruleset::default();
+    for i in 0..n {
+        held.merge(chains_per_endpoint(cfg, i, endpoints, 0));
+    }
+    let (cold, _) = timed(ns, applier.kernel_time(), || {
+        let empty = applier.adopt(&[])?;
+        applier.apply(&diff(&empty, &held))?;
+        Ok(((), applier.kernel_time()))
+    })?;
+    let (added, _) = timed(ns, applier.kernel_time(), || {
+        let new = chains_per_endpoint(cfg, n, endpoints, 0);
+        applier.apply(&diff(&Ruleset::default(), &new))?;
+        Ok(((), applier.kernel_time()))
+    })?;
+    let mut changes = Vec::new();
+    let mut shift = 0;
+    for next in [4_000_001, 4_000_002, 4_000_003, 4_000_004, 4_000_000] {
+        let old = chains_per_endpoint(cfg, n / 2, endpoints, shift);
+        let new = chains_per_endpoint(cfg, n / 2, endpoints, next);
+        let (c, _) = timed(ns, applier.kernel_time(), || {
+            applier.apply(&diff(&old, &new))?;
+            Ok(((), applier.kernel_time()))
+        })?;
+        changes.push(c);
+        shift = next;
+    }
+    Ok([cold, added, median(changes)])
+}
+
+/// `"10000"` (with `endpoints` each) or `"1000x1000"`: Services and endpoints per Service.
+pub fn parse_shape(s: &str, endpoints: usize) -> Result<(usize, usize), String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: expected SERVICES or SERVICESxENDPOINTS, e.g. 1000x1000"))
+    };
+    match s.split_once('x') {
+        Some((n, e)) => Ok((number(n)?, number(e)?)),
+        None => Ok((number(s)?, endpoints)),
+    }
+}
+
+/// Runs each shape (Services, endpoints per Service), each in namespaces of its own.
+pub fn run(shapes: &[(usize, usize)]) -> Result<(), String> {
     let cfg = Config {
         node: "node-0".into(),
         node_ips: vec!["172.18.0.2".parse().expect("ip")],
@@ -165,7 +263,7 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
         .run(|| Proxy::new(cfg.clone()))
         .map_err(|e| e.to_string())??;
     let ten: Vec<Service> = (0..10).map(service).collect();
-    let ten_slices: Vec<EndpointSlice> = (0..10).map(|i| slice(i, endpoints, 0)).collect();
+    let ten_slices: Vec<EndpointSlice> = (0..10).map(|i| slice(i, 10, 0)).collect();
     small
         .ns()
         .run(|| {
@@ -181,56 +279,52 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
         .parse()
         .expect("addr");
     let mut latencies = Vec::new();
+    println!("Each cell: wall time (the kernel's share). `before` is the structure with a chain per Service and per endpoint, in the same run.");
     println!(
-        "{:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>10}",
+        "{:>8} {:>9} | {:>22} {:>22} | {:>22} {:>22} | {:>22} {:>22} | {:>22} {:>8}",
         "services",
         "endpoints",
         "cold start",
-        "nft -f",
+        "before",
         "+1 service",
-        "1 endpoint (median of 5)",
-        "restart adopt",
+        "before",
+        "1 endpoint changed",
+        "before",
+        "restart, adopt",
         "RSS"
     );
-    for &n in sizes {
+    for &(n, endpoints) in shapes {
         let tmp = netns::TempNetNs::new("fnb-proxy")
             .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
         let ns = tmp.ns();
-        let services: Vec<Service> = (0..n).map(service).collect();
-        let slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, endpoints, 0)).collect();
-        let timed =
-            |f: &mut dyn FnMut() -> Result<Report, String>| -> Result<(Duration, Report), String> {
-                let t = Instant::now();
-                let r = ns.run(f).map_err(|e| e.to_string())??;
-                Ok((t.elapsed(), r))
-            };
         let mut proxy = ns
             .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
-        let (cold, _) = timed(&mut || {
+        // The objects are kept for the size's whole run, as a source keeps them: freeing them
+        // at once would bill glibc's consolidation of their chunks to the next timed step.
+        let services: Vec<Service> = (0..n).map(service).collect();
+        let slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, endpoints, 0)).collect();
+        let (cold, _) = timed(ns, proxy.kernel_time(), || {
             proxy.replace_all(&services, &slices, &[]);
-            proxy.sync()
+            Ok((proxy.sync()?, proxy.kernel_time()))
         })?;
-        let by_text = reference_cold_start(&cfg, &services, &slices)?;
-        let (added, _) = timed(&mut || {
+        let (added, _) = timed(ns, proxy.kernel_time(), || {
             proxy.upsert_service(&service(n));
             proxy.upsert_slice(&slice(n, endpoints, 0));
-            proxy.sync()
+            Ok((proxy.sync()?, proxy.kernel_time()))
         })?;
-        // One endpoint changed, five times (the last leaves the shift the restart below wants);
-        // the median.
+        // One endpoint changed, five times (the last puts it back); the median.
         let mut changes = Vec::new();
-        let mut report = Report::default();
-        for shift in [4_000_001, 4_000_002, 4_000_003, 4_000_004, 4_000_000] {
-            let (t, r) = timed(&mut || {
+        let mut objects = 0;
+        for shift in [4_000_001, 4_000_002, 4_000_003, 4_000_004, 0] {
+            let (c, r) = timed(ns, proxy.kernel_time(), || {
                 proxy.upsert_slice(&slice(n / 2, endpoints, shift));
-                proxy.sync()
+                Ok((proxy.sync()?, proxy.kernel_time()))
             })?;
-            changes.push(t);
-            report = r;
+            changes.push(c);
+            objects = r.objects;
         }
-        changes.sort();
-        let one = changes[changes.len() / 2];
+        let changed = median(changes);
         let rss = rss_kib() / 1024;
         prepare_dialing(&tmp)?;
         let (mut big_t, mut small_t) = (Vec::new(), Vec::new());
@@ -238,29 +332,31 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
             connects(&tmp, cluster_ip, ROUND, &mut big_t)?;
             connects(&small, cluster_ip, ROUND, &mut small_t)?;
         }
-        latencies.push((n, percentiles(small_t), percentiles(big_t)));
+        latencies.push((n, endpoints, percentiles(small_t), percentiles(big_t)));
         drop(proxy);
         // A restarted agent: a new process state adopts the table; nothing should be sent.
         let mut again = ns
             .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
-        let (adopt, adopted) = timed(&mut || {
+        let (adopt, adopted) = timed(ns, again.kernel_time(), || {
             again.replace_all(&services, &slices, &[]);
             again.upsert_service(&service(n));
             again.upsert_slice(&slice(n, endpoints, 0));
-            again.upsert_slice(&slice(n / 2, endpoints, 4_000_000));
-            again.sync()
+            Ok((again.sync()?, again.kernel_time()))
         })?;
+        drop((again, services, slices, tmp));
+        let [ref_cold, ref_added, ref_changed] = reference(&cfg, n, endpoints)?;
         println!(
-            "{n:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>6} MiB   ({} objects for the endpoint change, {} after restart)",
+            "{n:>8} {:>9} | {:>22} {:>22} | {:>22} {:>22} | {:>22} {:>22} | {:>22} {:>4} MiB   ({objects} objects for the endpoint change, {} after restart)",
             n * endpoints,
-            ms(cold),
-            ms(by_text),
-            ms(added),
-            ms(one),
-            ms(adopt),
+            cold.to_string(),
+            ref_cold.to_string(),
+            added.to_string(),
+            ref_added.to_string(),
+            changed.to_string(),
+            ref_changed.to_string(),
+            adopt.to_string(),
             rss,
-            report.objects,
             adopted.objects,
         );
     }
@@ -273,9 +369,9 @@ pub fn run(sizes: &[usize], endpoints: usize) -> Result<(), String> {
         us(d50),
         us(d99)
     );
-    for (n, (s50, s99), (b50, b99)) in latencies {
+    for (n, e, (s50, s99), (b50, b99)) in latencies {
         println!(
-            "  {n:>6} Services: {} / {}, 10 Services: {} / {}, ratio {:.2} / {:.2}",
+            "  {n:>6} Services × {e}: {} / {}, 10 Services: {} / {}, ratio {:.2} / {:.2}",
             us(b50),
             us(b99),
             us(s50),

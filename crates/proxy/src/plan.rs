@@ -285,6 +285,28 @@ fn shared(rs: &mut Ruleset, name: String, rules: Vec<Rule>, comment: String) -> 
     name
 }
 
+/// The endpoint maps a shared chain reads, with the number of elements it reads from each
+/// (its frontend's pool sizes): what an applier adopting a table expects behind a map element
+/// that goes to `chain`. Per-Service chains read none.
+pub fn pools_read_by(chain: &str) -> Vec<(&'static str, u32)> {
+    let (f, path) = match chain.strip_prefix("nodeport-") {
+        Some(rest) => (Frontend::NodePort, rest),
+        None => (Frontend::Ip, chain),
+    };
+    let (map, local_map) = f.maps();
+    let counts = |s: &str| -> Option<Vec<u32>> { s.split('-').map(|n| n.parse().ok()).collect() };
+    let parsed = path
+        .strip_prefix("external-local-")
+        .map(|rest| (true, rest))
+        .or_else(|| path.strip_prefix("external-").map(|rest| (false, rest)))
+        .or_else(|| path.strip_prefix("cluster-").map(|rest| (false, rest)));
+    match parsed.and_then(|(local, rest)| Some((local, counts(rest)?))) {
+        Some((false, c)) if c.len() == 1 => vec![(map, c[0])],
+        Some((true, c)) if c.len() == 2 => vec![(map, c[0]), (local_map, c[1])],
+        _ => Vec::new(),
+    }
+}
+
 /// The cluster path for `n` endpoints: clients from outside the cluster are masqueraded.
 fn cluster_chain(rs: &mut Ruleset, cfg: &Config, f: Frontend, n: u32) -> String {
     let (map, _) = f.maps();

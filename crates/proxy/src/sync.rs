@@ -85,13 +85,14 @@ pub struct Report {
 
 pub struct Proxy {
     cfg: Config,
-    services: HashMap<ServiceKey, Service>,
+    /// Boxed, as every object held here: a map's node then holds pointers, not objects.
+    services: HashMap<ServiceKey, Box<Service>>,
     /// Each Service's slices by slice name.
-    slices: HashMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    slices: HashMap<ServiceKey, BTreeMap<String, Box<EndpointSlice>>>,
     /// (namespace, slice name) → the Service it was filed under.
     slice_owner: HashMap<ServiceKey, ServiceKey>,
     /// Pods of this node with hostPorts, by [`pod_key`].
-    pods: HashMap<ServiceKey, Pod>,
+    pods: HashMap<ServiceKey, Box<Pod>>,
     /// What the kernel holds, per Service.
     applied: HashMap<ServiceKey, Ruleset>,
     /// Users of each shared chain and hairpin address among `applied`.
@@ -137,8 +138,8 @@ impl Proxy {
 
     pub fn upsert_service(&mut self, svc: &Service) {
         let key = namespaced(&svc.metadata);
-        if self.services.get(&key) != Some(svc) {
-            self.services.insert(key.clone(), svc.clone());
+        if self.services.get(&key).map(|s| &**s) != Some(svc) {
+            self.services.insert(key.clone(), Box::new(svc.clone()));
             self.dirty.insert(key);
         }
     }
@@ -161,8 +162,8 @@ impl Proxy {
             return; // not a Service's slice
         };
         let own = self.slices.entry(owner.clone()).or_default();
-        if own.get(&id.1) != Some(slice) {
-            own.insert(id.1.clone(), slice.clone());
+        if own.get(&id.1).map(|s| &**s) != Some(slice) {
+            own.insert(id.1.clone(), Box::new(slice.clone()));
             self.slice_owner.insert(id, owner.clone());
             self.dirty.insert(owner);
         }
@@ -193,8 +194,8 @@ impl Proxy {
         });
         if !on_this_node {
             self.delete_pod(&key);
-        } else if self.pods.get(&key) != Some(pod) {
-            self.pods.insert(key.clone(), pod.clone());
+        } else if self.pods.get(&key).map(|p| &**p) != Some(pod) {
+            self.pods.insert(key.clone(), Box::new(pod.clone()));
             self.dirty.insert(key);
         }
     }
@@ -238,6 +239,11 @@ impl Proxy {
         }
     }
 
+    /// Time spent in exchanges with the kernel so far: its share of the syncs.
+    pub fn kernel_time(&self) -> std::time::Duration {
+        self.applier.kernel_time()
+    }
+
     /// `healthCheckNodePort` → this node's endpoint count, over every Service.
     pub fn health_checks(&self) -> BTreeMap<u16, usize> {
         self.applied
@@ -264,7 +270,7 @@ impl Proxy {
                     let own: Vec<&EndpointSlice> = self
                         .slices
                         .get(key)
-                        .map(|m| m.values().collect())
+                        .map(|m| m.values().map(|s| &**s).collect())
                         .unwrap_or_default();
                     plan_service(&self.cfg, svc, &own, taken)
                 }
