@@ -94,8 +94,9 @@ fn prepare_dialing(tmp: &netns::TempNetNs) -> Result<(), String> {
     ip(&["link", "set", "bench0", "up"])?;
     ip(&["link", "set", "bench1", "up"])?;
     ip(&["route", "replace", "default", "dev", "bench0"])?;
-    // Service 0's endpoints (10.128.0.2 onwards): a prefix on lo makes every address local.
-    ip(&["addr", "add", "10.128.0.0/24", "dev", "lo"])?;
+    // Service 0's endpoints (10.128.0.2 onwards, up to 65k of them): a prefix on lo makes
+    // every address local.
+    ip(&["addr", "add", "10.128.0.0/16", "dev", "lo"])?;
     tmp.ns()
         .run(|| -> Result<(), String> {
             let listener =
