@@ -830,3 +830,32 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
         })
         .unwrap();
 }
+
+/// What an adopting applier reads behind a map element (the pools a shared chain's name says it
+/// reads) is what the chain and the chain it may go to pick from.
+#[test]
+fn shared_chain_names_say_which_endpoints_they_read() {
+    let rs = sample();
+    assert!(rs.shared.len() >= 4, "{:?}", rs.shared.keys());
+    for (name, rules) in &rs.shared {
+        let mut picks = Vec::new();
+        for r in rules {
+            match r {
+                proxy::ruleset::Rule::Pick(map, n) => picks.push((*map, *n)),
+                proxy::ruleset::Rule::GotoIfFrom(_, next) => {
+                    for r in &rs.shared[next] {
+                        if let proxy::ruleset::Rule::Pick(map, n) = r {
+                            picks.push((*map, *n));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        picks.sort();
+        let mut said = proxy::plan::pools_read_by(name);
+        said.sort();
+        assert_eq!(said, picks, "{name}");
+    }
+    assert!(proxy::plan::pools_read_by("svc_0123456789_default_web_80").is_empty());
+}
