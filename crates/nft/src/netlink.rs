@@ -699,54 +699,31 @@ impl Conn {
         let (ty, name_attr) = if sets { (GETSET, 2) } else { (GETCHAIN, 3) };
         let mut found = std::collections::BTreeSet::new();
         for round in names.chunks(ROUND) {
-            let first = self.seq;
-            let mut buf = Vec::new();
-            for (i, name) in round.iter().enumerate() {
-                let mut a = Attrs::default();
-                a.str(1, table).str(name_attr, name);
-                push_msg(
-                    &mut buf,
-                    (NFNL_SUBSYS_NFTABLES << 8) | ty,
-                    NLM_F_REQUEST,
-                    first + i as u32,
-                    family,
-                    0,
-                    &a.0,
-                );
-            }
-            self.seq += round.len() as u32;
-            self.socket
-                .send(&buf, 0)
-                .map_err(|e| format!("asking the kernel for {} objects: {e}", round.len()))?;
+            let requests: Vec<Attrs> = round
+                .iter()
+                .map(|name| {
+                    let mut a = Attrs::default();
+                    a.str(1, table).str(name_attr, name);
+                    a
+                })
+                .collect();
             // One reply per request: the object, or an error (ENOENT: not there).
-            let mut answered = 0;
-            while answered < round.len() {
-                let (data, _) = self
-                    .socket
-                    .recv_from_full()
-                    .map_err(|e| format!("reading objects: {e}"))?;
-                for m in messages(&data) {
-                    let Some(i) = m.seq.checked_sub(first).map(|i| i as usize) else {
-                        continue;
-                    };
-                    if i >= round.len() {
-                        continue;
+            self.requests(ty, 0, family, &requests, "objects", |i, m| {
+                match error_code(m) {
+                    Some(-2) => {}
+                    Some(code) => {
+                        return Err(format!(
+                            "looking up {}: {}",
+                            round[i],
+                            std::io::Error::from_raw_os_error(-code)
+                        ))
                     }
-                    answered += 1;
-                    if m.ty == NLMSG_ERROR {
-                        let code = i32::from_ne_bytes(m.payload[..4].try_into().expect("4"));
-                        if code != -2 {
-                            return Err(format!(
-                                "looking up {}: {}",
-                                round[i],
-                                std::io::Error::from_raw_os_error(-code)
-                            ));
-                        }
-                    } else {
+                    None => {
                         found.insert(round[i].to_string());
                     }
                 }
-            }
+                Ok(true)
+            })?;
         }
         Ok(found)
     }
@@ -825,6 +802,7 @@ impl Conn {
         const PER_ROUND: usize = 1024;
         let mut found = std::collections::HashMap::new();
         let mut again: Vec<Vec<u8>> = Vec::new();
+        self.grow_receive_buffer();
         for round in keys.chunks(PER_ROUND) {
             let requests: Vec<&[Vec<u8>]> = round.chunks(PER_REQUEST).collect();
             // A request stops at its first missing key: its keys are asked for one by one.
@@ -856,63 +834,89 @@ impl Conn {
         requests: &[&[Vec<u8>]],
         found: &mut std::collections::HashMap<Vec<u8>, Data>,
     ) -> Result<Vec<usize>, String> {
+        let bodies: Vec<Attrs> = requests
+            .iter()
+            .map(|keys| {
+                let mut a = Attrs::default();
+                a.str(1, table).str(2, set).nest(3, |list| {
+                    for key in *keys {
+                        list.nest(1, |el| data_value(el, 1, key));
+                    }
+                });
+                a
+            })
+            .collect();
+        let mut failed = Vec::new();
+        // Each request's elements, then its ack (or the error that stopped it).
+        self.requests(
+            GETSETELEM,
+            NLM_F_ACK,
+            family,
+            &bodies,
+            "elements",
+            |i, m| {
+                match error_code(m) {
+                    None => found.extend(parse_elements(m.payload.get(4..).unwrap_or_default())),
+                    Some(0) => {}
+                    Some(-2) => failed.push(i),
+                    Some(code) => {
+                        return Err(format!(
+                            "looking up elements of {set}: {}",
+                            std::io::Error::from_raw_os_error(-code)
+                        ))
+                    }
+                }
+                Ok(error_code(m).is_some())
+            },
+        )?;
+        Ok(failed)
+    }
+
+    /// Sends one request of type `ty` per body (sequence numbers in order, in one `sendmsg`)
+    /// and hands each answering message to `on`, with the index of its request, until `on` has
+    /// said every request is answered.
+    fn requests(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        family: u8,
+        bodies: &[Attrs],
+        what: &str,
+        mut on: impl FnMut(usize, &Msg) -> Result<bool, String>,
+    ) -> Result<(), String> {
         let first = self.seq;
         let mut buf = Vec::new();
-        for (i, keys) in requests.iter().enumerate() {
-            let mut a = Attrs::default();
-            a.str(1, table).str(2, set).nest(3, |list| {
-                for key in *keys {
-                    list.nest(1, |el| data_value(el, 1, key));
-                }
-            });
+        for (i, a) in bodies.iter().enumerate() {
             push_msg(
                 &mut buf,
-                (NFNL_SUBSYS_NFTABLES << 8) | GETSETELEM,
-                NLM_F_REQUEST | NLM_F_ACK,
+                (NFNL_SUBSYS_NFTABLES << 8) | ty,
+                NLM_F_REQUEST | flags,
                 first + i as u32,
                 family,
                 0,
                 &a.0,
             );
         }
-        self.seq += requests.len() as u32;
-        self.grow_receive_buffer();
+        self.seq += bodies.len() as u32;
         self.socket
             .send(&buf, 0)
-            .map_err(|e| format!("asking the kernel for elements of {set}: {e}"))?;
-        let mut failed = Vec::new();
+            .map_err(|e| format!("asking the kernel for {} {what}: {e}", bodies.len()))?;
         let mut answered = 0;
-        while answered < requests.len() {
+        while answered < bodies.len() {
             let (data, _) = self
                 .socket
                 .recv_from_full()
-                .map_err(|e| format!("reading elements of {set}: {e}"))?;
+                .map_err(|e| format!("reading {what}: {e}"))?;
             for m in messages(&data) {
                 let Some(i) = m.seq.checked_sub(first).map(|i| i as usize) else {
                     continue;
                 };
-                if i >= requests.len() {
-                    continue;
-                }
-                if m.ty == NLMSG_ERROR {
+                if i < bodies.len() && on(i, &m)? {
                     answered += 1;
-                    let code = i32::from_ne_bytes(m.payload[..4].try_into().expect("4"));
-                    match code {
-                        0 => {}
-                        -2 => failed.push(i),
-                        _ => {
-                            return Err(format!(
-                                "looking up elements of {set}: {}",
-                                std::io::Error::from_raw_os_error(-code)
-                            ))
-                        }
-                    }
-                } else {
-                    found.extend(parse_elements(m.payload.get(4..).unwrap_or_default()));
                 }
             }
         }
-        Ok(failed)
+        Ok(())
     }
 
     fn grow_receive_buffer(&self) {
@@ -921,6 +925,12 @@ impl Conn {
         // Best effort, as root: without it a round of replies can overflow and fail clearly.
         let _ = setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20));
     }
+}
+
+/// The code of an error or acknowledgement message (0: acknowledged), `None` for any other.
+fn error_code(m: &Msg) -> Option<i32> {
+    (m.ty == NLMSG_ERROR && m.payload.len() >= 4)
+        .then(|| i32::from_ne_bytes(m.payload[..4].try_into().expect("4")))
 }
 
 /// The elements in a NEWSETELEM message body.

@@ -378,22 +378,9 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
                 .insert((ENDPOINTS, Key::Ip(key)), cluster.clone());
         }
     }
-    // The external path.
-    let external: Vec<IpKey> = sp
-        .external_ips
-        .iter()
-        .chain(&sp.lb_ips)
-        .map(|ip| (*ip, sp.proto, sp.port))
-        .collect();
-    if external.is_empty() && sp.node_port.is_none() {
+    let Some(external) = external_path(rs, sp, any_eps) else {
         return;
-    }
-    if !any_eps {
-        rs.no_endpoints.extend(external);
-        rs.no_endpoint_node_ports
-            .extend(sp.node_port.map(|np| (sp.proto, np)));
-        return;
-    }
+    };
     let local_count = sp.external_local.then_some(m);
     let frontends = external.iter().map(|k| (Frontend::Ip, Key::Ip(*k))).chain(
         sp.node_port
@@ -421,6 +408,28 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
     if let Some(hc) = sp.health_check_node_port {
         rs.health_checks.insert(hc, local_eps.len());
     }
+}
+
+/// The external and load-balancer IPs that take the external path with the NodePort, or `None`
+/// when there is nothing more to plan: no such frontend at all, or no usable endpoint anywhere
+/// (then they are rejected).
+fn external_path(rs: &mut Ruleset, sp: &SvcPort, any_eps: bool) -> Option<Vec<IpKey>> {
+    let external: Vec<IpKey> = sp
+        .external_ips
+        .iter()
+        .chain(&sp.lb_ips)
+        .map(|ip| (*ip, sp.proto, sp.port))
+        .collect();
+    if external.is_empty() && sp.node_port.is_none() {
+        return None;
+    }
+    if !any_eps {
+        rs.no_endpoints.extend(external);
+        rs.no_endpoint_node_ports
+            .extend(sp.node_port.map(|np| (sp.proto, np)));
+        return None;
+    }
+    Some(external)
 }
 
 /// `loadBalancerSourceRanges`: a chain per load-balancer IP that drops other sources.
@@ -508,22 +517,9 @@ fn add_port_with_affinity(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
             rs.service_ips.insert(key, svc.clone());
         }
     }
-    // The external path.
-    let external: Vec<IpKey> = sp
-        .external_ips
-        .iter()
-        .chain(&sp.lb_ips)
-        .map(|ip| (*ip, sp.proto, sp.port))
-        .collect();
-    if external.is_empty() && sp.node_port.is_none() {
+    let Some(external) = external_path(rs, sp, any_eps) else {
         return;
-    }
-    if !any_eps {
-        rs.no_endpoints.extend(external);
-        rs.no_endpoint_node_ports
-            .extend(sp.node_port.map(|np| (sp.proto, np)));
-        return;
-    }
+    };
     let ext_rules = if sp.external_local {
         let mut local_rules = pick(&local_eps);
         if local_eps.is_empty() {

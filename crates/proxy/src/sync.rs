@@ -18,7 +18,7 @@ use std::hash::Hash;
 use std::net::Ipv4Addr;
 
 /// How many fragments use each shared object.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Counts<K: Hash + Eq> {
     users: HashMap<K, usize>,
 }
@@ -339,13 +339,14 @@ impl Proxy {
             new.keep_positions(old);
             d.extend(diff_own(old, new));
         }
-        let (mut shared, mut hairpin) = (self.shared.clone(), self.hairpin.clone());
+        // Counted before the kernel has it: should it refuse, the next sync adopts, and counts
+        // afresh from what it finds.
         let olds = || {
             planned
                 .iter()
                 .map(|(k, _)| self.applied.get(k).unwrap_or(&empty))
         };
-        let (born, gone) = shared.update(
+        let (born, gone) = self.shared.update(
             olds()
                 .zip(planned.iter())
                 .map(|(old, (_, new))| (old.shared.keys().collect(), new.shared.keys().collect())),
@@ -361,26 +362,21 @@ impl Proxy {
         }
         d.gone_chains.extend(gone);
         let (pin, unpin) =
-            hairpin.update(olds().zip(planned.iter()).map(|(old, (_, new))| {
-                (old.hairpin.iter().collect(), new.hairpin.iter().collect())
-            }));
+            self.hairpin
+                .update(olds().zip(planned.iter()).map(|(old, (_, new))| {
+                    (old.hairpin.iter().collect(), new.hairpin.iter().collect())
+                }));
         d.hairpin = (unpin, pin);
         let objects = d.size();
         self.applier.apply(&d)?;
-        (self.shared, self.hairpin) = (shared, hairpin);
         Ok(objects)
     }
 
     fn adopt_and_apply(&mut self, planned: &mut [(ServiceKey, Ruleset)]) -> Result<usize, String> {
         let replanned: BTreeSet<ServiceKey> = planned.iter().map(|(k, _)| k.clone()).collect();
-        let want: Vec<&Ruleset> = self
-            .applied
-            .iter()
-            .filter(|(key, _)| !replanned.contains(*key))
-            .map(|(_, r)| r)
-            .chain(planned.iter().map(|(_, r)| r))
-            .collect();
-        let held = self.applier.adopt(&want)?;
+        let held = self
+            .applier
+            .adopt(&table(&self.applied, &replanned, planned))?;
         // Endpoints keep the index the kernel gave them.
         for (_, new) in planned.iter_mut() {
             new.keep_positions(&held);
@@ -390,13 +386,7 @@ impl Proxy {
                 r.keep_positions(&held);
             }
         }
-        let want: Vec<&Ruleset> = self
-            .applied
-            .iter()
-            .filter(|(key, _)| !replanned.contains(*key))
-            .map(|(_, r)| r)
-            .chain(planned.iter().map(|(_, r)| r))
-            .collect();
+        let want = table(&self.applied, &replanned, planned);
         let d = diff_all(&held, &want);
         let objects = d.size();
         self.applier.apply(&d)?;
@@ -413,6 +403,20 @@ impl Proxy {
         self.adopted = true;
         Ok(objects)
     }
+}
+
+/// The node's table as fragments: what is applied, with the re-planned Services' new plans.
+fn table<'a>(
+    applied: &'a HashMap<ServiceKey, Ruleset>,
+    replanned: &BTreeSet<ServiceKey>,
+    planned: &'a [(ServiceKey, Ruleset)],
+) -> Vec<&'a Ruleset> {
+    applied
+        .iter()
+        .filter(|(key, _)| !replanned.contains(*key))
+        .map(|(_, r)| r)
+        .chain(planned.iter().map(|(_, r)| r))
+        .collect()
 }
 
 /// The keys held that a full listing no longer has.
