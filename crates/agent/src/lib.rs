@@ -13,8 +13,7 @@ pub mod health;
 use cluster::store::{Change, Kind, Store, Update};
 use cluster::{Backend, NodeInfo};
 use ipnet::{IpNet, Ipv4Net};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use netlink::{LinkInfo, Netlink};
 use state::kube::Watch;
 use state::SourceMetrics;
@@ -212,7 +211,7 @@ impl Agent {
         let (plan, dev, _) = self.plan(nl, store)?;
         let routes = routing::apply(nl, &plan, dev)?;
         let mut p = proxy::Proxy::new(self.proxy_config(&self.me(store)?))?;
-        feed_all(&mut p, store);
+        p.take_store(store);
         let report = p.sync()?;
         let mut out = format!("{routes:?}");
         if report.objects > 0 {
@@ -365,12 +364,12 @@ impl Agent {
         let p = match proxy {
             Some(p) => {
                 p.set_config(cfg);
-                feed(p, changes);
+                p.take_changes(changes);
                 p
             }
             None => {
                 let p = proxy.insert(proxy::Proxy::new(cfg)?);
-                feed_all(p, store);
+                p.take_store(store);
                 p
             }
         };
@@ -387,34 +386,4 @@ impl Agent {
         }
         report
     }
-}
-
-/// Hands the proxy what `changes` did to Services, EndpointSlices and Pods.
-fn feed(p: &mut proxy::Proxy, changes: &[Change]) {
-    for c in changes {
-        match c.kind {
-            Kind::Service => match c.new_as::<Service>() {
-                Some(s) => p.upsert_service(s),
-                None => p.delete_service(&c.key),
-            },
-            Kind::EndpointSlice => match c.new_as::<EndpointSlice>() {
-                Some(s) => p.upsert_slice(s),
-                None => p.delete_slice(&c.key),
-            },
-            Kind::Pod => match c.new_as::<Pod>() {
-                Some(pod) => p.upsert_pod(pod),
-                None => p.delete_pod(&proxy::plan::pod_key(&c.key.0, &c.key.1)),
-            },
-            Kind::Node | Kind::Namespace => {}
-        }
-    }
-}
-
-/// Hands a new proxy everything the store holds.
-fn feed_all(p: &mut proxy::Proxy, store: &Store) {
-    store.list::<Service>().for_each(|s| p.upsert_service(s));
-    store
-        .list::<EndpointSlice>()
-        .for_each(|s| p.upsert_slice(s));
-    store.list::<Pod>().for_each(|pod| p.upsert_pod(pod));
 }

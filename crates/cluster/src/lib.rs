@@ -13,7 +13,7 @@ pub mod store;
 pub use lab::{Backend, LabSpec, NodeSpec};
 pub use manifests::Manifests;
 pub use source::{ClusterState, NodeInfo};
-pub use store::{Change, Kind, Object, Store, Update};
+pub use store::{Change, Kind, Object, Resource, Shared, Store, Update};
 
 use std::fmt;
 

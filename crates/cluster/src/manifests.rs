@@ -2,7 +2,7 @@
 //! raw values, so a file written for a real cluster loads whole.
 
 use crate::lab::LabSpec;
-use crate::store::Object;
+use crate::store::{Object, Resource};
 use crate::{is_dns_subdomain, ModelError};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -220,11 +220,11 @@ impl Manifests {
             endpoint_slices,
             ..
         } = self;
-        (nodes.into_iter().map(Object::Node))
-            .chain(namespaces.into_iter().map(Object::Namespace))
-            .chain(pods.into_iter().map(Object::Pod))
-            .chain(services.into_iter().map(Object::Service))
-            .chain(endpoint_slices.into_iter().map(Object::EndpointSlice))
+        (nodes.into_iter().map(Resource::into_object))
+            .chain(namespaces.into_iter().map(Resource::into_object))
+            .chain(pods.into_iter().map(Resource::into_object))
+            .chain(services.into_iter().map(Resource::into_object))
+            .chain(endpoint_slices.into_iter().map(Resource::into_object))
     }
 }
 

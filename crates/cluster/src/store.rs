@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeSet, HashMap};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// The kinds the store holds.
@@ -70,15 +71,16 @@ impl Kind {
 pub type Key = (String, String);
 
 /// One object of a kind the store holds. Objects live behind `Arc`s (in the store, in
-/// updates and changes), so the variants' sizes never get copied around.
-#[allow(clippy::large_enum_variant)]
+/// updates and changes, in the parts that keep them: see [`Shared`]). Each variant is boxed: an
+/// unboxed enum is as large as its largest variant (a Pod, 2.4 KiB), which every EndpointSlice
+/// would then pay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Node(Node),
-    Namespace(Namespace),
-    Pod(Pod),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
+    Node(Box<Node>),
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 impl Update {
@@ -139,14 +141,23 @@ impl Object {
                 .to_string()
         };
         let key = (name(&v, "namespace"), name(&v, "name"));
+        // No part reads these, and on a real cluster they are most of an object's size.
+        if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("managedFields");
+            if let Some(notes) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                notes.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        }
         let bad =
             |e: serde_json::Error| ModelError::new(describe_key(kind, &key), "", e.to_string());
         Ok(match kind {
-            Kind::Node => Object::Node(serde_json::from_value(v).map_err(bad)?),
-            Kind::Namespace => Object::Namespace(serde_json::from_value(v).map_err(bad)?),
-            Kind::Pod => Object::Pod(serde_json::from_value(v).map_err(bad)?),
-            Kind::Service => Object::Service(serde_json::from_value(v).map_err(bad)?),
-            Kind::EndpointSlice => Object::EndpointSlice(serde_json::from_value(v).map_err(bad)?),
+            Kind::Node => Node::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::Namespace => Namespace::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::Pod => Pod::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::Service => Service::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::EndpointSlice => {
+                EndpointSlice::into_object(serde_json::from_value(v).map_err(bad)?)
+            }
         })
     }
 
@@ -169,6 +180,7 @@ pub fn describe_key(kind: Kind, key: &Key) -> String {
 pub trait Resource: Sized + 'static {
     const KIND: Kind;
     fn from_object(o: &Object) -> Option<&Self>;
+    fn into_object(self) -> Object;
 }
 
 macro_rules! resource {
@@ -181,8 +193,70 @@ macro_rules! resource {
                     _ => None,
                 }
             }
+            fn into_object(self) -> Object {
+                Object::$t(Box::new(self))
+            }
         }
     };
+}
+
+/// An object of type `T` held in the same allocation as the store's copy: a part that keeps
+/// objects (the service proxy) keeps these, not clones, so the agent holds each object once.
+pub struct Shared<T> {
+    object: Arc<Object>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Resource> Shared<T> {
+    /// A handle to `object` when it is a `T`.
+    pub fn from_arc(object: Arc<Object>) -> Option<Shared<T>> {
+        T::from_object(&object)?;
+        Some(Shared {
+            object,
+            _type: PhantomData,
+        })
+    }
+
+    /// `value`, on its own (tests, benches).
+    pub fn new(value: T) -> Shared<T> {
+        Shared {
+            object: Arc::new(value.into_object()),
+            _type: PhantomData,
+        }
+    }
+
+    /// The same allocation, for the store.
+    pub fn object(&self) -> &Arc<Object> {
+        &self.object
+    }
+}
+
+impl<T: Resource> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        T::from_object(&self.object).expect("a Shared<T> holds a T")
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared {
+            object: self.object.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T: Resource + PartialEq> PartialEq for Shared<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.object, &other.object) || **self == **other
+    }
+}
+
+impl<T: Resource + std::fmt::Debug> std::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 resource!(Node);
 resource!(Namespace);
@@ -229,6 +303,11 @@ impl Change {
 
     pub fn new_as<T: Resource>(&self) -> Option<&T> {
         self.new.as_deref().and_then(T::from_object)
+    }
+
+    /// The new object, shared with the store.
+    pub fn new_shared<T: Resource>(&self) -> Option<Shared<T>> {
+        self.new.clone().and_then(Shared::from_arc)
     }
 }
 
@@ -409,6 +488,15 @@ impl Store {
             .into_iter()
             .flat_map(|m| m.values())
             .filter_map(|o| T::from_object(o))
+    }
+
+    /// Every object of a kind, shared with the store, in no particular order.
+    pub fn list_shared<T: Resource>(&self) -> impl Iterator<Item = Shared<T>> + '_ {
+        self.objects
+            .get(&T::KIND)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|o| Shared::from_arc(o.clone()))
     }
 
     pub fn count(&self, kind: Kind) -> usize {

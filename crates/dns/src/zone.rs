@@ -27,7 +27,7 @@
 //! forwarded, as CoreDNS's `fallthrough in-addr.arpa ip6.arpa`.
 
 use cluster::manifests::namespaced;
-use cluster::store::{slice_service, Change, Key, Kind, Object, Store, Update};
+use cluster::store::{slice_service, Change, Key, Kind, Resource, Store, Update};
 use cluster::ClusterState;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -276,18 +276,7 @@ impl Zone {
 
     /// Builds the zone from a snapshot of cluster state.
     pub fn build(cfg: &ZoneConfig, state: &ClusterState) -> Zone {
-        let mut store = Store::new();
-        let objects = (state.services.iter().cloned().map(Object::Service))
-            .chain(
-                state
-                    .endpoint_slices
-                    .iter()
-                    .cloned()
-                    .map(Object::EndpointSlice),
-            )
-            .chain(state.pods.iter().cloned().map(Object::Pod));
-        store.apply(objects.map(Update::apply));
-        LiveZone::new(cfg, &store).zone()
+        LiveZone::new(cfg, &store_of(state)).zone()
     }
 
     /// The names strictly between `owner` and the apex.
@@ -670,10 +659,27 @@ impl LiveZone {
     }
 }
 
+/// A store holding a snapshot's Services, EndpointSlices and Pods.
+fn store_of(state: &ClusterState) -> Store {
+    let mut store = Store::new();
+    let objects = (state.services.iter().cloned().map(Resource::into_object))
+        .chain(
+            state
+                .endpoint_slices
+                .iter()
+                .cloned()
+                .map(Resource::into_object),
+        )
+        .chain(state.pods.iter().cloned().map(Resource::into_object));
+    store.apply(objects.map(Update::apply));
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use cluster::Object;
 
     fn svc(v: serde_json::Value) -> Service {
         serde_json::from_value(v).unwrap()
@@ -1000,37 +1006,32 @@ mod tests {
     fn an_updated_zone_equals_the_zone_built_from_scratch() {
         let cfg = ZoneConfig::default();
         let st = state();
-        let mut store = Store::new();
-        let objects = (st.services.iter().cloned().map(Object::Service))
-            .chain(
-                st.endpoint_slices
-                    .iter()
-                    .cloned()
-                    .map(Object::EndpointSlice),
-            )
-            .chain(st.pods.iter().cloned().map(Object::Pod));
-        store.apply(objects.map(Update::apply));
+        let mut store = store_of(&st);
         let mut live = LiveZone::new(&cfg, &store);
         let serial = live.zone().serial;
         let steps: Vec<Vec<Update>> = vec![
             // A Service goes; a slice moves to another Service; a pod changes its address.
             vec![Update::Delete(Kind::Service, ("shop".into(), "web".into()))],
-            vec![Update::apply(Object::EndpointSlice(slice(
-                "shop",
-                "empty",
-                json!([{"addresses": ["10.244.1.5"], "hostname": "db-0", "conditions": {"ready": true}}]),
-                json!([{"name": "pg", "port": 5432}]),
-            )))],
+            vec![Update::apply(
+                slice(
+                    "shop",
+                    "empty",
+                    json!([{"addresses": ["10.244.1.5"], "hostname": "db-0", "conditions": {"ready": true}}]),
+                    json!([{"name": "pg", "port": 5432}]),
+                )
+                .into_object(),
+            )],
             vec![
                 Update::apply(Object::Pod(
                     serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "shop"},
                         "status": {"podIP": "10.244.9.9"}}))
                     .unwrap(),
                 )),
-                Update::apply(Object::Service(svc(
-                    json!({"metadata": {"name": "web", "namespace": "other"},
-                    "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}]}}),
-                ))),
+                Update::apply(
+                    svc(json!({"metadata": {"name": "web", "namespace": "other"},
+                    "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}]}}))
+                    .into_object(),
+                ),
             ],
             vec![Update::Delete(
                 Kind::EndpointSlice,

@@ -12,6 +12,7 @@
 
 use crate::ruleset::{diff, Rule, Ruleset};
 use crate::{Applier, Config, Proto, Proxy};
+use cluster::{Resource, Store, Update};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::time::{Duration, Instant};
@@ -45,6 +46,15 @@ fn slice(i: usize, endpoints: usize, shift: usize) -> EndpointSlice {
         "metadata": {"name": format!("s{i}-x"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("s{i}")}},
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps}))
     .expect("an EndpointSlice")
+}
+
+/// A store holding `n` Services with `endpoints` each.
+fn store_of(n: usize, endpoints: usize) -> Store {
+    let mut store = Store::new();
+    let services = (0..n).map(|i| Update::apply(service(i).into_object()));
+    let slices = (0..n).map(|i| Update::apply(slice(i, endpoints, 0).into_object()));
+    store.apply(services.chain(slices));
+    store
 }
 
 fn ms(d: Duration) -> String {
@@ -263,12 +273,11 @@ pub fn run(shapes: &[(usize, usize)]) -> Result<(), String> {
         .ns()
         .run(|| Proxy::new(cfg.clone()))
         .map_err(|e| e.to_string())??;
-    let ten: Vec<Service> = (0..10).map(service).collect();
-    let ten_slices: Vec<EndpointSlice> = (0..10).map(|i| slice(i, 10, 0)).collect();
+    let ten = store_of(10, 10);
     small
         .ns()
         .run(|| {
-            small_proxy.replace_all(&ten, &ten_slices, &[]);
+            small_proxy.take_store(&ten);
             small_proxy.sync()
         })
         .map_err(|e| e.to_string())??;
@@ -301,25 +310,30 @@ pub fn run(shapes: &[(usize, usize)]) -> Result<(), String> {
         let mut proxy = ns
             .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
-        // The objects are kept for the size's whole run, as a source keeps them: freeing them
-        // at once would bill glibc's consolidation of their chunks to the next timed step.
-        let services: Vec<Service> = (0..n).map(service).collect();
-        let slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, endpoints, 0)).collect();
+        // The objects live in a store, as in the agent, which the proxy shares; kept for the
+        // size's whole run (freeing them at once would bill glibc's consolidation of their
+        // chunks to the next timed step).
+        let mut store = store_of(n, endpoints);
         let (cold, _) = timed(ns, proxy.kernel_time(), || {
-            proxy.replace_all(&services, &slices, &[]);
+            proxy.take_store(&store);
             Ok((proxy.sync()?, proxy.kernel_time()))
         })?;
+        // Objects are made before each timed step: parsing them is the source's work.
+        let new = [
+            Update::apply(service(n).into_object()),
+            Update::apply(slice(n, endpoints, 0).into_object()),
+        ];
         let (added, _) = timed(ns, proxy.kernel_time(), || {
-            proxy.upsert_service(&service(n));
-            proxy.upsert_slice(&slice(n, endpoints, 0));
+            proxy.take_changes(&store.apply(new));
             Ok((proxy.sync()?, proxy.kernel_time()))
         })?;
         // One endpoint changed, five times (the last puts it back); the median.
         let mut changes = Vec::new();
         let mut objects = 0;
         for shift in [4_000_001, 4_000_002, 4_000_003, 4_000_004, 0] {
+            let update = Update::apply(slice(n / 2, endpoints, shift).into_object());
             let (c, r) = timed(ns, proxy.kernel_time(), || {
-                proxy.upsert_slice(&slice(n / 2, endpoints, shift));
+                proxy.take_changes(&store.apply([update]));
                 Ok((proxy.sync()?, proxy.kernel_time()))
             })?;
             changes.push(c);
@@ -340,12 +354,10 @@ pub fn run(shapes: &[(usize, usize)]) -> Result<(), String> {
             .run(|| Proxy::new(cfg.clone()))
             .map_err(|e| e.to_string())??;
         let (adopt, adopted) = timed(ns, again.kernel_time(), || {
-            again.replace_all(&services, &slices, &[]);
-            again.upsert_service(&service(n));
-            again.upsert_slice(&slice(n, endpoints, 0));
+            again.take_store(&store);
             Ok((again.sync()?, again.kernel_time()))
         })?;
-        drop((again, services, slices, tmp));
+        drop((again, store, tmp));
         let [ref_cold, ref_added, ref_changed] = reference(&cfg, n, endpoints)?;
         println!(
             "{n:>8} {:>9} | {:>22} {:>22} | {:>22} {:>22} | {:>22} {:>22} | {:>22} {:>4} MiB   ({objects} objects for the endpoint change, {} after restart)",

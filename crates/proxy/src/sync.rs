@@ -11,6 +11,7 @@ use crate::plan::{plan_host_ports, plan_service, pod_key, ServiceKey};
 use crate::ruleset::{diff_all, diff_own, Diff, PortKey, Ruleset};
 use cluster::manifests::namespaced;
 use cluster::store::slice_service;
+use cluster::{Change, Kind, Shared, Store};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -85,14 +86,14 @@ pub struct Report {
 
 pub struct Proxy {
     cfg: Config,
-    /// Boxed, as every object held here: a map's node then holds pointers, not objects.
-    services: HashMap<ServiceKey, Box<Service>>,
+    /// Shared with the agent's store, as every object held here: the agent holds each once.
+    services: HashMap<ServiceKey, Shared<Service>>,
     /// Each Service's slices by slice name.
-    slices: HashMap<ServiceKey, BTreeMap<String, Box<EndpointSlice>>>,
+    slices: HashMap<ServiceKey, BTreeMap<String, Shared<EndpointSlice>>>,
     /// (namespace, slice name) → the Service it was filed under.
     slice_owner: HashMap<ServiceKey, ServiceKey>,
     /// Pods of this node with hostPorts, by [`pod_key`].
-    pods: HashMap<ServiceKey, Box<Pod>>,
+    pods: HashMap<ServiceKey, Shared<Pod>>,
     /// What the kernel holds, per Service.
     applied: HashMap<ServiceKey, Ruleset>,
     /// Users of each shared chain and hairpin address among `applied`.
@@ -136,10 +137,10 @@ impl Proxy {
         }
     }
 
-    pub fn upsert_service(&mut self, svc: &Service) {
+    pub fn upsert_service(&mut self, svc: Shared<Service>) {
         let key = namespaced(&svc.metadata);
-        if self.services.get(&key).map(|s| &**s) != Some(svc) {
-            self.services.insert(key.clone(), Box::new(svc.clone()));
+        if self.services.get(&key) != Some(&svc) {
+            self.services.insert(key.clone(), svc);
             self.dirty.insert(key);
         }
     }
@@ -150,9 +151,9 @@ impl Proxy {
         }
     }
 
-    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+    pub fn upsert_slice(&mut self, slice: Shared<EndpointSlice>) {
         let id = namespaced(&slice.metadata);
-        let owner = slice_service(slice);
+        let owner = slice_service(&slice);
         if let Some(old) = self.slice_owner.get(&id).cloned() {
             if Some(&old) != owner.as_ref() {
                 self.delete_slice(&id);
@@ -162,8 +163,8 @@ impl Proxy {
             return; // not a Service's slice
         };
         let own = self.slices.entry(owner.clone()).or_default();
-        if own.get(&id.1).map(|s| &**s) != Some(slice) {
-            own.insert(id.1.clone(), Box::new(slice.clone()));
+        if own.get(&id.1) != Some(&slice) {
+            own.insert(id.1.clone(), slice);
             self.slice_owner.insert(id, owner.clone());
             self.dirty.insert(owner);
         }
@@ -182,7 +183,7 @@ impl Proxy {
     }
 
     /// A pod: its hostPorts are served when it runs on this node.
-    pub fn upsert_pod(&mut self, pod: &Pod) {
+    pub fn upsert_pod(&mut self, pod: Shared<Pod>) {
         let (ns, name) = namespaced(&pod.metadata);
         let key = pod_key(&ns, &name);
         let on_this_node = pod.spec.as_ref().is_some_and(|s| {
@@ -194,8 +195,8 @@ impl Proxy {
         });
         if !on_this_node {
             self.delete_pod(&key);
-        } else if self.pods.get(&key).map(|p| &**p) != Some(pod) {
-            self.pods.insert(key.clone(), Box::new(pod.clone()));
+        } else if self.pods.get(&key) != Some(&pod) {
+            self.pods.insert(key.clone(), pod);
             self.dirty.insert(key);
         }
     }
@@ -207,36 +208,38 @@ impl Proxy {
         }
     }
 
-    /// Makes the known objects exactly these (a full listing), marking only what changed.
-    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice], pods: &[Pod]) {
-        for k in absent(
-            self.services.keys(),
-            services.iter().map(|s| namespaced(&s.metadata)),
-        ) {
-            self.delete_service(&k);
+    /// Takes what `changes` did to Services, EndpointSlices and Pods (other kinds are not read).
+    pub fn take_changes(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c.kind {
+                Kind::Service => match c.new_shared() {
+                    Some(s) => self.upsert_service(s),
+                    None => self.delete_service(&c.key),
+                },
+                Kind::EndpointSlice => match c.new_shared() {
+                    Some(s) => self.upsert_slice(s),
+                    None => self.delete_slice(&c.key),
+                },
+                Kind::Pod => match c.new_shared() {
+                    Some(pod) => self.upsert_pod(pod),
+                    None => self.delete_pod(&pod_key(&c.key.0, &c.key.1)),
+                },
+                Kind::Node | Kind::Namespace => {}
+            }
         }
-        for s in services {
-            self.upsert_service(s);
-        }
-        for k in absent(
-            self.slice_owner.keys(),
-            slices.iter().map(|s| namespaced(&s.metadata)),
-        ) {
-            self.delete_slice(&k);
-        }
-        for s in slices {
-            self.upsert_slice(s);
-        }
-        let pod_keys = pods.iter().map(|p| {
-            let (ns, name) = namespaced(&p.metadata);
-            pod_key(&ns, &name)
-        });
-        for k in absent(self.pods.keys(), pod_keys) {
-            self.delete_pod(&k);
-        }
-        for p in pods {
-            self.upsert_pod(p);
-        }
+    }
+
+    /// Takes every Service, EndpointSlice and Pod `store` holds (a new proxy's start).
+    pub fn take_store(&mut self, store: &Store) {
+        store
+            .list_shared::<Service>()
+            .for_each(|s| self.upsert_service(s));
+        store
+            .list_shared::<EndpointSlice>()
+            .for_each(|s| self.upsert_slice(s));
+        store
+            .list_shared::<Pod>()
+            .for_each(|pod| self.upsert_pod(pod));
     }
 
     /// Time spent in exchanges with the kernel so far: its share of the syncs.
@@ -417,13 +420,4 @@ fn table<'a>(
         .map(|(_, r)| r)
         .chain(planned.iter().map(|(_, r)| r))
         .collect()
-}
-
-/// The keys held that a full listing no longer has.
-fn absent<'a>(
-    held: impl Iterator<Item = &'a ServiceKey>,
-    listed: impl Iterator<Item = ServiceKey>,
-) -> Vec<ServiceKey> {
-    let listed: BTreeSet<ServiceKey> = listed.collect();
-    held.filter(|k| !listed.contains(*k)).cloned().collect()
 }

@@ -1,6 +1,7 @@
 //! Service semantics, checked by tracing packets through the planned ruleset (no kernel), as
 //! kube-proxy's own tests do.
 
+use cluster::{Kind, Resource, Update};
 use proxy::{plan, trace, Config, Hop, Packet, Proto, Verdict};
 use serde_json::json;
 
@@ -35,6 +36,20 @@ fn slice(
         "metadata": {"name": format!("{service}-x"), "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
         "ports": [{"name": port_name, "port": port, "protocol": "TCP"}], "endpoints": endpoints}))
     .unwrap()
+}
+
+/// A full listing of these Services and slices, as a source sends it after a re-list.
+fn listing(
+    services: &[k8s_openapi::api::core::v1::Service],
+    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+) -> Vec<Update> {
+    let kinds = [Kind::Service, Kind::EndpointSlice];
+    let objects = (services.iter().map(|s| s.clone().into_object()))
+        .chain(slices.iter().map(|s| s.clone().into_object()));
+    (kinds.iter().map(|k| Update::Relist(*k)))
+        .chain(objects.map(Update::apply))
+        .chain(kinds.iter().map(|k| Update::Listed(*k)))
+        .collect()
 }
 
 fn pkt(src: &str, dst: &str, dport: u16) -> Packet {
@@ -795,6 +810,7 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
     tmp.ns()
         .run(|| {
             let mut p = proxy::Proxy::new(cfg()).unwrap();
+            let mut store = cluster::Store::new();
             for round in 0..6 {
                 // Services come and go: round r has Services r/2 .. 6 + r.
                 let present: Vec<usize> = (round / 2..6 + round).collect();
@@ -813,7 +829,7 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
                         slice(&format!("s{i}"), "", 8080, &eps)
                     })
                     .collect();
-                p.replace_all(&services, &slices, &[]);
+                p.take_changes(&store.apply(listing(&services, &slices)));
                 p.sync().unwrap();
                 let mut whole = plan(&cfg(), &services, &slices).unwrap();
                 let held = proxy::Applier::new().unwrap().adopt(&[&whole]).unwrap();
@@ -823,7 +839,7 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
                 assert!(!whole.shared.is_empty() && !whole.hairpin.is_empty());
             }
             // Nothing present: only the fixed part is left.
-            p.replace_all(&[], &[], &[]);
+            p.take_changes(&store.apply(listing(&[], &[])));
             p.sync().unwrap();
             let held = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
             assert_eq!(held, proxy::Ruleset::default());
