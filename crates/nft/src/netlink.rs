@@ -130,8 +130,23 @@ pub enum Data {
     Value(Vec<u8>),
 }
 
-/// A set or map element: key bytes and what it carries.
-pub type Element = (Vec<u8>, Data);
+/// A set or map element: key bytes, what it carries and its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    pub key: Vec<u8>,
+    pub data: Data,
+    pub comment: Option<String>,
+}
+
+impl Element {
+    pub fn new(key: Vec<u8>, data: Data) -> Element {
+        Element {
+            key,
+            data,
+            comment: None,
+        }
+    }
+}
 
 /// Attribute writer: nested TLVs, each padded to 4 bytes, written in place (a nest reserves its
 /// header and patches the length once its content is in), so a batch of 400k messages costs no
@@ -391,13 +406,16 @@ impl Batch {
         for chunk in elements.chunks(256) {
             self.msg(ty, flags, |a| {
                 a.str(2, set).nest(3, |list| {
-                    for (key, data) in chunk {
+                    for e in chunk {
                         list.nest(1, |el| {
-                            data_value(el, 1, key);
-                            match data {
+                            data_value(el, 1, &e.key);
+                            match &e.data {
                                 Data::Verdict(v) if ty == NEWSETELEM => data_verdict(el, 2, v),
                                 Data::Value(v) if ty == NEWSETELEM => data_value(el, 2, v),
                                 _ => {}
+                            }
+                            if let (Some(c), NEWSETELEM) = (&e.comment, ty) {
+                                el.put(6, &comment_udata(c));
                             }
                         });
                     }
@@ -413,7 +431,10 @@ impl Batch {
 
     /// Deletes set or map elements by key.
     pub fn delete_elements(&mut self, set: &str, keys: &[Vec<u8>]) {
-        let elements: Vec<Element> = keys.iter().map(|k| (k.clone(), Data::None)).collect();
+        let elements: Vec<Element> = keys
+            .iter()
+            .map(|k| Element::new(k.clone(), Data::None))
+            .collect();
         self.elements(DELSETELEM, set, &elements);
     }
 }
@@ -796,7 +817,7 @@ impl Conn {
         table: &str,
         set: &str,
         keys: &[Vec<u8>],
-    ) -> Result<Vec<Option<Data>>, String> {
+    ) -> Result<Vec<Option<Element>>, String> {
         // Replies per round (one message each) stay well inside the receive buffer.
         const PER_REQUEST: usize = 64;
         const PER_ROUND: usize = 1024;
@@ -821,7 +842,7 @@ impl Conn {
             let requests: Vec<&[Vec<u8>]> = round.chunks(1).collect();
             self.timed(|c| c.ask_elements(family, table, set, &requests, &mut found))?;
         }
-        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+        Ok(keys.iter().map(|k| found.remove(k)).collect())
     }
 
     /// Sends one GETSETELEM request per slice of keys, each acknowledged, and files the
@@ -832,7 +853,7 @@ impl Conn {
         table: &str,
         set: &str,
         requests: &[&[Vec<u8>]],
-        found: &mut std::collections::HashMap<Vec<u8>, Data>,
+        found: &mut std::collections::HashMap<Vec<u8>, Element>,
     ) -> Result<Vec<usize>, String> {
         let bodies: Vec<Attrs> = requests
             .iter()
@@ -856,7 +877,11 @@ impl Conn {
             "elements",
             |i, m| {
                 match error_code(m) {
-                    None => found.extend(parse_elements(m.payload.get(4..).unwrap_or_default())),
+                    None => found.extend(
+                        parse_elements(m.payload.get(4..).unwrap_or_default())
+                            .into_iter()
+                            .map(|e| (e.key.clone(), e)),
+                    ),
                     Some(0) => {}
                     Some(-2) => failed.push(i),
                     Some(code) => {
@@ -966,7 +991,8 @@ fn parse_elements(body: &[u8]) -> Vec<Element> {
             } else {
                 Data::None
             };
-            out.push((key, data));
+            let comment = attr(&el, 6).map(|u| udata_comment(Some(u)));
+            out.push(Element { key, data, comment });
         }
     }
     out

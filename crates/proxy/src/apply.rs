@@ -12,12 +12,15 @@
 use crate::model::Proto;
 use crate::plan::pools_read_by;
 use crate::ruleset::{
-    chain_rank, fixed_object_count, keyed_by_ip, random_arms, table_comment, Backend, Diff, Key,
-    Rule, Ruleset, AFFINITY, HAIRPIN, IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
+    chain_rank, fixed_object_count, keyed_by_ip, random_arms, seal, table_comment, unseal, Backend,
+    Diff, Key, Pool, Rule, Ruleset, AFFINITY, HAIRPIN, IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE,
+    TABLE_NAME,
 };
 use ipnet::Ipv4Net;
-use nft::netlink::{reg32, Batch, Conn, Data, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
-use std::collections::{BTreeMap, BTreeSet};
+use nft::netlink::{
+    reg32, Batch, Conn, Data, Element, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 /// Messages per transaction when a diff has to be split.
@@ -80,8 +83,9 @@ fn backend_bytes((ip, port): &Backend) -> Vec<u8> {
     b
 }
 
-fn backend_from_bytes(b: &[u8]) -> Option<Backend> {
-    let b: [u8; 8] = b.try_into().ok()?;
+fn backend_of(data: &Data) -> Option<Backend> {
+    let Data::Value(b) = data else { return None };
+    let b: [u8; 8] = b.as_slice().try_into().ok()?;
     Some((
         Ipv4Addr::new(b[0], b[1], b[2], b[3]),
         u16::from_be_bytes([b[4], b[5]]),
@@ -288,8 +292,9 @@ impl Applier {
         };
         let mut held = Ruleset::default();
         for map in IP_MAPS.iter().chain(&PORT_MAPS) {
-            for (key, v) in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
-                let (Some(key), Data::Verdict(Verdict::Goto(chain))) = (key_from_bytes(&key), v)
+            for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
+                let (Some(key), Data::Verdict(Verdict::Goto(chain))) =
+                    (key_from_bytes(&e.key), e.data)
                 else {
                     continue;
                 };
@@ -313,35 +318,9 @@ impl Applier {
                 }
             }
         }
-        // Endpoint elements are asked for by key: the frontends the maps hold and the counts
-        // their chains read say which exist (every transaction keeps the two in step).
-        let mut wanted: BTreeMap<&'static str, Vec<(Key, u32)>> = BTreeMap::new();
-        let frontends = held.service_ips.iter().map(|(k, c)| (Key::Ip(*k), c));
-        let frontends = frontends.chain(held.node_ports.iter().map(|(k, c)| (Key::Port(*k), c)));
-        for (key, chain) in frontends {
-            for (map, n) in pools_read_by(chain) {
-                wanted
-                    .entry(map)
-                    .or_default()
-                    .extend((0..n).map(|i| (key, i)));
-            }
-        }
-        for (map, keys) in wanted {
-            let bytes: Vec<Vec<u8>> = keys.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
-            let got = self
-                .conn
-                .get_elements(FAMILY_IPV4, TABLE_NAME, map, &bytes)?;
-            for ((key, i), data) in keys.into_iter().zip(got) {
-                if let Some(b) = data.and_then(|d| match d {
-                    Data::Value(v) => backend_from_bytes(&v),
-                    _ => None,
-                }) {
-                    held.endpoints.entry((map, key)).or_default().insert(i, b);
-                }
-            }
-        }
-        for (key, _) in self.conn.elements(FAMILY_IPV4, TABLE_NAME, HAIRPIN)? {
-            if let Ok(b) = <[u8; 8]>::try_from(key.as_slice()) {
+        self.adopt_pools(&mut held, want)?;
+        for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, HAIRPIN)? {
+            if let Ok(b) = <[u8; 8]>::try_from(e.key.as_slice()) {
                 held.hairpin.insert(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
             }
         }
@@ -391,6 +370,66 @@ impl Applier {
         Ok(held)
     }
 
+    /// Reads the endpoint pools of the frontends `held` has. A dump of a set walks it from its
+    /// start again for every message (quadratic), so elements are asked for by key: the
+    /// frontends the maps hold and the counts their chains read say which exist (every
+    /// transaction keeps the two in step). Element 0 comes first: where its [`seal`] vouches
+    /// for the pool planned in `want`, the pool is known and the rest is not asked for.
+    fn adopt_pools(&mut self, held: &mut Ruleset, want: &[&Ruleset]) -> Result<(), String> {
+        let planned: HashMap<(&'static str, Key), &Pool> = want
+            .iter()
+            .flat_map(|f| f.endpoints.iter().map(|(k, p)| (*k, p)))
+            .collect();
+        let mut pools: BTreeMap<&'static str, Vec<(Key, u32)>> = BTreeMap::new();
+        let frontends = held.service_ips.iter().map(|(k, c)| (Key::Ip(*k), c));
+        let frontends = frontends.chain(held.node_ports.iter().map(|(k, c)| (Key::Port(*k), c)));
+        for (key, chain) in frontends {
+            for (map, n) in pools_read_by(chain) {
+                pools.entry(map).or_default().push((key, n));
+            }
+        }
+        for (map, pools) in pools {
+            let firsts: Vec<Vec<u8>> = pools.iter().map(|(k, _)| endpoint_key(k, 0)).collect();
+            let firsts = self
+                .conn
+                .get_elements(FAMILY_IPV4, TABLE_NAME, map, &firsts)?;
+            let mut rest: Vec<(Key, u32)> = Vec::new();
+            let mut seals: HashMap<Key, String> = HashMap::new();
+            for ((key, n), first) in pools.into_iter().zip(firsts) {
+                let Some(first) = first else { continue };
+                let seal_text = first.comment.unwrap_or_default();
+                let vouched = planned
+                    .get(&(map, key))
+                    .filter(|p| p.len() == n as usize)
+                    .and_then(|p| unseal(&seal_text, p));
+                if let Some(pool) = vouched {
+                    held.endpoints.insert((map, key), pool);
+                    continue;
+                }
+                if let Some(b) = backend_of(&first.data) {
+                    held.endpoints.entry((map, key)).or_default().insert(0, b);
+                }
+                seals.insert(key, seal_text);
+                rest.extend((1..n).map(|i| (key, i)));
+            }
+            let bytes: Vec<Vec<u8>> = rest.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
+            let got = self
+                .conn
+                .get_elements(FAMILY_IPV4, TABLE_NAME, map, &bytes)?;
+            for ((key, i), e) in rest.into_iter().zip(got) {
+                if let Some(b) = e.and_then(|e| backend_of(&e.data)) {
+                    held.endpoints.entry((map, key)).or_default().insert(i, b);
+                }
+            }
+            for (key, seal_text) in seals {
+                if held.endpoints.get(&(map, key)).map(seal) != Some(seal_text) {
+                    held.unsealed.insert((map, key));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sends `diff`: one transaction when it is small enough, else in whole steps (module doc).
     pub fn apply(&mut self, diff: &Diff) -> Result<(), String> {
         let mut b = self.batch();
@@ -416,20 +455,24 @@ impl Applier {
             b.delete_elements(map, &keys);
             let elements: Vec<_> = add
                 .iter()
-                .map(|(k, i, e)| (endpoint_key(k, *i), Data::Value(backend_bytes(e))))
+                .map(|(k, i, e, seal)| Element {
+                    key: endpoint_key(k, *i),
+                    data: Data::Value(backend_bytes(e)),
+                    comment: seal.clone(),
+                })
                 .collect();
             b.add_elements(map, &elements);
         }
         let (unpin, pin) = &diff.hairpin;
         b.delete_elements(HAIRPIN, &unpin.iter().map(hairpin_key).collect::<Vec<_>>());
-        let pin: Vec<_> = pin.iter().map(|a| (hairpin_key(a), Data::None)).collect();
+        let pin: Vec<_> = pin.iter().map(|a| Element::new(hairpin_key(a), Data::None)).collect();
         b.add_elements(HAIRPIN, &pin);
         for (map, delete, add) in &diff.maps {
             let keys: Vec<Vec<u8>> = delete.iter().map(key_bytes).collect();
             b.delete_elements(map, &keys);
             let elements: Vec<_> = add
                 .iter()
-                .map(|(k, c)| (key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))))
+                .map(|(k, c)| Element::new(key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))))
                 .collect();
             b.add_elements(map, &elements);
         }

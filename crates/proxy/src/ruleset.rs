@@ -71,6 +71,64 @@ pub type Backend = (Ipv4Addr, u16);
 /// One frontend's endpoints by index.
 pub type Pool = BTreeMap<u32, Backend>;
 
+/// Pools of up to this many endpoints carry their order in their seal (two hex digits each, in
+/// the 255 bytes a comment can hold).
+const SEAL_ORDER_MAX: usize = 100;
+
+/// A pool's seal, the comment of its element 0: a digest of the whole pool (index, address,
+/// port) and, when the order is not the sorted one and the pool is small enough, the order as
+/// indices into the sorted endpoints. Every change to a pool rewrites element 0, in the same
+/// transaction, so the seal always describes the pool the kernel holds. A restarted agent asks
+/// only for element 0 of each pool ([`unseal`]): the rest need not cross netlink.
+pub fn seal(pool: &Pool) -> String {
+    let mut h = Sha256::new();
+    for (i, (ip, port)) in pool {
+        h.update(i.to_be_bytes());
+        h.update(ip.octets());
+        h.update(port.to_be_bytes());
+    }
+    let mut out: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut sorted: Vec<&Backend> = pool.values().collect();
+    sorted.sort();
+    let order: Vec<usize> = pool
+        .values()
+        .map(|b| sorted.binary_search(&b).expect("its own endpoint"))
+        .collect();
+    let in_order = order.iter().enumerate().all(|(i, o)| i == *o);
+    if !in_order && order.len() <= SEAL_ORDER_MAX {
+        out.push(' ');
+        order.iter().for_each(|o| {
+            let _ = write!(out, "{o:02x}");
+        });
+    }
+    out
+}
+
+/// The pool that `planned` (the endpoints, in any order) would be if the kernel's pool carries
+/// `seal`: `None` when the seal does not vouch for exactly these endpoints.
+pub fn unseal(seal_text: &str, planned: &Pool) -> Option<Pool> {
+    let mut sorted: Vec<Backend> = planned.values().copied().collect();
+    sorted.sort();
+    let order: Vec<usize> = match seal_text.split_once(' ') {
+        None => (0..sorted.len()).collect(),
+        Some((_, hex)) => (0..hex.len())
+            .step_by(2)
+            .map(|i| usize::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect::<Option<_>>()?,
+    };
+    if order.len() != sorted.len() {
+        return None;
+    }
+    let pool: Pool = (0u32..)
+        .zip(&order)
+        .map(|(i, o)| Some((i, *sorted.get(*o)?)))
+        .collect::<Option<_>>()?;
+    (seal(&pool) == seal_text).then_some(pool)
+}
+
 /// A map key of either shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Key {
@@ -131,6 +189,9 @@ pub struct Ruleset {
     pub health_checks: BTreeMap<u16, usize>,
     /// Affinity sets (one per endpoint of a `sessionAffinity: ClientIP` Service) → timeout.
     pub sets: BTreeMap<String, u32>,
+    /// Pools found in the kernel whose element 0 does not carry their [`seal`] (an older agent
+    /// wrote them): the next diff rewrites that element.
+    pub unsealed: BTreeSet<(&'static str, Key)>,
 }
 
 pub(crate) fn hash(s: &str) -> String {
@@ -262,7 +323,12 @@ fn key_text(k: &Key) -> String {
 /// One verdict map's changes: its name, keys to delete, then elements (key, chain) to add.
 pub type MapChange = (&'static str, Vec<Key>, Vec<(Key, String)>);
 /// One endpoint map's changes: its name, (frontend, index) to delete, then elements to add.
-pub type EndpointChange = (&'static str, Vec<(Key, u32)>, Vec<(Key, u32, Backend)>);
+/// An endpoint map's elements to delete, then to add (element 0 with its pool's [`seal`]).
+pub type EndpointChange = (
+    &'static str,
+    Vec<(Key, u32)>,
+    Vec<(Key, u32, Backend, Option<String>)>,
+);
 
 /// The changes that turn one ruleset into another, by name (see [`Ruleset`]). An applier sends
 /// them in this order, so nothing is ever referred to before it exists or after it is gone:
@@ -388,6 +454,7 @@ impl Ruleset {
         self.comments.extend(other.comments);
         self.health_checks.extend(other.health_checks);
         self.sets.extend(other.sets);
+        self.unsealed.extend(other.unsealed);
     }
 
     /// Reorders this ruleset's endpoint pools so that what `old` (the kernel's) holds keeps its
@@ -471,8 +538,13 @@ impl Ruleset {
                 .iter()
                 .filter(|((m, _), _)| *m == map)
                 .flat_map(|((_, k), pool)| {
+                    let sealed = seal(pool);
                     pool.iter().map(move |(i, (ip, port))| {
-                        format!("{} . {i} : {ip} . {port}", key_text(k))
+                        let comment = match i {
+                            0 => format!(" comment {}", nft::quote(&sealed)),
+                            _ => String::new(),
+                        };
+                        format!("{} . {i}{comment} : {ip} . {port}", key_text(k))
                     })
                 })
                 .collect();
@@ -616,23 +688,36 @@ fn diff_parts(old: &Ruleset, new: &[&Ruleset], with_shared: bool) -> Diff {
     let empty = Pool::new();
     for ((map, key), held) in &old.endpoints {
         let want = new_pools.remove(&(*map, *key)).unwrap_or(&empty);
+        if held == want && !old.unsealed.contains(&(*map, *key)) {
+            continue;
+        }
+        // Element 0 carries the seal: rewritten whenever anything in its pool changes.
+        let changed = |i: &u32, b: &Backend, other: &Pool| *i == 0 || other.get(i) != Some(b);
         let delete = held
             .iter()
-            .filter(|(i, b)| want.get(i) != Some(b))
+            .filter(|(i, b)| changed(i, b, want))
             .map(|(i, _)| (*key, *i))
             .collect();
-        let add = want
-            .iter()
-            .filter(|(i, b)| held.get(i) != Some(b))
-            .map(|(i, b)| (*key, *i, *b))
-            .collect();
+        let add = sealed_elements(*key, want, |i, b| changed(i, b, held));
         add_change(&mut d.endpoints, map, delete, add);
     }
     for ((map, key), want) in new_pools {
-        let add = want.iter().map(|(i, b)| (key, *i, *b)).collect();
+        let add = sealed_elements(key, want, |_, _| true);
         add_change(&mut d.endpoints, map, Vec::new(), add);
     }
     d
+}
+
+/// The elements of `pool` that `pick` picks, element 0 with the pool's seal.
+fn sealed_elements(
+    key: Key,
+    pool: &Pool,
+    pick: impl Fn(&u32, &Backend) -> bool,
+) -> Vec<(Key, u32, Backend, Option<String>)> {
+    pool.iter()
+        .filter(|(i, b)| pick(i, b))
+        .map(|(i, b)| (key, *i, *b, (*i == 0).then(|| seal(pool))))
+        .collect()
 }
 
 #[cfg(test)]
@@ -644,6 +729,35 @@ mod tests {
             .enumerate()
             .map(|(i, n)| (i as u32, (Ipv4Addr::new(10, 0, 0, *n), 80)))
             .collect()
+    }
+
+    #[test]
+    fn a_seal_vouches_for_exactly_its_pool_in_its_order() {
+        let sorted = pool(&[1, 2, 3, 4]);
+        let sealed = seal(&sorted);
+        assert!(!sealed.contains(' '), "sorted: no order needed: {sealed}");
+        // The planned endpoints come in any order; the seal puts them in the kernel's.
+        let planned = pool(&[4, 3, 2, 1]);
+        assert_eq!(unseal(&sealed, &planned), Some(sorted.clone()));
+        // A pool reordered by a change carries its order.
+        let moved = keep_positions(&pool(&[1, 3, 4, 9]), &sorted);
+        let sealed = seal(&moved);
+        assert_eq!(unseal(&sealed, &pool(&[9, 4, 3, 1])), Some(moved));
+        // Other endpoints, one more, one fewer, or a damaged seal: no.
+        assert_eq!(unseal(&sealed, &pool(&[1, 3, 4, 8])), None);
+        assert_eq!(unseal(&sealed, &pool(&[1, 3, 4, 9, 10])), None);
+        assert_eq!(unseal(&sealed, &pool(&[1, 3, 4])), None);
+        assert_eq!(unseal(&sealed[1..], &pool(&[1, 3, 4, 9])), None);
+        assert_eq!(unseal("", &pool(&[1, 3, 4, 9])), None);
+        // Too large to carry its order: a reordered pool is not vouched for (it is read).
+        let big: Vec<u8> = (1..=200).collect();
+        let mut reordered = pool(&big);
+        reordered.insert(0, (Ipv4Addr::new(10, 0, 0, 250), 80));
+        let sealed = seal(&reordered);
+        assert!(!sealed.contains(' '));
+        let mut planned: Vec<u8> = (2..=200).collect();
+        planned.push(250);
+        assert_eq!(unseal(&sealed, &pool(&planned)), None);
     }
 
     #[test]

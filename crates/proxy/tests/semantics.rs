@@ -576,11 +576,20 @@ fn a_change_to_one_service_sends_only_its_own_objects() {
             vec![(key, "cluster-2".to_string())]
         )]
     );
+    // Element 0 is rewritten with every change to its pool: it carries the pool's seal.
+    let sealed = |r: &proxy::Ruleset| Some(proxy::ruleset::seal(&r.endpoints[&("endpoints", key)]));
     assert_eq!(
         d.endpoints,
-        vec![("endpoints", vec![], vec![(key, 1, ep("10.244.2.9"))])]
+        vec![(
+            "endpoints",
+            vec![(key, 0)],
+            vec![
+                (key, 0, ep("10.244.1.2"), sealed(&after)),
+                (key, 1, ep("10.244.2.9"), None)
+            ]
+        )]
     );
-    // An endpoint replaced: one element, no chain, no verdict element.
+    // An endpoint replaced: its element and element 0, no chain, no verdict element.
     slices[7] = slice(
         "s7",
         "",
@@ -596,12 +605,15 @@ fn a_change_to_one_service_sends_only_its_own_objects() {
         d.endpoints,
         vec![(
             "endpoints",
-            vec![(key, 1)],
-            vec![(key, 1, ep("10.244.3.3"))]
+            vec![(key, 0), (key, 1)],
+            vec![
+                (key, 0, ep("10.244.1.2"), sealed(&replaced)),
+                (key, 1, ep("10.244.3.3"), None)
+            ]
         )],
         "{d:?}"
     );
-    assert_eq!(d.size(), 2, "{d:?}");
+    assert_eq!(d.size(), 4, "{d:?}");
     // Endpoints gone: the frontend moves to the reject map, its elements go, and the chain for
     // two goes with its last user.
     slices[7] = slice("s7", "", 8080, &[]);
@@ -836,6 +848,10 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
                 whole.keep_positions(&held);
                 let left = proxy::ruleset::diff(&held, &whole);
                 assert!(left.is_empty(), "round {round}: {left:?}");
+                // With no plan to vouch for, every pool is read whole; each carries its seal.
+                let read = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
+                assert_eq!(read.endpoints, whole.endpoints, "round {round}");
+                assert!(read.unsealed.is_empty(), "round {round}: {:?}", read.unsealed);
                 assert!(!whole.shared.is_empty() && !whole.hairpin.is_empty());
             }
             // Nothing present: only the fixed part is left.
