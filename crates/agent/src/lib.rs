@@ -174,6 +174,7 @@ impl Agent {
             node_ips: vec![me.ip],
             cluster_cidr: self.cluster_cidr,
             service_cidr: self.service_cidr,
+            pod_cidr: me.pod_cidr,
             node_ports: self.node_ports,
         }
     }

@@ -634,6 +634,8 @@ impl Lab {
             node_ips: Vec::new(),
             cluster_cidr: s.spec.cluster_cidr,
             service_cidr: s.spec.service_cidr,
+            // No node: its part of the table is not what is checked.
+            pod_cidr: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 32).expect("a /32"),
             node_ports: services::NODE_PORTS,
         };
         proxy::plan(&cfg, &filled, &[]).map_err(|e| e.to_string())?;
@@ -1210,6 +1212,7 @@ impl Lab {
             node_ips: vec![me.ip],
             cluster_cidr: s.spec.cluster_cidr,
             service_cidr: s.spec.service_cidr,
+            pod_cidr: me.pod_cidr,
             node_ports: services::NODE_PORTS,
         };
         let mut store = cluster::Store::new();

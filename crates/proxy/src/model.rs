@@ -17,6 +17,8 @@ pub struct Config {
     pub node_ips: Vec<Ipv4Addr>,
     pub cluster_cidr: Ipv4Net,
     pub service_cidr: Ipv4Net,
+    /// This node's pod CIDR: every pod here has its address in it (see [`crate::plan::node_part`]).
+    pub pod_cidr: Ipv4Net,
     /// Inclusive NodePort range (default 30000-32767).
     pub node_ports: (u16, u16),
 }

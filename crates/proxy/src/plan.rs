@@ -22,8 +22,10 @@
 //! - `sessionAffinity: ClientIP` Services keep chains of their own (`svc_*`, `ep_*`; `ext_*`,
 //!   `local_*`): a set of clients with timeouts per endpoint pins each client, and the set goes
 //!   with its endpoint. Their changes cost a validation; everyone else's do not.
-//! - Hairpin: postrouting masquerades a connection from an address to itself (`hairpin` holds
-//!   `a . a` for this node's endpoints).
+//! - Hairpin: postrouting masquerades a connection from an address to itself. Only a pod of
+//!   this node that reached itself through a Service or hostPort sends such a packet here, so
+//!   `hairpin` holds `a . a` for every address of the node's pod CIDR: fixed for the node, never
+//!   touched by an endpoint change.
 //! - Services without endpoints are rejected at once by filter-hook lookups in
 //!   `no-endpoint-services` / `no-endpoint-nodeports` (a nat chain cannot reject);
 //!   `loadBalancerSourceRanges` are a filter-hook lookup in `firewall-ips` before DNAT, for new
@@ -82,14 +84,14 @@ fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&Endpo
     by
 }
 
-/// Plans the whole table for this node. Errors name the Service and field (a ClusterIP outside
+/// Plans the whole table for this node: its [`node_part`] and every Service. Errors name the Service and field (a ClusterIP outside
 /// the service CIDR, a NodePort outside the range or taken twice).
 pub fn plan(
     cfg: &Config,
     services: &[Service],
     slices: &[EndpointSlice],
 ) -> Result<Ruleset, ModelError> {
-    let mut rs = Ruleset::default();
+    let mut rs = node_part(cfg);
     let by_service = slices_by_service(slices);
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by_key(|s| namespaced(&s.metadata));
@@ -210,7 +212,6 @@ pub fn plan_host_ports(
         }
         let port = p.container_port;
         let id = format!("{ns}/{name}:{host_port}/{}", proto.as_str());
-        rs.hairpin.insert(pod_ip);
         let rules = vec![Rule::Dnat(pod_ip, port, proto)];
         let chain = chain_name("hp", &id, &rules);
         rs.comments.insert(
@@ -237,11 +238,20 @@ pub fn plan_host_ports(
     Ok(rs)
 }
 
-/// This node's endpoints among `eps` (or of unknown node): the ones a client here can be.
-fn hairpin<'a>(cfg: &'a Config, eps: &'a [&Endpoint]) -> impl Iterator<Item = Ipv4Addr> + 'a {
-    eps.iter()
-        .filter(|e| e.node.as_deref().is_none_or(|n| n == cfg.node))
-        .map(|e| e.ip)
+/// The most addresses of the pod CIDR the `hairpin` set covers (a /16; nodes get a /24 by
+/// default).
+const HAIRPIN_MAX: u32 = 1 << 16;
+
+/// What the table holds for the node itself rather than for a Service: the `hairpin` pairs of
+/// its pod CIDR (the first [`HAIRPIN_MAX`] addresses of a larger one).
+pub fn node_part(cfg: &Config) -> Ruleset {
+    let first = u32::from(cfg.pod_cidr.network());
+    let size = 1u64 << (32 - cfg.pod_cidr.prefix_len());
+    let mut rs = Ruleset::default();
+    rs.hairpin = (0..size.min(HAIRPIN_MAX as u64) as u32)
+        .map(|i| Ipv4Addr::from(first + i))
+        .collect();
+    rs
 }
 
 /// A frontend's endpoints by index, each address and port once.
@@ -363,8 +373,6 @@ fn add_port(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
     let cluster_eps = usable(&sp.endpoints, &cfg.node, sp.internal_local);
     let any_eps = !usable(&sp.endpoints, &cfg.node, false).is_empty();
     let local_eps = usable(&sp.endpoints, &cfg.node, true);
-    rs.hairpin.extend(hairpin(cfg, &cluster_eps));
-    rs.hairpin.extend(hairpin(cfg, &local_eps));
     let (cluster, local) = (pool(&cluster_eps), pool(&local_eps));
     let (n, m) = (cluster.len() as u32, local.len() as u32);
     for ip in &sp.cluster_ips {
@@ -469,7 +477,6 @@ fn add_port_with_affinity(rs: &mut Ruleset, cfg: &Config, sp: &SvcPort) {
     all_eps.extend(local_eps.iter().copied());
     all_eps.sort();
     all_eps.dedup();
-    rs.hairpin.extend(hairpin(cfg, &all_eps));
     let mut ep_chains: BTreeMap<&Endpoint, (String, Option<String>)> = BTreeMap::new();
     for e in &all_eps {
         let ep_id = format!("{}/{}:{}", sp.id, e.ip, e.port);

@@ -177,7 +177,8 @@ pub struct Ruleset {
     pub endpoints: BTreeMap<(&'static str, Key), Pool>,
     /// Frontend → what it serves (`namespace/name:port`, or a hostPort), for explanations.
     pub frontends: BTreeMap<Key, String>,
-    /// Endpoints on this node, masqueraded when they reach themselves (the `hairpin` set).
+    /// Addresses masqueraded when they reach themselves (the `hairpin` set): the node part's
+    /// (see [`crate::plan::node_part`]).
     pub hairpin: BTreeSet<Ipv4Addr>,
     /// Per-Service chains (affinity, source ranges, hostPorts).
     pub chains: BTreeMap<String, Vec<Rule>>,
@@ -617,18 +618,12 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Diff {
 /// What turns table `old` into the union of `new`'s disjoint fragments (a node's table as its
 /// Services' fragments), without merging them into one ruleset first.
 pub fn diff_all(old: &Ruleset, new: &[&Ruleset]) -> Diff {
-    let mut d = diff_parts(old, new, true);
-    let wanted: BTreeSet<Ipv4Addr> = new.iter().flat_map(|f| f.hairpin.iter().copied()).collect();
-    d.hairpin = (
-        old.hairpin.difference(&wanted).copied().collect(),
-        wanted.difference(&old.hairpin).copied().collect(),
-    );
-    d
+    diff_parts(old, new, true)
 }
 
 /// What turns fragment `old` into fragment `new` in their own objects, leaving out the shared
-/// chains and hairpin addresses that other fragments may hold too: those are the caller's to
-/// count (see [`crate::sync`]).
+/// chains that other fragments may hold too: those are the caller's to count (see
+/// [`crate::sync`]).
 pub fn diff_own(old: &Ruleset, new: &Ruleset) -> Diff {
     diff_parts(old, &[new], false)
 }
@@ -705,6 +700,11 @@ fn diff_parts(old: &Ruleset, new: &[&Ruleset], with_shared: bool) -> Diff {
         let add = sealed_elements(key, want, |_, _| true);
         add_change(&mut d.endpoints, map, Vec::new(), add);
     }
+    let wanted: BTreeSet<Ipv4Addr> = new.iter().flat_map(|f| f.hairpin.iter().copied()).collect();
+    d.hairpin = (
+        old.hairpin.difference(&wanted).copied().collect(),
+        wanted.difference(&old.hairpin).copied().collect(),
+    );
     d
 }
 

@@ -1,13 +1,14 @@
 //! The incremental proxy: keeps the Services and EndpointSlices it was told of, re-plans only
 //! the Services whose objects changed (each Service's fragment of the table is independent, see
 //! [`plan_service`]) and sends only their [`diff_own`] — one transaction per sync. What
-//! fragments share (the chains by endpoint count, hairpin addresses) is counted: it is created
-//! with its first user and deleted with its last. The first sync adopts what the kernel already
+//! fragments share (the chains by endpoint count) is counted: it is created with its first user
+//! and deleted with its last. The node's own part ([`node_part`]) is one more fragment, re-planned
+//! when the node's facts change. The first sync adopts what the kernel already
 //! holds (see [`Applier::adopt`]), so a restarted agent changes nothing that is still right.
 
 use crate::apply::Applier;
 use crate::model::Config;
-use crate::plan::{plan_host_ports, plan_service, pod_key, ServiceKey};
+use crate::plan::{node_part, plan_host_ports, plan_service, pod_key, ServiceKey};
 use crate::ruleset::{diff_all, diff_own, Diff, PortKey, Ruleset};
 use cluster::manifests::namespaced;
 use cluster::store::slice_service;
@@ -16,7 +17,6 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
-use std::net::Ipv4Addr;
 
 /// How many fragments use each shared object.
 #[derive(Debug)]
@@ -94,11 +94,10 @@ pub struct Proxy {
     slice_owner: HashMap<ServiceKey, ServiceKey>,
     /// Pods of this node with hostPorts, by [`pod_key`].
     pods: HashMap<ServiceKey, Shared<Pod>>,
-    /// What the kernel holds, per Service.
+    /// What the kernel holds, per Service (and the node part, under [`node_key`]).
     applied: HashMap<ServiceKey, Ruleset>,
-    /// Users of each shared chain and hairpin address among `applied`.
+    /// Users of each shared chain among `applied`.
     shared: Counts<String>,
-    hairpin: Counts<Ipv4Addr>,
     node_port_owner: HashMap<PortKey, ServiceKey>,
     dirty: BTreeSet<ServiceKey>,
     /// The last error of each Service that could not be planned (it keeps its last good rules).
@@ -119,9 +118,8 @@ impl Proxy {
             pods: HashMap::new(),
             applied: HashMap::new(),
             shared: Counts::default(),
-            hairpin: Counts::default(),
             node_port_owner: HashMap::new(),
-            dirty: BTreeSet::new(),
+            dirty: BTreeSet::from([node_key()]),
             errors: BTreeMap::new(),
             applier: Applier::new()?,
             adopted: false,
@@ -134,6 +132,7 @@ impl Proxy {
             self.cfg = cfg;
             self.dirty.extend(self.services.keys().cloned());
             self.dirty.extend(self.applied.keys().cloned());
+            self.dirty.insert(node_key());
         }
     }
 
@@ -269,6 +268,7 @@ impl Proxy {
                     .map(|(ns, name)| format!("{ns}/{name}"))
             };
             let planned_one = match (self.services.get(key), self.pods.get(key)) {
+                _ if *key == node_key() => Ok(node_part(&self.cfg)),
                 (Some(svc), _) => {
                     let own: Vec<&EndpointSlice> = self
                         .slices
@@ -364,12 +364,6 @@ impl Proxy {
                 .push((name.clone(), new.shared[&name].clone(), comment));
         }
         d.gone_chains.extend(gone);
-        let (pin, unpin) =
-            self.hairpin
-                .update(olds().zip(planned.iter()).map(|(old, (_, new))| {
-                    (old.hairpin.iter().collect(), new.hairpin.iter().collect())
-                }));
-        d.hairpin = (unpin, pin);
         let objects = d.size();
         self.applier.apply(&d)?;
         Ok(objects)
@@ -393,19 +387,20 @@ impl Proxy {
         let d = diff_all(&held, &want);
         let objects = d.size();
         self.applier.apply(&d)?;
-        let (mut shared, mut hairpin) = (Counts::default(), Counts::default());
+        let mut shared = Counts::default();
         shared.update(
             want.iter()
                 .map(|f| (HashSet::new(), f.shared.keys().collect())),
         );
-        hairpin.update(
-            want.iter()
-                .map(|f| (HashSet::new(), f.hairpin.iter().collect())),
-        );
-        (self.shared, self.hairpin) = (shared, hairpin);
+        self.shared = shared;
         self.adopted = true;
         Ok(objects)
     }
+}
+
+/// The key the node part is filed under: no Service or Pod has an empty namespace.
+fn node_key() -> ServiceKey {
+    (String::new(), "node".into())
 }
 
 /// The node's table as fragments: what is applied, with the re-planned Services' new plans.

@@ -11,6 +11,7 @@ fn cfg() -> Config {
         node_ips: vec!["172.18.0.2".parse().unwrap()],
         cluster_cidr: "10.244.0.0/16".parse().unwrap(),
         service_cidr: "10.96.0.0/12".parse().unwrap(),
+        pod_cidr: "10.244.0.0/28".parse().unwrap(),
         node_ports: (30000, 32767),
     }
 }
@@ -740,7 +741,8 @@ fn host_ports_dnat_to_their_pod_on_this_node_only() {
         POD,
         json!([{"containerPort": 8080, "hostPort": 80}, {"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "172.18.0.2"}]),
     );
-    let rs = proxy::plan::plan_host_ports(&cfg(), &here, |_| None).unwrap();
+    let mut rs = proxy::plan::node_part(&cfg());
+    rs.merge(proxy::plan::plan_host_ports(&cfg(), &here, |_| None).unwrap());
     // From outside: to the pod, the client's address kept (as the portmap plugin does).
     assert_eq!(
         hops(&trace(&rs, &pkt(OUTSIDE, "172.18.0.2", 80))),
@@ -854,11 +856,11 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
                 assert!(read.unsealed.is_empty(), "round {round}: {:?}", read.unsealed);
                 assert!(!whole.shared.is_empty() && !whole.hairpin.is_empty());
             }
-            // Nothing present: only the fixed part is left.
+            // No Service left: only the fixed part and the node's part are.
             p.take_changes(&store.apply(listing(&[], &[])));
             p.sync().unwrap();
             let held = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
-            assert_eq!(held, proxy::Ruleset::default());
+            assert_eq!(held, proxy::plan::node_part(&cfg()));
         })
         .unwrap();
 }
