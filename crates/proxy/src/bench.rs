@@ -264,6 +264,7 @@ pub fn run(shapes: &[(usize, usize)]) -> Result<(), String> {
         node_ips: vec!["172.18.0.2".parse().expect("ip")],
         cluster_cidr: "10.128.0.0/9".parse().expect("cidr"),
         service_cidr: "10.96.0.0/12".parse().expect("cidr"),
+        pod_cidr: "10.128.0.0/24".parse().expect("cidr"),
         node_ports: (30000, 32767),
     };
     // The 10-Service table every size's latency is compared with, alternately.
