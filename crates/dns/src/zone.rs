@@ -678,8 +678,8 @@ fn store_of(state: &ClusterState) -> Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use cluster::Object;
+    use serde_json::json;
 
     fn svc(v: serde_json::Value) -> Service {
         serde_json::from_value(v).unwrap()

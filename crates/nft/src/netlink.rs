@@ -16,6 +16,7 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -401,7 +402,13 @@ impl Batch {
     }
 
     fn elements(&mut self, ty: u16, set: &str, elements: &[Element]) {
-        let flags = if ty == NEWSETELEM { NLM_F_CREATE } else { 0 };
+        // An element already there is an error, not a silent no-op: what a caller counts is
+        // what the kernel holds.
+        let flags = if ty == NEWSETELEM {
+            NLM_F_CREATE | NLM_F_EXCL
+        } else {
+            0
+        };
         // Kept well under the 64 KiB a netlink attribute can hold.
         for chunk in elements.chunks(256) {
             self.msg(ty, flags, |a| {

@@ -12,14 +12,12 @@
 use crate::model::Proto;
 use crate::plan::pools_read_by;
 use crate::ruleset::{
-    chain_rank, fixed_object_count, keyed_by_ip, random_arms, seal, table_comment, unseal, Backend,
-    Diff, Key, Pool, Rule, Ruleset, AFFINITY, HAIRPIN, IP_MAPS, MASQUERADE_CHAIN, PORT_MAPS, TABLE,
-    TABLE_NAME,
+    chain_rank, fixed_object_count, keyed_by_ip, ledger_index, random_arms, seal, table_comment,
+    unseal, Backend, Diff, Key, Pool, Rule, Ruleset, AFFINITY, COUNTED, ENDPOINT_MAPS, HAIRPIN,
+    IP_MAPS, LEDGER, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
 };
 use ipnet::Ipv4Net;
-use nft::netlink::{
-    reg32, Batch, Conn, Data, Element, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2,
-};
+use nft::netlink::{reg32, Batch, Conn, Data, Element, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
@@ -90,6 +88,17 @@ fn backend_of(data: &Data) -> Option<Backend> {
         Ipv4Addr::new(b[0], b[1], b[2], b[3]),
         u16::from_be_bytes([b[4], b[5]]),
     ))
+}
+
+/// An endpoint-map key's frontend and index.
+fn endpoint_key_from_bytes(b: &[u8]) -> Option<(Key, u32)> {
+    let (frontend, i) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    Some((key_from_bytes(frontend)?, word(i)?))
+}
+
+/// A 32-bit word in host order (a `mark`, a `numgen` index).
+fn word(b: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.try_into().ok()?))
 }
 
 /// A `hairpin` element: `a . a`.
@@ -254,12 +263,21 @@ fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
 /// Sends diffs to the kernel of the calling thread's network namespace.
 pub struct Applier {
     conn: Conn,
+    /// The element count of each [`COUNTED`] set as of the last commit: what the ledger says.
+    counts: [u32; COUNTED.len()],
+    /// What the batch being built adds to them.
+    pending: [i64; COUNTED.len()],
+    /// The sets the last adoption had to list whole: their elements disagreed with the ledger.
+    pub listed: Vec<&'static str>,
 }
 
 impl Applier {
     pub fn new() -> Result<Applier, String> {
         Ok(Applier {
             conn: Conn::open().map_err(|e| format!("a netfilter netlink socket: {e}"))?,
+            counts: [0; COUNTED.len()],
+            pending: [0; COUNTED.len()],
+            listed: Vec::new(),
         })
     }
 
@@ -286,13 +304,28 @@ impl Applier {
             .conn
             .table_info(FAMILY_IPV4, TABLE_NAME)
             .map_err(|e| format!("reading {TABLE}: {e}"))?;
+        self.counts = [0; COUNTED.len()];
+        self.pending = [0; COUNTED.len()];
+        self.listed.clear();
         let Some((_, objects)) = info.filter(|(c, _)| *c == table_comment()) else {
             nft::apply(&Ruleset::default().render()).map_err(|e| e.to_string())?;
             return Ok(Ruleset::default());
         };
+        for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, LEDGER)? {
+            let (Some(i), Data::Value(n)) = (word(&e.key), &e.data) else {
+                continue;
+            };
+            if let (Some(slot), Some(n)) = (self.counts.get_mut(i as usize), word(n)) {
+                *slot = n;
+            }
+        }
         let mut held = Ruleset::default();
         for map in IP_MAPS.iter().chain(&PORT_MAPS) {
-            for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
+            let keys: Vec<Vec<u8>> = (want.iter())
+                .flat_map(|f| f.verdict_elements(map))
+                .map(|(k, _)| key_bytes(&k))
+                .collect();
+            for e in self.read_set(map, &keys)? {
                 let (Some(key), Data::Verdict(Verdict::Goto(chain))) =
                     (key_from_bytes(&e.key), e.data)
                 else {
@@ -319,7 +352,10 @@ impl Applier {
             }
         }
         self.adopt_pools(&mut held, want)?;
-        for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, HAIRPIN)? {
+        let pins: Vec<Vec<u8>> = (want.iter())
+            .flat_map(|f| f.hairpin.iter().map(hairpin_key))
+            .collect();
+        for e in self.read_set(HAIRPIN, &pins)? {
             if let Ok(b) = <[u8; 8]>::try_from(e.key.as_slice()) {
                 held.hairpin.insert(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
             }
@@ -427,6 +463,104 @@ impl Applier {
                 }
             }
         }
+        for map in ENDPOINT_MAPS {
+            let found: usize = (held.endpoints.iter())
+                .filter(|((m, _), _)| *m == map)
+                .map(|(_, p)| p.len())
+                .sum();
+            if found as u64 != self.count_of(map) {
+                self.list_pools(held, map)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads endpoint map `map` whole (it holds elements no frontend accounts for).
+    fn list_pools(&mut self, held: &mut Ruleset, map: &'static str) -> Result<(), String> {
+        self.listed.push(map);
+        held.endpoints.retain(|(m, _), _| *m != map);
+        held.unsealed.retain(|(m, _)| *m != map);
+        let mut seals: HashMap<Key, String> = HashMap::new();
+        for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, map)? {
+            let (Some((key, i)), Some(b)) = (endpoint_key_from_bytes(&e.key), backend_of(&e.data))
+            else {
+                continue;
+            };
+            held.endpoints.entry((map, key)).or_default().insert(i, b);
+            if i == 0 {
+                seals.insert(key, e.comment.unwrap_or_default());
+            }
+        }
+        for ((m, key), pool) in &held.endpoints {
+            if *m == map && seals.get(key) != Some(&seal(pool)) {
+                held.unsealed.insert((map, *key));
+            }
+        }
+        Ok(())
+    }
+
+    /// How many elements the ledger says `set` holds.
+    fn count_of(&self, set: &str) -> u64 {
+        ledger_index(set).map_or(0, |i| self.counts[i] as u64)
+    }
+
+    /// The elements of counted `set`: asked for by `keys` (those expected); when as many are
+    /// found as the ledger counts, there are no others, else the set is listed.
+    fn read_set(&mut self, set: &'static str, keys: &[Vec<u8>]) -> Result<Vec<Element>, String> {
+        let found: Vec<Element> = (self.conn)
+            .get_elements(FAMILY_IPV4, TABLE_NAME, set, keys)?
+            .into_iter()
+            .flatten()
+            .collect();
+        if found.len() as u64 == self.count_of(set) {
+            return Ok(found);
+        }
+        self.listed.push(set);
+        self.conn.elements(FAMILY_IPV4, TABLE_NAME, set)
+    }
+
+    fn add_elements(&mut self, b: &mut Batch, set: &str, elements: &[Element]) {
+        self.tally(set, elements.len() as i64);
+        b.add_elements(set, elements);
+    }
+
+    fn delete_elements(&mut self, b: &mut Batch, set: &str, keys: &[Vec<u8>]) {
+        self.tally(set, -(keys.len() as i64));
+        b.delete_elements(set, keys);
+    }
+
+    fn tally(&mut self, set: &str, n: i64) {
+        if let Some(i) = ledger_index(set) {
+            self.pending[i] += n;
+        }
+    }
+
+    /// Commits `b` with the ledger's new counts in the same transaction.
+    fn commit(&mut self, mut b: Batch) -> Result<(), String> {
+        let mut counts = self.counts;
+        for (i, delta) in self.pending.iter().enumerate() {
+            if *delta == 0 {
+                continue;
+            }
+            let key = (i as u32).to_ne_bytes().to_vec();
+            if counts[i] > 0 {
+                b.delete_elements(LEDGER, std::slice::from_ref(&key));
+            }
+            counts[i] = (counts[i] as i64 + delta).max(0) as u32;
+            if counts[i] > 0 {
+                b.add_elements(
+                    LEDGER,
+                    &[Element {
+                        key,
+                        data: Data::Value(counts[i].to_ne_bytes().to_vec()),
+                        comment: Some(COUNTED[i].to_string()),
+                    }],
+                );
+            }
+        }
+        self.pending = [0; COUNTED.len()];
+        self.conn.commit(b)?;
+        self.counts = counts;
         Ok(())
     }
 
@@ -448,11 +582,11 @@ impl Applier {
             self.flush_if_full(&mut b, chunked)?;
         }
         if chunked {
-            self.conn.commit(std::mem::replace(&mut b, self.batch()))?;
+            self.commit(std::mem::replace(&mut b, self.batch()))?;
         }
         for (map, delete, add) in &diff.endpoints {
             let keys: Vec<Vec<u8>> = delete.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
-            b.delete_elements(map, &keys);
+            self.delete_elements(&mut b, map, &keys);
             let elements: Vec<_> = add
                 .iter()
                 .map(|(k, i, e, seal)| Element {
@@ -461,24 +595,28 @@ impl Applier {
                     comment: seal.clone(),
                 })
                 .collect();
-            b.add_elements(map, &elements);
+            self.add_elements(&mut b, map, &elements);
         }
         let (unpin, pin) = &diff.hairpin;
-        b.delete_elements(HAIRPIN, &unpin.iter().map(hairpin_key).collect::<Vec<_>>());
-        let pin: Vec<_> = pin.iter().map(|a| Element::new(hairpin_key(a), Data::None)).collect();
-        b.add_elements(HAIRPIN, &pin);
+        let unpin: Vec<_> = unpin.iter().map(hairpin_key).collect();
+        self.delete_elements(&mut b, HAIRPIN, &unpin);
+        let pin: Vec<_> = pin
+            .iter()
+            .map(|a| Element::new(hairpin_key(a), Data::None))
+            .collect();
+        self.add_elements(&mut b, HAIRPIN, &pin);
         for (map, delete, add) in &diff.maps {
             let keys: Vec<Vec<u8>> = delete.iter().map(key_bytes).collect();
-            b.delete_elements(map, &keys);
+            self.delete_elements(&mut b, map, &keys);
             let elements: Vec<_> = add
                 .iter()
                 .map(|(k, c)| Element::new(key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))))
                 .collect();
-            b.add_elements(map, &elements);
+            self.add_elements(&mut b, map, &elements);
         }
         if chunked {
             // The switch-over is one transaction whatever its size.
-            self.conn.commit(std::mem::replace(&mut b, self.batch()))?;
+            self.commit(std::mem::replace(&mut b, self.batch()))?;
         }
         // A chain can go only once nothing refers to it: referrers first.
         let mut gone: Vec<&String> = diff.gone_chains.iter().collect();
@@ -490,12 +628,12 @@ impl Applier {
         for set in &diff.gone_sets {
             b.delete_set(set);
         }
-        self.conn.commit(b)
+        self.commit(b)
     }
 
     fn flush_if_full(&mut self, b: &mut Batch, chunked: bool) -> Result<(), String> {
         if chunked && b.len() as usize >= CHUNK {
-            self.conn.commit(std::mem::replace(b, self.batch()))?;
+            self.commit(std::mem::replace(b, self.batch()))?;
         }
         Ok(())
     }

@@ -247,11 +247,12 @@ const HAIRPIN_MAX: u32 = 1 << 16;
 pub fn node_part(cfg: &Config) -> Ruleset {
     let first = u32::from(cfg.pod_cidr.network());
     let size = 1u64 << (32 - cfg.pod_cidr.prefix_len());
-    let mut rs = Ruleset::default();
-    rs.hairpin = (0..size.min(HAIRPIN_MAX as u64) as u32)
-        .map(|i| Ipv4Addr::from(first + i))
-        .collect();
-    rs
+    Ruleset {
+        hairpin: (0..size.min(HAIRPIN_MAX as u64) as u32)
+            .map(|i| Ipv4Addr::from(first + i))
+            .collect(),
+        ..Ruleset::default()
+    }
 }
 
 /// A frontend's endpoints by index, each address and port once.

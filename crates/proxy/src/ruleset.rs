@@ -39,6 +39,30 @@ pub const ENDPOINT_MAPS: [&str; 4] = [
 /// through a Service) is masqueraded at postrouting.
 pub const HAIRPIN: &str = "hairpin";
 
+/// The `ledger` map: how many elements each of the [`COUNTED`] sets holds, keyed by its place in
+/// that list (the element's comment names it). Every transaction that adds or deletes elements
+/// writes the new counts in the same transaction, so an agent that finds, by key, as many
+/// elements as the ledger counts knows there are no others, without listing the set — a listing
+/// walks the set from its start again for every message it fills.
+pub const LEDGER: &str = "ledger";
+pub const COUNTED: [&str; 10] = [
+    IP_MAPS[0],
+    IP_MAPS[1],
+    IP_MAPS[2],
+    PORT_MAPS[0],
+    PORT_MAPS[1],
+    ENDPOINTS,
+    LOCAL_ENDPOINTS,
+    NODEPORT_ENDPOINTS,
+    NODEPORT_LOCAL_ENDPOINTS,
+    HAIRPIN,
+];
+
+/// A set's place in the ledger.
+pub fn ledger_index(set: &str) -> Option<usize> {
+    COUNTED.iter().position(|s| *s == set)
+}
+
 /// Chain kinds by name prefix, referrers before what they refer to (`ext_` goes to `local_` and
 /// `svc_`, those to `ep_`; `external-local-` to `cluster-`): the order in which they can be
 /// deleted. Per-Service chains have a `_` after their kind, shared ones a `-`.
@@ -233,6 +257,7 @@ fn declarations() -> String {
         o,
         "  set {HAIRPIN} {{\n    type ipv4_addr . ipv4_addr\n  }}"
     );
+    let _ = writeln!(o, "  map {LEDGER} {{\n    type mark : mark\n  }}");
     o
 }
 
@@ -468,35 +493,48 @@ impl Ruleset {
         }
     }
 
+    /// Verdict map `map`'s elements in this ruleset: key and target chain.
+    pub fn verdict_elements(&self, map: &str) -> Vec<(Key, &str)> {
+        fn ip(m: &BTreeMap<IpKey, String>) -> Vec<(Key, &str)> {
+            m.iter().map(|(k, c)| (Key::Ip(*k), c.as_str())).collect()
+        }
+        match map {
+            "firewall-ips" => ip(&self.firewall),
+            "no-endpoint-services" => (self.no_endpoints.iter())
+                .map(|k| (Key::Ip(*k), REJECT_CHAIN))
+                .collect(),
+            "service-ips" => ip(&self.service_ips),
+            "no-endpoint-nodeports" => (self.no_endpoint_node_ports.iter())
+                .map(|k| (Key::Port(*k), REJECT_CHAIN))
+                .collect(),
+            "service-nodeports" => (self.node_ports.iter())
+                .map(|(k, c)| (Key::Port(*k), c.as_str()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Every verdict map's elements, keyed as the kernel holds them (target chain by name).
     pub fn map_elements(&self) -> BTreeMap<&'static str, BTreeMap<Key, String>> {
-        let ip = |m: &BTreeMap<IpKey, String>| {
-            m.iter()
-                .map(|(k, c)| (Key::Ip(*k), c.clone()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        let port = |m: &BTreeMap<PortKey, String>| {
-            m.iter()
-                .map(|(k, c)| (Key::Port(*k), c.clone()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        let reject_ip = self
-            .no_endpoints
-            .iter()
-            .map(|k| (Key::Ip(*k), REJECT_CHAIN.to_string()))
-            .collect();
-        let reject_port = self
-            .no_endpoint_node_ports
-            .iter()
-            .map(|k| (Key::Port(*k), REJECT_CHAIN.to_string()))
-            .collect();
-        BTreeMap::from([
-            ("firewall-ips", ip(&self.firewall)),
-            ("no-endpoint-services", reject_ip),
-            ("service-ips", ip(&self.service_ips)),
-            ("no-endpoint-nodeports", reject_port),
-            ("service-nodeports", port(&self.node_ports)),
-        ])
+        (IP_MAPS.iter().chain(&PORT_MAPS))
+            .map(|map| {
+                let elements = self.verdict_elements(map).into_iter();
+                (*map, elements.map(|(k, c)| (k, c.to_string())).collect())
+            })
+            .collect()
+    }
+
+    /// How many elements each of the [`COUNTED`] sets holds: the ledger's content.
+    pub fn counts(&self) -> [u32; COUNTED.len()] {
+        let mut n = [0u32; COUNTED.len()];
+        for (map, elements) in self.map_elements() {
+            n[ledger_index(map).expect("counted")] = elements.len() as u32;
+        }
+        for ((map, _), pool) in &self.endpoints {
+            n[ledger_index(map).expect("counted")] += pool.len() as u32;
+        }
+        n[ledger_index(HAIRPIN).expect("counted")] = self.hairpin.len() as u32;
+        n
     }
 
     /// The whole table as one `nft -f` script (created fresh: `add table` + `delete table`
@@ -553,6 +591,11 @@ impl Ruleset {
         }
         let hairpin = self.hairpin.iter().map(|a| format!("{a} . {a}")).collect();
         elements.push((HAIRPIN, hairpin));
+        let ledger = (self.counts().iter().enumerate())
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| format!("{i} comment {} : {n}", nft::quote(COUNTED[i])))
+            .collect();
+        elements.push((LEDGER, ledger));
         for (name, list) in elements.into_iter().filter(|(_, l)| !l.is_empty()) {
             let _ = writeln!(
                 o,

@@ -12,7 +12,7 @@ use crate::plan::{node_part, plan_host_ports, plan_service, pod_key, ServiceKey}
 use crate::ruleset::{diff_all, diff_own, Diff, PortKey, Ruleset};
 use cluster::manifests::namespaced;
 use cluster::store::slice_service;
-use cluster::{Change, Kind, Shared, Store};
+use cluster::{Change, Kind, ModelError, Shared, Store};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -99,7 +99,8 @@ pub struct Proxy {
     /// Users of each shared chain among `applied`.
     shared: Counts<String>,
     node_port_owner: HashMap<PortKey, ServiceKey>,
-    dirty: BTreeSet<ServiceKey>,
+    /// Services (and pods, and the node part) to re-plan; in key order at the sync.
+    dirty: HashSet<ServiceKey>,
     /// The last error of each Service that could not be planned (it keeps its last good rules).
     pub errors: BTreeMap<ServiceKey, String>,
     applier: Applier,
@@ -119,7 +120,7 @@ impl Proxy {
             applied: HashMap::new(),
             shared: Counts::default(),
             node_port_owner: HashMap::new(),
-            dirty: BTreeSet::from([node_key()]),
+            dirty: HashSet::from([node_key()]),
             errors: BTreeMap::new(),
             applier: Applier::new()?,
             adopted: false,
@@ -230,6 +231,10 @@ impl Proxy {
 
     /// Takes every Service, EndpointSlice and Pod `store` holds (a new proxy's start).
     pub fn take_store(&mut self, store: &Store) {
+        self.services.reserve(store.count(Kind::Service));
+        self.slices.reserve(store.count(Kind::Service));
+        self.slice_owner.reserve(store.count(Kind::EndpointSlice));
+        self.dirty.reserve(store.count(Kind::Service));
         store
             .list_shared::<Service>()
             .for_each(|s| self.upsert_service(s));
@@ -254,31 +259,32 @@ impl Proxy {
             .collect()
     }
 
+    fn objects(&self) -> Objects<'_> {
+        Objects {
+            cfg: &self.cfg,
+            services: &self.services,
+            slices: &self.slices,
+            pods: &self.pods,
+        }
+    }
+
     /// Re-plans the changed Services and sends what differs, in one transaction (the first sync
     /// adopts the kernel's table and sends whatever differs from the whole plan).
     pub fn sync(&mut self) -> Result<Report, String> {
-        let dirty: Vec<ServiceKey> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let mut dirty: Vec<ServiceKey> = std::mem::take(&mut self.dirty).into_iter().collect();
+        dirty.sort_unstable();
         let mut planned: Vec<(ServiceKey, Ruleset)> = Vec::with_capacity(dirty.len());
-        for key in &dirty {
+        let results = self.objects().plan_all(&dirty, &self.node_port_owner);
+        for (key, result) in dirty.iter().zip(results) {
+            // A Service before it in this sync may have claimed one of its NodePorts since:
+            // planned again against the claims, it gets the error it would have got in line.
             let owners = &self.node_port_owner;
-            let taken = |p: PortKey| {
-                owners
-                    .get(&p)
-                    .filter(|o| *o != key)
-                    .map(|(ns, name)| format!("{ns}/{name}"))
+            let claimed_since = |r: &Ruleset| {
+                (r.claimed_node_ports()).any(|p| owners.get(p).is_some_and(|o| o != key))
             };
-            let planned_one = match (self.services.get(key), self.pods.get(key)) {
-                _ if *key == node_key() => Ok(node_part(&self.cfg)),
-                (Some(svc), _) => {
-                    let own: Vec<&EndpointSlice> = self
-                        .slices
-                        .get(key)
-                        .map(|m| m.values().map(|s| &**s).collect())
-                        .unwrap_or_default();
-                    plan_service(&self.cfg, svc, &own, taken)
-                }
-                (None, Some(pod)) => plan_host_ports(&self.cfg, pod, taken),
-                (None, None) => Ok(Ruleset::default()),
+            let planned_one = match result {
+                Ok(r) if claimed_since(&r) => self.objects().plan_one(key, owners),
+                other => other,
             };
             let new = match planned_one {
                 Ok(r) => {
@@ -395,6 +401,75 @@ impl Proxy {
         self.shared = shared;
         self.adopted = true;
         Ok(objects)
+    }
+}
+
+/// What planning reads, shared by the planning threads.
+struct Objects<'a> {
+    cfg: &'a Config,
+    services: &'a HashMap<ServiceKey, Shared<Service>>,
+    slices: &'a HashMap<ServiceKey, BTreeMap<String, Shared<EndpointSlice>>>,
+    pods: &'a HashMap<ServiceKey, Shared<Pod>>,
+}
+
+/// Below this many fragments to plan, one thread plans them all.
+const PER_THREAD: usize = 512;
+
+impl Objects<'_> {
+    /// Plans `keys`, each against the NodePorts `owners` holds (not against each other's): on
+    /// every CPU when there are many (a start, an adoption, new node facts).
+    fn plan_all(
+        &self,
+        keys: &[ServiceKey],
+        owners: &HashMap<PortKey, ServiceKey>,
+    ) -> Vec<Result<Ruleset, ModelError>> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cpus.min(keys.len() / PER_THREAD).max(1);
+        if threads == 1 {
+            return keys.iter().map(|k| self.plan_one(k, owners)).collect();
+        }
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = keys
+                .chunks(keys.len().div_ceil(threads))
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        (chunk.iter())
+                            .map(|k| self.plan_one(k, owners))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            (workers.into_iter())
+                .flat_map(|w| w.join().expect("a planning thread"))
+                .collect()
+        })
+    }
+
+    /// The fragment of `key`: a Service's, a pod's hostPorts, or the node part.
+    fn plan_one(
+        &self,
+        key: &ServiceKey,
+        owners: &HashMap<PortKey, ServiceKey>,
+    ) -> Result<Ruleset, ModelError> {
+        let taken = |p: PortKey| {
+            owners
+                .get(&p)
+                .filter(|o| *o != key)
+                .map(|(ns, name)| format!("{ns}/{name}"))
+        };
+        match (self.services.get(key), self.pods.get(key)) {
+            _ if *key == node_key() => Ok(node_part(self.cfg)),
+            (Some(svc), _) => {
+                let own: Vec<&EndpointSlice> = self
+                    .slices
+                    .get(key)
+                    .map(|m| m.values().map(|s| &**s).collect())
+                    .unwrap_or_default();
+                plan_service(self.cfg, svc, &own, taken)
+            }
+            (None, Some(pod)) => plan_host_ports(self.cfg, pod, taken),
+            (None, None) => Ok(Ruleset::default()),
+        }
     }
 }
 

@@ -846,14 +846,26 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
                 p.take_changes(&store.apply(listing(&services, &slices)));
                 p.sync().unwrap();
                 let mut whole = plan(&cfg(), &services, &slices).unwrap();
-                let held = proxy::Applier::new().unwrap().adopt(&[&whole]).unwrap();
+                let mut fresh = proxy::Applier::new().unwrap();
+                let held = fresh.adopt(&[&whole]).unwrap();
                 whole.keep_positions(&held);
                 let left = proxy::ruleset::diff(&held, &whole);
                 assert!(left.is_empty(), "round {round}: {left:?}");
-                // With no plan to vouch for, every pool is read whole; each carries its seal.
-                let read = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
+                // The ledger counted every element the rounds added and deleted: what the plan
+                // has was found by key, and nothing had to be listed.
+                assert!(fresh.listed.is_empty(), "round {round}: {:?}", fresh.listed);
+                // With no plan, nothing is found by key: each set is listed, each pool carries
+                // its seal.
+                let read = fresh.adopt(&[]).unwrap();
+                assert!(fresh.listed.contains(&"service-ips"), "{:?}", fresh.listed);
                 assert_eq!(read.endpoints, whole.endpoints, "round {round}");
-                assert!(read.unsealed.is_empty(), "round {round}: {:?}", read.unsealed);
+                assert_eq!(read.service_ips, whole.service_ips, "round {round}");
+                assert_eq!(read.hairpin, whole.hairpin, "round {round}");
+                assert!(
+                    read.unsealed.is_empty(),
+                    "round {round}: {:?}",
+                    read.unsealed
+                );
                 assert!(!whole.shared.is_empty() && !whole.hairpin.is_empty());
             }
             // No Service left: only the fixed part and the node's part are.
@@ -892,4 +904,42 @@ fn shared_chain_names_say_which_endpoints_they_read() {
         assert_eq!(said, picks, "{name}");
     }
     assert!(proxy::plan::pools_read_by("svc_0123456789_default_web_80").is_empty());
+}
+
+/// Many Services are planned on several threads, each against the NodePorts held before the
+/// sync; a NodePort two of them claim still goes to the first in key order, and the other gets
+/// the error it would have got planned in line (as root, in a namespace of its own).
+#[test]
+fn a_nodeport_claimed_twice_goes_to_the_first_however_many_are_planned() {
+    if !netns::can_create() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let spec = |i: usize| {
+        let node_port = if i == 100 || i == 1400 {
+            30001
+        } else {
+            30002 + i
+        };
+        json!({"type": "NodePort", "clusterIP": format!("10.96.{}.{}", 10 + i / 250, 1 + i % 250),
+               "ports": [{"port": 80, "nodePort": node_port}]})
+    };
+    let services: Vec<_> = (0..1500)
+        .map(|i| svc(&format!("s{i:04}"), spec(i)))
+        .collect();
+    let tmp = netns::TempNetNs::new("fnt-pxc").unwrap();
+    tmp.ns()
+        .run(|| {
+            let mut p = proxy::Proxy::new(cfg()).unwrap();
+            let mut store = cluster::Store::new();
+            p.take_changes(&store.apply(listing(&services, &[])));
+            p.sync().unwrap();
+            let key = |i: usize| ("default".to_string(), format!("s{i:04}"));
+            assert_eq!(p.errors.keys().collect::<Vec<_>>(), [&key(1400)]);
+            assert_eq!(
+                p.errors[&key(1400)],
+                "Service default/s1400: spec.ports[0].nodePort: 30001/tcp is already used by default/s0100"
+            );
+        })
+        .unwrap();
 }
