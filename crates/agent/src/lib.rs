@@ -376,6 +376,9 @@ impl Agent {
         };
         let before = p.errors.clone();
         let report = p.sync();
+        if let Some(listed) = report.as_ref().ok().filter(|r| !r.listed.is_empty()) {
+            tracing::info!(node = %self.node, "adopting the service table, read whole (they held elements no plan accounts for): {}", listed.listed.join(", "));
+        }
         for (svc, e) in &p.errors {
             if before.get(svc) != Some(e) {
                 let what = match svc.1.strip_prefix("pod/") {

@@ -82,6 +82,9 @@ pub struct Report {
     pub services: usize,
     /// Kernel objects sent (chains, rules, elements, sets).
     pub objects: usize,
+    /// The sets an adoption in this sync read whole: the ledger counted elements that no plan
+    /// accounts for (Services deleted while no agent ran), or a table an older agent wrote.
+    pub listed: Vec<&'static str>,
 }
 
 pub struct Proxy {
@@ -302,14 +305,15 @@ impl Proxy {
             }
             planned.push((key.clone(), new));
         }
-        let result = if self.adopted {
-            self.apply_changes(&mut planned)
-        } else {
+        let adopting = !self.adopted;
+        let result = if adopting {
             self.adopt_and_apply(&mut planned)
+        } else {
+            self.apply_changes(&mut planned)
         };
         match result {
             Ok(objects) => {
-                for (key, new) in planned {
+                for (key, mut new) in planned {
                     // NodePorts the Service no longer uses are free again.
                     let old = self.applied.get(&key).into_iter();
                     for p in old.flat_map(Ruleset::claimed_node_ports) {
@@ -318,6 +322,8 @@ impl Proxy {
                             self.node_port_owner.remove(p);
                         }
                     }
+                    // Only `explain` reads what a frontend serves; the diffs to come do not.
+                    new.frontends = BTreeMap::new();
                     if new == Ruleset::default() {
                         self.applied.remove(&key);
                     } else {
@@ -327,6 +333,10 @@ impl Proxy {
                 Ok(Report {
                     services: dirty.len(),
                     objects,
+                    listed: match adopting {
+                        true => self.applier.listed.clone(),
+                        false => Vec::new(),
+                    },
                 })
             }
             Err(e) => {

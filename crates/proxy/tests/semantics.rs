@@ -868,9 +868,27 @@ fn incremental_syncs_leave_the_table_a_fresh_plan_describes() {
                 );
                 assert!(!whole.shared.is_empty() && !whole.hairpin.is_empty());
             }
+            // A restarted proxy adopts the table: nothing read whole, nothing sent.
+            let mut again = proxy::Proxy::new(cfg()).unwrap();
+            again.take_store(&store);
+            let report = again.sync().unwrap();
+            assert_eq!((report.objects, report.listed), (0, vec![]));
+            // Deleted while no proxy ran: the ledger tells the next one to read the sets whole.
+            let services = [svc("s11", spec(11))];
+            drop((again, p));
+            let mut again = proxy::Proxy::new(cfg()).unwrap();
+            let mut fewer = cluster::Store::new();
+            fewer.apply(listing(&services, &[]));
+            again.take_store(&fewer);
+            let report = again.sync().unwrap();
+            assert!(report.listed.contains(&"service-ips"), "{report:?}");
+            let held = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
+            // Its one frontend (without endpoints: rejected) is all that is left.
+            assert!(held.service_ips.is_empty(), "{:?}", held.service_ips);
+            assert_eq!(held.no_endpoints.len(), 1, "{:?}", held.no_endpoints);
             // No Service left: only the fixed part and the node's part are.
-            p.take_changes(&store.apply(listing(&[], &[])));
-            p.sync().unwrap();
+            again.take_changes(&fewer.apply(listing(&[], &[])));
+            again.sync().unwrap();
             let held = proxy::Applier::new().unwrap().adopt(&[]).unwrap();
             assert_eq!(held, proxy::plan::node_part(&cfg()));
         })
