@@ -216,19 +216,6 @@ impl<T: Resource> Shared<T> {
             _type: PhantomData,
         })
     }
-
-    /// `value`, on its own (tests, benches).
-    pub fn new(value: T) -> Shared<T> {
-        Shared {
-            object: Arc::new(value.into_object()),
-            _type: PhantomData,
-        }
-    }
-
-    /// The same allocation, for the store.
-    pub fn object(&self) -> &Arc<Object> {
-        &self.object
-    }
 }
 
 impl<T: Resource> std::ops::Deref for Shared<T> {
@@ -483,20 +470,17 @@ impl Store {
 
     /// Every object of a kind, in no particular order.
     pub fn list<T: Resource>(&self) -> impl Iterator<Item = &T> {
-        self.objects
-            .get(&T::KIND)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter_map(|o| T::from_object(o))
+        self.held(T::KIND).filter_map(|o| T::from_object(o))
     }
 
     /// Every object of a kind, shared with the store, in no particular order.
     pub fn list_shared<T: Resource>(&self) -> impl Iterator<Item = Shared<T>> + '_ {
-        self.objects
-            .get(&T::KIND)
-            .into_iter()
-            .flat_map(|m| m.values())
+        self.held(T::KIND)
             .filter_map(|o| Shared::from_arc(o.clone()))
+    }
+
+    fn held(&self, kind: Kind) -> impl Iterator<Item = &Arc<Object>> {
+        self.objects.get(&kind).into_iter().flat_map(|m| m.values())
     }
 
     pub fn count(&self, kind: Kind) -> usize {

@@ -101,6 +101,16 @@ fn word(b: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(b.try_into().ok()?))
 }
 
+/// Marks the pools of `map` read whole whose element 0 does not carry their seal (`seals`: the
+/// comment it carries, by frontend).
+fn note_unsealed(held: &mut Ruleset, map: &'static str, seals: &HashMap<Key, String>) {
+    for (key, seal_text) in seals {
+        if held.endpoints.get(&(map, *key)).map(seal).as_ref() != Some(seal_text) {
+            held.unsealed.insert((map, *key));
+        }
+    }
+}
+
 /// A `hairpin` element: `a . a`.
 fn hairpin_key(ip: &Ipv4Addr) -> Vec<u8> {
     [ip.octets(), ip.octets()].concat()
@@ -457,11 +467,7 @@ impl Applier {
                     held.endpoints.entry((map, key)).or_default().insert(i, b);
                 }
             }
-            for (key, seal_text) in seals {
-                if held.endpoints.get(&(map, key)).map(seal) != Some(seal_text) {
-                    held.unsealed.insert((map, key));
-                }
-            }
+            note_unsealed(held, map, &seals);
         }
         for map in ENDPOINT_MAPS {
             let found: usize = (held.endpoints.iter())
@@ -491,11 +497,11 @@ impl Applier {
                 seals.insert(key, e.comment.unwrap_or_default());
             }
         }
-        for ((m, key), pool) in &held.endpoints {
-            if *m == map && seals.get(key) != Some(&seal(pool)) {
-                held.unsealed.insert((map, *key));
-            }
+        // A pool without element 0 carries no seal at all.
+        for (_, key) in held.endpoints.keys().filter(|(m, _)| *m == map) {
+            seals.entry(*key).or_default();
         }
+        note_unsealed(held, map, &seals);
         Ok(())
     }
 

@@ -84,8 +84,9 @@ fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<ServiceKey, Vec<&Endpo
     by
 }
 
-/// Plans the whole table for this node: its [`node_part`] and every Service. Errors name the Service and field (a ClusterIP outside
-/// the service CIDR, a NodePort outside the range or taken twice).
+/// Plans the whole table for this node: its [`node_part`] and every Service. Errors name the
+/// Service and field (a ClusterIP outside the service CIDR, a NodePort outside the range or
+/// taken twice).
 pub fn plan(
     cfg: &Config,
     services: &[Service],

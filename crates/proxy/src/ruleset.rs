@@ -111,10 +111,7 @@ pub fn seal(pool: &Pool) -> String {
         h.update(ip.octets());
         h.update(port.to_be_bytes());
     }
-    let mut out: String = h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let mut out = hex(&h.finalize()[..8]);
     let mut sorted: Vec<&Backend> = pool.values().collect();
     sorted.sort();
     let order: Vec<usize> = pool
@@ -220,10 +217,11 @@ pub struct Ruleset {
 }
 
 pub(crate) fn hash(s: &str) -> String {
-    Sha256::digest(s.as_bytes())[..5]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(s.as_bytes())[..5])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An endpoint map's key shape: a frontend address or a NodePort.
@@ -527,8 +525,8 @@ impl Ruleset {
     /// How many elements each of the [`COUNTED`] sets holds: the ledger's content.
     pub fn counts(&self) -> [u32; COUNTED.len()] {
         let mut n = [0u32; COUNTED.len()];
-        for (map, elements) in self.map_elements() {
-            n[ledger_index(map).expect("counted")] = elements.len() as u32;
+        for map in IP_MAPS.iter().chain(&PORT_MAPS) {
+            n[ledger_index(map).expect("counted")] = self.verdict_elements(map).len() as u32;
         }
         for ((map, _), pool) in &self.endpoints {
             n[ledger_index(map).expect("counted")] += pool.len() as u32;

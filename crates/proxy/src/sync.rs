@@ -333,9 +333,10 @@ impl Proxy {
                 Ok(Report {
                     services: dirty.len(),
                     objects,
-                    listed: match adopting {
-                        true => self.applier.listed.clone(),
-                        false => Vec::new(),
+                    listed: if adopting {
+                        self.applier.listed.clone()
+                    } else {
+                        Vec::new()
                     },
                 })
             }
