@@ -482,6 +482,18 @@ impl Lab {
         )
     }
 
+    /// The last lines of a node agent's log, for an error that names the agent (the lab's
+    /// directory may be gone by the time someone reads the error).
+    fn agent_log_tail(&self, node: &str) -> String {
+        let Ok(text) = std::fs::read_to_string(self.dir.join(format!("logs/agent-{node}.log")))
+        else {
+            return String::new();
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
+        format!("\nlast lines of agent-{node}.log:\n  {tail}")
+    }
+
     /// Polls `laggards` until it names none; after 15 s, an error naming them.
     fn wait_for(
         &self,
@@ -495,8 +507,9 @@ impl Lab {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let tails: String = behind.iter().map(|b| self.agent_log_tail(b)).collect();
                 return Err(format!(
-                    "{what} within 15 s: {} (see {}/logs)",
+                    "{what} within 15 s: {} (see {}/logs){tails}",
                     behind.join(", "),
                     self.dir.display()
                 ));
