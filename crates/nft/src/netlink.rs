@@ -6,6 +6,7 @@
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use nix::sys::socket::{setsockopt, sockopt};
+use std::borrow::Borrow;
 use std::os::fd::AsRawFd;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -312,10 +313,22 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(family: u8, table: &str) -> Batch {
+        // The batch's begin message leads the buffer (its sequence number is set at the
+        // commit), so a commit sends the buffer as built, without a copy the batch's size.
+        let mut buf = Vec::new();
+        push_msg(
+            &mut buf,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            0,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
         Batch {
             family,
             table: table.to_string(),
-            buf: Vec::new(),
+            buf,
             messages: 0,
             next_set_id: 1,
         }
@@ -401,7 +414,12 @@ impl Batch {
         });
     }
 
-    fn elements(&mut self, ty: u16, set: &str, elements: &[Element]) {
+    fn elements<E: Borrow<Element>>(
+        &mut self,
+        ty: u16,
+        set: &str,
+        elements: impl IntoIterator<Item = E>,
+    ) {
         // An element already there is an error, not a silent no-op: what a caller counts is
         // what the kernel holds.
         let flags = if ty == NEWSETELEM {
@@ -410,10 +428,13 @@ impl Batch {
             0
         };
         // Kept well under the 64 KiB a netlink attribute can hold.
-        for chunk in elements.chunks(256) {
+        let mut elements = elements.into_iter().peekable();
+        while elements.peek().is_some() {
+            let chunk = elements.by_ref().take(256);
             self.msg(ty, flags, |a| {
                 a.str(2, set).nest(3, |list| {
                     for e in chunk {
+                        let e = e.borrow();
                         list.nest(1, |el| {
                             data_value(el, 1, &e.key);
                             match &e.data {
@@ -432,17 +453,18 @@ impl Batch {
     }
 
     /// Adds set or map elements (the key must not be present).
-    pub fn add_elements(&mut self, set: &str, elements: &[Element]) {
+    pub fn add_elements<E: Borrow<Element>>(
+        &mut self,
+        set: &str,
+        elements: impl IntoIterator<Item = E>,
+    ) {
         self.elements(NEWSETELEM, set, elements);
     }
 
     /// Deletes set or map elements by key.
     pub fn delete_elements(&mut self, set: &str, keys: &[Vec<u8>]) {
-        let elements: Vec<Element> = keys
-            .iter()
-            .map(|k| Element::new(k.clone(), Data::None))
-            .collect();
-        self.elements(DELSETELEM, set, &elements);
+        let elements = keys.iter().map(|k| Element::new(k.clone(), Data::None));
+        self.elements(DELSETELEM, set, elements);
     }
 }
 
@@ -575,20 +597,11 @@ impl Conn {
         // Sequence numbers: begin, each message, end. Only the last message asks for an ack;
         // failures are reported whatever the flags.
         let first = self.seq;
-        let mut buf = Vec::with_capacity(batch.buf.len() + 64);
-        push_msg(
-            &mut buf,
-            NFNL_MSG_BATCH_BEGIN,
-            NLM_F_REQUEST,
-            first,
-            0,
-            NFNL_SUBSYS_NFTABLES,
-            &[],
-        );
-        let mut at = 0;
+        let mut body = batch.buf;
+        body[8..12].copy_from_slice(&first.to_ne_bytes());
+        let mut at = u32::from_ne_bytes(body[..4].try_into().expect("4")) as usize;
         let mut seq = first;
         let mut last_seq = first;
-        let mut body = batch.buf;
         while at < body.len() {
             let len = u32::from_ne_bytes(body[at..at + 4].try_into().expect("4")) as usize;
             seq += 1;
@@ -600,7 +613,7 @@ impl Conn {
             }
             at += len;
         }
-        buf.extend_from_slice(&body);
+        let mut buf = body;
         push_msg(
             &mut buf,
             NFNL_MSG_BATCH_END,

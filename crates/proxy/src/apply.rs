@@ -12,9 +12,9 @@
 use crate::model::Proto;
 use crate::plan::pools_read_by;
 use crate::ruleset::{
-    chain_rank, fixed_object_count, keyed_by_ip, ledger_index, random_arms, seal, table_comment,
-    unseal, Backend, Diff, Key, Pool, Rule, Ruleset, AFFINITY, COUNTED, ENDPOINT_MAPS, HAIRPIN,
-    IP_MAPS, LEDGER, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
+    chain_rank, comment_cluster_cidr, fixed_object_count, keyed_by_ip, ledger_index, random_arms,
+    seal, unseal, Backend, Diff, Key, Pool, Rule, Ruleset, AFFINITY, COUNTED, ENDPOINT_MAPS,
+    HAIRPIN, IP_MAPS, LEDGER, MASQUERADE_CHAIN, PORT_MAPS, TABLE, TABLE_NAME,
 };
 use ipnet::Ipv4Net;
 use nft::netlink::{reg32, Batch, Conn, Data, Element, Expr, Verdict, FAMILY_IPV4, REG_1, REG_2};
@@ -317,9 +317,18 @@ impl Applier {
         self.counts = [0; COUNTED.len()];
         self.pending = [0; COUNTED.len()];
         self.listed.clear();
-        let Some((_, objects)) = info.filter(|(c, _)| *c == table_comment()) else {
-            nft::apply(&Ruleset::default().render()).map_err(|e| e.to_string())?;
-            return Ok(Ruleset::default());
+        // A table written for another cluster CIDR than the plan's is replaced (a plan without
+        // the node's part takes the table's).
+        let wanted = want.iter().find_map(|f| f.cluster_cidr);
+        let found = info.and_then(|(c, objects)| Some((comment_cluster_cidr(&c)?, objects)));
+        let Some((cluster_cidr, objects)) = found.filter(|(c, _)| wanted.is_none() || *c == wanted)
+        else {
+            let empty = Ruleset {
+                cluster_cidr: wanted,
+                ..Ruleset::default()
+            };
+            nft::apply(&empty.render()).map_err(|e| e.to_string())?;
+            return Ok(empty);
         };
         for e in self.conn.elements(FAMILY_IPV4, TABLE_NAME, LEDGER)? {
             let (Some(i), Data::Value(n)) = (word(&e.key), &e.data) else {
@@ -329,7 +338,10 @@ impl Applier {
                 *slot = n;
             }
         }
-        let mut held = Ruleset::default();
+        let mut held = Ruleset {
+            cluster_cidr,
+            ..Ruleset::default()
+        };
         for map in IP_MAPS.iter().chain(&PORT_MAPS) {
             let keys: Vec<Vec<u8>> = (want.iter())
                 .flat_map(|f| f.verdict_elements(map))
@@ -525,7 +537,13 @@ impl Applier {
         self.conn.elements(FAMILY_IPV4, TABLE_NAME, set)
     }
 
-    fn add_elements(&mut self, b: &mut Batch, set: &str, elements: &[Element]) {
+    /// Adds elements to `set`, encoded as they come (a cold start's are never all held at once).
+    fn add_elements<E: std::borrow::Borrow<Element>>(
+        &mut self,
+        b: &mut Batch,
+        set: &str,
+        elements: impl ExactSizeIterator<Item = E>,
+    ) {
         self.tally(set, elements.len() as i64);
         b.add_elements(set, elements);
     }
@@ -593,32 +611,24 @@ impl Applier {
         for (map, delete, add) in &diff.endpoints {
             let keys: Vec<Vec<u8>> = delete.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
             self.delete_elements(&mut b, map, &keys);
-            let elements: Vec<_> = add
-                .iter()
-                .map(|(k, i, e, seal)| Element {
-                    key: endpoint_key(k, *i),
-                    data: Data::Value(backend_bytes(e)),
-                    comment: seal.clone(),
-                })
-                .collect();
-            self.add_elements(&mut b, map, &elements);
+            let elements = add.iter().map(|(k, i, e, seal)| Element {
+                key: endpoint_key(k, *i),
+                data: Data::Value(backend_bytes(e)),
+                comment: seal.clone(),
+            });
+            self.add_elements(&mut b, map, elements);
         }
         let (unpin, pin) = &diff.hairpin;
         let unpin: Vec<_> = unpin.iter().map(hairpin_key).collect();
         self.delete_elements(&mut b, HAIRPIN, &unpin);
-        let pin: Vec<_> = pin
-            .iter()
-            .map(|a| Element::new(hairpin_key(a), Data::None))
-            .collect();
-        self.add_elements(&mut b, HAIRPIN, &pin);
+        let pin = pin.iter().map(|a| Element::new(hairpin_key(a), Data::None));
+        self.add_elements(&mut b, HAIRPIN, pin);
         for (map, delete, add) in &diff.maps {
             let keys: Vec<Vec<u8>> = delete.iter().map(key_bytes).collect();
             self.delete_elements(&mut b, map, &keys);
-            let elements: Vec<_> = add
-                .iter()
-                .map(|(k, c)| Element::new(key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))))
-                .collect();
-            self.add_elements(&mut b, map, &elements);
+            let elements = (add.iter())
+                .map(|(k, c)| Element::new(key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))));
+            self.add_elements(&mut b, map, elements);
         }
         if chunked {
             // The switch-over is one transaction whatever its size.

@@ -244,7 +244,8 @@ pub fn plan_host_ports(
 const HAIRPIN_MAX: u32 = 1 << 16;
 
 /// What the table holds for the node itself rather than for a Service: the `hairpin` pairs of
-/// its pod CIDR (the first [`HAIRPIN_MAX`] addresses of a larger one).
+/// its pod CIDR (the first [`HAIRPIN_MAX`] addresses of a larger one), and the cluster CIDR
+/// its table is written for.
 pub fn node_part(cfg: &Config) -> Ruleset {
     let first = u32::from(cfg.pod_cidr.network());
     let size = 1u64 << (32 - cfg.pod_cidr.prefix_len());
@@ -252,6 +253,7 @@ pub fn node_part(cfg: &Config) -> Ruleset {
         hairpin: (0..size.min(HAIRPIN_MAX as u64) as u32)
             .map(|i| Ipv4Addr::from(first + i))
             .collect(),
+        cluster_cidr: Some(cfg.cluster_cidr),
         ..Ruleset::default()
     }
 }

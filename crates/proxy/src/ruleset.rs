@@ -214,6 +214,10 @@ pub struct Ruleset {
     /// Pools found in the kernel whose element 0 does not carry their [`seal`] (an older agent
     /// wrote them): the next diff rewrites that element.
     pub unsealed: BTreeSet<(&'static str, Key)>,
+    /// The cluster CIDR that the shared chains test (the node part's). Their names do not say
+    /// it, so the table's comment does ([`table_comment`]): a table written for another CIDR
+    /// is replaced whole, not adopted.
+    pub cluster_cidr: Option<Ipv4Net>,
 }
 
 pub(crate) fn hash(s: &str) -> String {
@@ -320,13 +324,26 @@ pub fn fixed_object_count() -> usize {
     count(fixed_chains(), &["  chain "]) + count(declarations(), &["  map ", "  set "])
 }
 
-/// The table's comment: names the version of the fixed part, so an applier adopts a table
-/// only when its fixed part is the one this build writes.
-pub fn table_comment() -> String {
-    format!(
+/// The table's comment: names the version of the fixed part and the cluster CIDR the shared
+/// chains test, so an applier adopts a table only when both are the ones it would write.
+pub fn table_comment(cluster_cidr: Option<Ipv4Net>) -> String {
+    let version = format!(
         "flatnet service proxy {}",
         hash(&(declarations() + &fixed_chains()))
-    )
+    );
+    match cluster_cidr {
+        Some(c) => format!("{version}, cluster {c}"),
+        None => version,
+    }
+}
+
+/// The cluster CIDR a table's comment names, if the comment is one this build writes.
+pub fn comment_cluster_cidr(comment: &str) -> Option<Option<Ipv4Net>> {
+    let rest = comment.strip_prefix(&table_comment(None))?;
+    match rest.strip_prefix(", cluster ") {
+        Some(c) => Some(Some(c.parse().ok()?)),
+        None => rest.is_empty().then_some(None),
+    }
 }
 
 fn k3((ip, p, port): &IpKey) -> String {
@@ -479,6 +496,7 @@ impl Ruleset {
         self.health_checks.extend(other.health_checks);
         self.sets.extend(other.sets);
         self.unsealed.extend(other.unsealed);
+        self.cluster_cidr = self.cluster_cidr.or(other.cluster_cidr);
     }
 
     /// Reorders this ruleset's endpoint pools so that what `old` (the kernel's) holds keeps its
@@ -542,7 +560,7 @@ impl Ruleset {
         let _ = writeln!(
             o,
             "add table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n  comment {}",
-            nft::quote(&table_comment())
+            nft::quote(&table_comment(self.cluster_cidr))
         );
         o.push_str(&declarations());
         for (set, t) in &self.sets {

@@ -130,8 +130,12 @@ impl Proxy {
         })
     }
 
-    /// New node facts (addresses, CIDRs): every Service is re-planned.
+    /// New node facts (addresses, CIDRs): every Service is re-planned. A new cluster CIDR
+    /// replaces the table whole (see [`Ruleset::cluster_cidr`]).
     pub fn set_config(&mut self, cfg: Config) {
+        if cfg.cluster_cidr != self.cfg.cluster_cidr {
+            self.adopted = false;
+        }
         if cfg != self.cfg {
             self.cfg = cfg;
             self.dirty.extend(self.services.keys().cloned());

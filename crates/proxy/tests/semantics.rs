@@ -495,8 +495,11 @@ fn native_batches_build_the_table_the_text_describes_and_are_adopted() {
             let held = a.adopt(&[&rs]).unwrap();
             assert_eq!(
                 held,
-                proxy::Ruleset::default(),
-                "a fresh table holds nothing"
+                proxy::Ruleset {
+                    cluster_cidr: rs.cluster_cidr,
+                    ..proxy::Ruleset::default()
+                },
+                "a fresh table holds nothing but is written for the plan's cluster CIDR"
             );
             a.apply(&proxy::ruleset::diff(&held, &rs)).unwrap();
             let listing = nft::list_table(proxy::ruleset::TABLE).unwrap().unwrap();
@@ -958,6 +961,57 @@ fn a_nodeport_claimed_twice_goes_to_the_first_however_many_are_planned() {
                 p.errors[&key(1400)],
                 "Service default/s1400: spec.ports[0].nodePort: 30001/tcp is already used by default/s0100"
             );
+        })
+        .unwrap();
+}
+
+/// The shared chains test the cluster CIDR, which their names do not say: a new CIDR (node
+/// facts changed, or an agent restarted with another) replaces them, never leaves the old one.
+#[test]
+fn a_new_cluster_cidr_replaces_the_chains_that_test_it() {
+    if !netns::can_create() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let moved = Config {
+        cluster_cidr: "10.200.0.0/16".parse().unwrap(),
+        ..cfg()
+    };
+    let services = [svc("web", json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}))];
+    let eps = [
+        ("10.244.1.2", "node-2", true, true, false),
+        ("10.244.2.2", "node-3", true, true, false),
+    ];
+    let slices = [slice("web", "", 8080, &eps)];
+    let tmp = netns::TempNetNs::new("fnt-pxc").unwrap();
+    tmp.ns()
+        .run(|| {
+            let table = || nft::list_table(proxy::ruleset::TABLE).unwrap().unwrap();
+            let mut store = cluster::Store::new();
+            store.apply(listing(&services, &slices));
+            let mut p = proxy::Proxy::new(cfg()).unwrap();
+            p.take_store(&store);
+            p.sync().unwrap();
+            assert!(table().contains("10.244.0.0/16"), "{}", table());
+            p.set_config(moved.clone());
+            p.sync().unwrap();
+            let text = table();
+            assert!(text.contains("10.200.0.0/16"), "{text}");
+            assert!(!text.contains("10.244.0.0/16"), "{text}");
+            // A restarted agent with the first CIDR again.
+            drop(p);
+            let mut again = proxy::Proxy::new(cfg()).unwrap();
+            again.take_store(&store);
+            again.sync().unwrap();
+            let text = table();
+            assert!(text.contains("10.244.0.0/16"), "{text}");
+            assert!(!text.contains("10.200.0.0/16"), "{text}");
+            // The kernel holds what a fresh plan describes.
+            let mut whole = plan(&cfg(), &services, &slices).unwrap();
+            let held = proxy::Applier::new().unwrap().adopt(&[&whole]).unwrap();
+            whole.keep_positions(&held);
+            let left = proxy::ruleset::diff(&held, &whole);
+            assert!(left.is_empty(), "{left:?}");
         })
         .unwrap();
 }
