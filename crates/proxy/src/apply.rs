@@ -384,7 +384,7 @@ impl Applier {
         }
         let mut chains: BTreeSet<&str> = want
             .iter()
-            .flat_map(|f| f.chains.keys().chain(f.shared.keys()))
+            .flat_map(|f| f.chains.keys().chain(&f.shared))
             .map(String::as_str)
             .collect();
         chains.extend(

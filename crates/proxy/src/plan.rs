@@ -292,10 +292,106 @@ impl Frontend {
     }
 }
 
-/// Adds a shared chain with a comment that says what it does, for `nft list` readers.
-fn shared(rs: &mut Ruleset, name: String, rules: Vec<Rule>, comment: String) -> String {
-    rs.comments.insert(name.clone(), comment);
-    rs.shared.insert(name.clone(), rules);
+/// A shared chain, as its name says it: which frontends, which path and how many endpoints
+/// (`nodeport-external-local-5-2`). What it holds follows from that and the cluster CIDR, so a
+/// fragment keeps only its name ([`shared_chain`] gives the rest).
+#[derive(Clone, Copy)]
+enum SharedChain {
+    /// Clients from outside the cluster masqueraded; one of N.
+    Cluster(Frontend, u32),
+    /// `externalTrafficPolicy: Cluster`: everyone masqueraded; one of N.
+    External(Frontend, u32),
+    /// `externalTrafficPolicy: Local` with N endpoints, M of them here: pods take the cluster
+    /// path, others one of the M, unmasqueraded.
+    ExternalLocal(Frontend, u32, u32),
+}
+
+impl SharedChain {
+    fn frontend(self) -> Frontend {
+        match self {
+            SharedChain::Cluster(f, _)
+            | SharedChain::External(f, _)
+            | SharedChain::ExternalLocal(f, ..) => f,
+        }
+    }
+
+    fn name(self) -> String {
+        let prefix = self.frontend().prefix();
+        match self {
+            SharedChain::Cluster(_, n) => format!("{prefix}cluster-{n}"),
+            SharedChain::External(_, n) => format!("{prefix}external-{n}"),
+            SharedChain::ExternalLocal(_, n, m) => format!("{prefix}external-local-{n}-{m}"),
+        }
+    }
+
+    fn parse(name: &str) -> Option<SharedChain> {
+        let (f, path) = match name.strip_prefix("nodeport-") {
+            Some(rest) => (Frontend::NodePort, rest),
+            None => (Frontend::Ip, name),
+        };
+        let count = |s: &str| -> Option<u32> {
+            // Only the form `name` writes: no sign, no leading zero.
+            (s == "0" || !s.starts_with(['0', '+'])).then(|| s.parse().ok())?
+        };
+        if let Some(rest) = path.strip_prefix("external-local-") {
+            let (n, m) = rest.split_once('-')?;
+            Some(SharedChain::ExternalLocal(f, count(n)?, count(m)?))
+        } else if let Some(n) = path.strip_prefix("external-") {
+            Some(SharedChain::External(f, count(n)?))
+        } else {
+            Some(SharedChain::Cluster(
+                f,
+                count(path.strip_prefix("cluster-")?)?,
+            ))
+        }
+    }
+
+    fn rules(self, cluster_cidr: Ipv4Net) -> Vec<Rule> {
+        let (map, local_map) = self.frontend().maps();
+        match self {
+            SharedChain::Cluster(_, n) => {
+                vec![Rule::MasqUnlessFrom(cluster_cidr), Rule::Pick(map, n)]
+            }
+            SharedChain::External(_, n) => vec![Rule::Masq, Rule::Pick(map, n)],
+            SharedChain::ExternalLocal(f, n, m) => vec![
+                Rule::GotoIfFrom(cluster_cidr, SharedChain::Cluster(f, n).name()),
+                Rule::Pick(local_map, m),
+            ],
+        }
+    }
+
+    fn comment(self) -> String {
+        let f = self.frontend();
+        let (map, local_map) = f.maps();
+        match self {
+            SharedChain::Cluster(_, n) => format!(
+                "{}, cluster path: one of {n} in @{map}; clients from outside the cluster masqueraded",
+                f.what()
+            ),
+            SharedChain::External(_, n) => format!(
+                "{}, externalTrafficPolicy Cluster: one of {n} in @{map}, masqueraded",
+                f.what()
+            ),
+            SharedChain::ExternalLocal(_, _, m) => format!(
+                "{}, externalTrafficPolicy Local: pods as in-cluster, others one of {m} in @{local_map}, unmasqueraded",
+                f.what()
+            ),
+        }
+    }
+}
+
+/// A shared chain's rules and comment, from its name and the cluster CIDR; `None` for other
+/// names.
+pub fn shared_chain(name: &str, cluster_cidr: Ipv4Net) -> Option<(Vec<Rule>, String)> {
+    let c = SharedChain::parse(name)?;
+    Some((c.rules(cluster_cidr), c.comment()))
+}
+
+/// Adds a shared chain to a fragment: its name, and the cluster CIDR its rules test.
+fn shared(rs: &mut Ruleset, cfg: &Config, chain: SharedChain) -> String {
+    let name = chain.name();
+    rs.shared.insert(name.clone());
+    rs.cluster_cidr = Some(cfg.cluster_cidr);
     name
 }
 
@@ -303,36 +399,19 @@ fn shared(rs: &mut Ruleset, name: String, rules: Vec<Rule>, comment: String) -> 
 /// (its frontend's pool sizes): what an applier adopting a table expects behind a map element
 /// that goes to `chain`. Per-Service chains read none.
 pub fn pools_read_by(chain: &str) -> Vec<(&'static str, u32)> {
-    let (f, path) = match chain.strip_prefix("nodeport-") {
-        Some(rest) => (Frontend::NodePort, rest),
-        None => (Frontend::Ip, chain),
+    let Some(c) = SharedChain::parse(chain) else {
+        return Vec::new();
     };
-    let (map, local_map) = f.maps();
-    let counts = |s: &str| -> Option<Vec<u32>> { s.split('-').map(|n| n.parse().ok()).collect() };
-    let parsed = path
-        .strip_prefix("external-local-")
-        .map(|rest| (true, rest))
-        .or_else(|| path.strip_prefix("external-").map(|rest| (false, rest)))
-        .or_else(|| path.strip_prefix("cluster-").map(|rest| (false, rest)));
-    match parsed.and_then(|(local, rest)| Some((local, counts(rest)?))) {
-        Some((false, c)) if c.len() == 1 => vec![(map, c[0])],
-        Some((true, c)) if c.len() == 2 => vec![(map, c[0]), (local_map, c[1])],
-        _ => Vec::new(),
+    let (map, local_map) = c.frontend().maps();
+    match c {
+        SharedChain::Cluster(_, n) | SharedChain::External(_, n) => vec![(map, n)],
+        SharedChain::ExternalLocal(_, n, m) => vec![(map, n), (local_map, m)],
     }
 }
 
 /// The cluster path for `n` endpoints: clients from outside the cluster are masqueraded.
 fn cluster_chain(rs: &mut Ruleset, cfg: &Config, f: Frontend, n: u32) -> String {
-    let (map, _) = f.maps();
-    shared(
-        rs,
-        format!("{}cluster-{n}", f.prefix()),
-        vec![Rule::MasqUnlessFrom(cfg.cluster_cidr), Rule::Pick(map, n)],
-        format!(
-            "{}, cluster path: one of {n} in @{map}; clients from outside the cluster masqueraded",
-            f.what()
-        ),
-    )
+    shared(rs, cfg, SharedChain::Cluster(f, n))
 }
 
 /// The external path: everyone masqueraded (`Cluster` policy), or (`Local`, with `m` endpoints
@@ -344,28 +423,12 @@ fn external_chain(
     n: u32,
     local: Option<u32>,
 ) -> String {
-    let (map, local_map) = f.maps();
     match local {
-        None => shared(
-            rs,
-            format!("{}external-{n}", f.prefix()),
-            vec![Rule::Masq, Rule::Pick(map, n)],
-            format!(
-                "{}, externalTrafficPolicy Cluster: one of {n} in @{map}, masqueraded",
-                f.what()
-            ),
-        ),
+        None => shared(rs, cfg, SharedChain::External(f, n)),
         Some(m) => {
-            let cluster = cluster_chain(rs, cfg, f, n);
-            shared(
-                rs,
-                format!("{}external-local-{n}-{m}", f.prefix()),
-                vec![Rule::GotoIfFrom(cfg.cluster_cidr, cluster), Rule::Pick(local_map, m)],
-                format!(
-                    "{}, externalTrafficPolicy Local: pods as in-cluster, others one of {m} in @{local_map}, unmasqueraded",
-                    f.what()
-                ),
-            )
+            // The chain it goes to for pods is in the table too.
+            cluster_chain(rs, cfg, f, n);
+            shared(rs, cfg, SharedChain::ExternalLocal(f, n, m))
         }
     }
 }

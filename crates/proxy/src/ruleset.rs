@@ -5,6 +5,7 @@
 use crate::model::Proto;
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -203,9 +204,10 @@ pub struct Ruleset {
     pub hairpin: BTreeSet<Ipv4Addr>,
     /// Per-Service chains (affinity, source ranges, hostPorts).
     pub chains: BTreeMap<String, Vec<Rule>>,
-    /// Shared chains (one per path and endpoint count) this ruleset's elements go to.
-    pub shared: BTreeMap<String, Vec<Rule>>,
-    /// Chain → the Service port it belongs to (a comment in the ruleset).
+    /// Shared chains (one per path and endpoint count) this ruleset's elements go to, by name:
+    /// their rules and comments follow from it (see [`Ruleset::chain_rules`]).
+    pub shared: BTreeSet<String>,
+    /// Per-Service chain → the Service port it belongs to (a comment in the ruleset).
     pub comments: BTreeMap<String, String>,
     /// `healthCheckNodePort` → this node's endpoint count (for `externalTrafficPolicy: Local`).
     pub health_checks: BTreeMap<u16, usize>,
@@ -474,6 +476,28 @@ fn keep_positions(new: &Pool, old: &Pool) -> Pool {
 }
 
 impl Ruleset {
+    /// A chain's rules: a per-Service chain's own, a shared chain's from its name and the
+    /// cluster CIDR.
+    pub fn chain_rules(&self, name: &str) -> Option<Cow<'_, [Rule]>> {
+        match self.chains.get(name) {
+            Some(rules) => Some(Cow::Borrowed(rules)),
+            None => Some(Cow::Owned(self.shared_chain(name)?.0)),
+        }
+    }
+
+    /// A chain's comment (what it does, or which Service port it serves).
+    pub fn chain_comment(&self, name: &str) -> Option<Cow<'_, str>> {
+        match self.comments.get(name) {
+            Some(c) => Some(Cow::Borrowed(c)),
+            None => Some(Cow::Owned(self.shared_chain(name)?.1)),
+        }
+    }
+
+    fn shared_chain(&self, name: &str) -> Option<(Vec<Rule>, String)> {
+        let cidr = self.cluster_cidr.filter(|_| self.shared.contains(name))?;
+        crate::plan::shared_chain(name, cidr)
+    }
+
     /// The NodePorts this ruleset serves or rejects on.
     pub fn claimed_node_ports(&self) -> impl Iterator<Item = &PortKey> {
         self.node_ports.keys().chain(&self.no_endpoint_node_ports)
@@ -567,12 +591,12 @@ impl Ruleset {
             let _ = writeln!(o, "  set {set} {{\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout {t}s\n  }}");
         }
         o.push_str(&fixed_chains());
-        for (name, rules) in self.chains.iter().chain(&self.shared) {
+        for name in self.chains.keys().chain(&self.shared) {
             let _ = writeln!(o, "  chain {name} {{");
-            if let Some(c) = self.comments.get(name) {
-                let _ = writeln!(o, "    comment {}", nft::quote(c));
+            if let Some(c) = self.chain_comment(name) {
+                let _ = writeln!(o, "    comment {}", nft::quote(&c));
             }
-            for r in rules {
+            for r in self.chain_rules(name).unwrap_or_default().iter() {
                 let _ = writeln!(o, "    {}", render_rule(r));
             }
             let _ = writeln!(o, "  }}");
@@ -701,11 +725,14 @@ fn diff_parts(old: &Ruleset, new: &[&Ruleset], with_shared: bool) -> Diff {
             }
         }
         let shared = f.shared.iter().filter(|_| with_shared);
-        for (name, rules) in f.chains.iter().chain(shared) {
-            let held = old.chains.contains_key(name) || old.shared.contains_key(name);
+        for name in f.chains.keys().chain(shared) {
+            let held = old.chains.contains_key(name) || old.shared.contains(name);
             if wanted_chains.insert(name) && !held {
-                d.new_chains
-                    .push((name.clone(), rules.clone(), f.comments.get(name).cloned()));
+                d.new_chains.push((
+                    name.clone(),
+                    f.chain_rules(name).unwrap_or_default().into_owned(),
+                    f.chain_comment(name).map(Cow::into_owned),
+                ));
             }
         }
         for (map, elements) in f.map_elements() {
@@ -716,7 +743,7 @@ fn diff_parts(old: &Ruleset, new: &[&Ruleset], with_shared: bool) -> Diff {
     d.gone_chains = old
         .chains
         .keys()
-        .chain(old.shared.keys().filter(|_| with_shared))
+        .chain(old.shared.iter().filter(|_| with_shared))
         .filter(|n| !wanted_chains.contains(n.as_str()))
         .cloned()
         .collect();

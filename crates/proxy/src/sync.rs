@@ -8,7 +8,7 @@
 
 use crate::apply::Applier;
 use crate::model::Config;
-use crate::plan::{node_part, plan_host_ports, plan_service, pod_key, ServiceKey};
+use crate::plan::{node_part, plan_host_ports, plan_service, pod_key, shared_chain, ServiceKey};
 use crate::ruleset::{diff_all, diff_own, Diff, PortKey, Ruleset};
 use cluster::manifests::namespaced;
 use cluster::store::slice_service;
@@ -373,16 +373,12 @@ impl Proxy {
         let (born, gone) = self.shared.update(
             olds()
                 .zip(planned.iter())
-                .map(|(old, (_, new))| (old.shared.keys().collect(), new.shared.keys().collect())),
+                .map(|(old, (_, new))| (old.shared.iter().collect(), new.shared.iter().collect())),
         );
         for name in born {
-            let (_, new) = planned
-                .iter()
-                .find(|(_, f)| f.shared.contains_key(&name))
-                .expect("a user");
-            let comment = new.comments.get(&name).cloned();
-            d.new_chains
-                .push((name.clone(), new.shared[&name].clone(), comment));
+            let (rules, comment) =
+                shared_chain(&name, self.cfg.cluster_cidr).expect("a shared chain's name");
+            d.new_chains.push((name, rules, Some(comment)));
         }
         d.gone_chains.extend(gone);
         let objects = d.size();
@@ -411,7 +407,7 @@ impl Proxy {
         let mut shared = Counts::default();
         shared.update(
             want.iter()
-                .map(|f| (HashSet::new(), f.shared.keys().collect())),
+                .map(|f| (HashSet::new(), f.shared.iter().collect())),
         );
         self.shared = shared;
         self.adopted = true;

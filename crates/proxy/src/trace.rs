@@ -75,8 +75,8 @@ fn walk(rs: &Ruleset, chain: &str, p: &Packet, mut masq: bool, depth: usize) -> 
     if depth > 16 {
         return Verdict::Dropped; // a loop would be a planner bug; the kernel refuses loops too
     }
-    let rules = rs.chains.get(chain).or_else(|| rs.shared.get(chain));
-    for rule in rules.into_iter().flatten() {
+    let rules = rs.chain_rules(chain).unwrap_or_default();
+    for rule in rules.iter() {
         match rule {
             Rule::MasqUnlessFrom(c) => masq |= !c.contains(&p.src),
             Rule::Masq => masq = true,
@@ -157,7 +157,7 @@ pub fn explain(rs: &Ruleset, p: &Packet) -> String {
         })
         .unwrap_or_default();
     let path = chain
-        .and_then(|c| Some(format!("\n  via chain {c}: {}", rs.comments.get(c)?)))
+        .and_then(|c| Some(format!("\n  via chain {c}: {}", rs.chain_comment(c)?)))
         .unwrap_or_default();
     match trace(rs, p) {
         Verdict::Untouched => format!("{what}: not a Service frontend; routed as is"),
