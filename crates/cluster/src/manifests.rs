@@ -224,7 +224,11 @@ impl Manifests {
             .chain(namespaces.into_iter().map(Resource::into_object))
             .chain(pods.into_iter().map(Resource::into_object))
             .chain(services.into_iter().map(Resource::into_object))
-            .chain(endpoint_slices.into_iter().map(Resource::into_object))
+            .chain(
+                endpoint_slices
+                    .into_iter()
+                    .map(|s| crate::slim::EndpointSlice::from(s).into_object()),
+            )
     }
 }
 

@@ -58,7 +58,7 @@ impl NodeInfo {
 pub struct ClusterState {
     pub nodes: Vec<NodeInfo>,
     pub services: Vec<k8s_openapi::api::core::v1::Service>,
-    pub endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    pub endpoint_slices: Vec<crate::slim::EndpointSlice>,
     /// Pods (DNS answers `a-b-c-d.<ns>.pod` only for pods that exist, in its `verified` mode).
     pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
 }

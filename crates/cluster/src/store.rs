@@ -13,10 +13,10 @@
 //! Cost: applying an update is a hash lookup and one comparison of the object with the one held
 //! (an unchanged object, as a resync brings, changes nothing); a re-list costs the listing.
 
+use crate::slim::EndpointSlice;
 use crate::source::ClusterState;
 use crate::ModelError;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;

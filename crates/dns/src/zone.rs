@@ -27,12 +27,12 @@
 //! forwarded, as CoreDNS's `fallthrough in-addr.arpa ip6.arpa`.
 
 use cluster::manifests::namespaced;
+use cluster::slim::EndpointSlice;
 use cluster::store::{slice_service, Change, Key, Kind, Resource, Store, Update};
 use cluster::ClusterState;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;

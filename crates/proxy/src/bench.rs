@@ -12,9 +12,9 @@
 
 use crate::ruleset::{diff, Rule, Ruleset};
 use crate::{Applier, Config, Proto, Proxy};
+use cluster::slim::EndpointSlice;
 use cluster::{Resource, Store, Update};
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::time::{Duration, Instant};
 
 fn nth(base: [u8; 4], n: usize) -> String {

@@ -4,10 +4,10 @@
 //! name: the EndpointSlice controller has already resolved named `targetPort`s to numbers.
 
 use cluster::manifests::{describe, namespaced};
+use cluster::slim::EndpointSlice;
 use cluster::ModelError;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::net::Ipv4Addr;
 
 /// What a node's proxy needs to know besides the objects.

@@ -42,11 +42,11 @@ use crate::ruleset::{
     NODEPORT_ENDPOINTS, NODEPORT_LOCAL_ENDPOINTS,
 };
 use cluster::manifests::namespaced;
+use cluster::slim::EndpointSlice;
 use cluster::store::slice_service;
 use cluster::ModelError;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 

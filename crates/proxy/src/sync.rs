@@ -11,10 +11,10 @@ use crate::model::Config;
 use crate::plan::{node_part, plan_host_ports, plan_service, pod_key, shared_chain, ServiceKey};
 use crate::ruleset::{diff_all, diff_own, Diff, PortKey, Ruleset};
 use cluster::manifests::namespaced;
+use cluster::slim::EndpointSlice;
 use cluster::store::slice_service;
 use cluster::{Change, Kind, ModelError, Shared, Store};
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 

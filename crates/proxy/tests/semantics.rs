@@ -26,7 +26,7 @@ fn slice(
     port_name: &str,
     port: u16,
     eps: &[(&str, &str, bool, bool, bool)],
-) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+) -> cluster::slim::EndpointSlice {
     let endpoints: Vec<_> = eps
         .iter()
         .map(|(ip, node, ready, serving, terminating)| {
@@ -42,7 +42,7 @@ fn slice(
 /// A full listing of these Services and slices, as a source sends it after a re-list.
 fn listing(
     services: &[k8s_openapi::api::core::v1::Service],
-    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    slices: &[cluster::slim::EndpointSlice],
 ) -> Vec<Update> {
     let kinds = [Kind::Service, Kind::EndpointSlice];
     let objects = (services.iter().map(|s| s.clone().into_object()))
