@@ -2,7 +2,8 @@
 //! and the table never listed back in the steady state. A diff that fits one batch is one
 //! atomic transaction. A larger one (a cold start) goes in several, ordered so every state in
 //! between is whole: sets and chains first (nothing refers to them yet), then every map element
-//! at once (the switch-over), then the removals. (Through `nft -f`, 4k Services × 10 endpoints
+//! at once (the switch-over; in steps of [`ELEMENT_STEP`] when nothing is deleted, endpoints
+//! before the frontends that read them), then the removals. (Through `nft -f`, 4k Services × 10 endpoints
 //! took 33 s in one transaction, most of it in the kernel binding one anonymous `numgen` map per
 //! Service; the planner now picks endpoints with plain rules, and this path spawns nothing.)
 //!
@@ -23,6 +24,8 @@ use std::net::Ipv4Addr;
 
 /// Messages per transaction when a diff has to be split.
 const CHUNK: usize = 20_000;
+/// Elements per transaction when a large diff only adds them.
+const ELEMENT_STEP: usize = 65_536;
 
 fn proto_number(p: Proto) -> u8 {
     match p {
@@ -608,15 +611,22 @@ impl Applier {
         if chunked {
             self.commit(std::mem::replace(&mut b, self.batch()))?;
         }
+        // A large diff that only adds (a cold start) has no switch-over to keep whole: its
+        // elements go in steps (endpoints before the frontends that read them), so no batch
+        // holds them all.
+        let stepwise = chunked && diff.adds_only();
         for (map, delete, add) in &diff.endpoints {
             let keys: Vec<Vec<u8>> = delete.iter().map(|(k, i)| endpoint_key(k, *i)).collect();
             self.delete_elements(&mut b, map, &keys);
-            let elements = add.iter().map(|(k, i, e, seal)| Element {
-                key: endpoint_key(k, *i),
-                data: Data::Value(backend_bytes(e)),
-                comment: seal.clone(),
-            });
-            self.add_elements(&mut b, map, elements);
+            for part in add.chunks(ELEMENT_STEP) {
+                let elements = part.iter().map(|(k, i, e, seal)| Element {
+                    key: endpoint_key(k, *i),
+                    data: Data::Value(backend_bytes(e)),
+                    comment: seal.clone(),
+                });
+                self.add_elements(&mut b, map, elements);
+                self.step(&mut b, stepwise)?;
+            }
         }
         let (unpin, pin) = &diff.hairpin;
         let unpin: Vec<_> = unpin.iter().map(hairpin_key).collect();
@@ -626,9 +636,13 @@ impl Applier {
         for (map, delete, add) in &diff.maps {
             let keys: Vec<Vec<u8>> = delete.iter().map(key_bytes).collect();
             self.delete_elements(&mut b, map, &keys);
-            let elements = (add.iter())
-                .map(|(k, c)| Element::new(key_bytes(k), Data::Verdict(Verdict::Goto(c.clone()))));
-            self.add_elements(&mut b, map, elements);
+            for part in add.chunks(ELEMENT_STEP) {
+                let elements = (part.iter()).map(|(k, c)| {
+                    Element::new(key_bytes(k), Data::Verdict(Verdict::Goto(c.clone())))
+                });
+                self.add_elements(&mut b, map, elements);
+                self.step(&mut b, stepwise)?;
+            }
         }
         if chunked {
             // The switch-over is one transaction whatever its size.
@@ -645,6 +659,14 @@ impl Applier {
             b.delete_set(set);
         }
         self.commit(b)
+    }
+
+    /// Commits what `b` holds when a diff goes in steps.
+    fn step(&mut self, b: &mut Batch, stepwise: bool) -> Result<(), String> {
+        if stepwise && !b.is_empty() {
+            self.commit(std::mem::replace(b, self.batch()))?;
+        }
+        Ok(())
     }
 
     fn flush_if_full(&mut self, b: &mut Batch, chunked: bool) -> Result<(), String> {

@@ -413,6 +413,13 @@ impl Diff {
         self.size() == 0
     }
 
+    /// Whether no map or set element is deleted (nothing the kernel holds is replaced).
+    pub fn adds_only(&self) -> bool {
+        self.endpoints.iter().all(|(_, d, _)| d.is_empty())
+            && self.maps.iter().all(|(_, d, _)| d.is_empty())
+            && self.hairpin.0.is_empty()
+    }
+
     /// Adds the diff of another, disjoint fragment.
     pub fn extend(&mut self, other: Diff) {
         self.new_sets.extend(other.new_sets);
