@@ -516,7 +516,7 @@ impl Builder {
                         continue;
                     };
                     match &e.hostname {
-                        Some(h) if !h.is_empty() => eps.push((ip, true, h.clone())),
+                        Some(h) if !h.is_empty() => eps.push((ip, true, h.to_string())),
                         _ => eps.push((ip, false, dashed(ip))),
                     }
                 }

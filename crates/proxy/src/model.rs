@@ -53,7 +53,7 @@ impl Proto {
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub port: u16,
-    pub node: Option<String>,
+    pub node: Option<compact_str::CompactString>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
