@@ -46,6 +46,10 @@ pub const DEFAULT_ROOT: &str = "/var/lib/flatnet/lab";
 const INTERNET_HOST: &str = "203.0.113.10";
 const INTERNET_ROUTER: &str = "203.0.113.1";
 const CNI_VERSION: &str = "1.0.0";
+/// How long a command waits for every agent and DNS pod to load the state it wrote. Twice in CI,
+/// with a dozen labs starting at once on two CPUs, one of them missed a 15 s limit; the error now
+/// carries the laggard's log, should it miss this one.
+const SYNC_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodRecord {
@@ -482,25 +486,36 @@ impl Lab {
         )
     }
 
-    /// The last lines of a node agent's log, for an error that names the agent (the lab's
-    /// directory may be gone by the time someone reads the error).
-    fn agent_log_tail(&self, node: &str) -> String {
-        let Ok(text) = std::fs::read_to_string(self.dir.join(format!("logs/agent-{node}.log")))
-        else {
+    /// The last lines of the log of a laggard (a node's agent, or `dns/POD`), for an error
+    /// that names it (the lab's directory may be gone by the time someone reads the error).
+    fn agent_log_tail(&self, laggard: &str) -> String {
+        let file = match laggard.strip_prefix("dns/") {
+            None => Some(format!("agent-{laggard}.log")),
+            Some(pod) => std::fs::read_dir(self.dir.join("logs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .find(|f| f.starts_with("pod-") && f.contains(pod)),
+        };
+        let Some(file) = file else {
+            return String::new();
+        };
+        let Ok(text) = std::fs::read_to_string(self.dir.join("logs").join(&file)) else {
             return String::new();
         };
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
-        format!("\nlast lines of agent-{node}.log:\n  {tail}")
+        format!("\nlast lines of {file}:\n  {tail}")
     }
 
-    /// Polls `laggards` until it names none; after 15 s, an error naming them.
+    /// Polls `laggards` until it names none; after [`SYNC_WAIT`], an error naming them.
     fn wait_for(
         &self,
         what: &str,
         mut laggards: impl FnMut() -> Result<Vec<String>, String>,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + SYNC_WAIT;
         loop {
             let behind = laggards()?;
             if behind.is_empty() {
@@ -509,7 +524,8 @@ impl Lab {
             if Instant::now() > deadline {
                 let tails: String = behind.iter().map(|b| self.agent_log_tail(b)).collect();
                 return Err(format!(
-                    "{what} within 15 s: {} (see {}/logs){tails}",
+                    "{what} within {} s: {} (see {}/logs){tails}",
+                    SYNC_WAIT.as_secs(),
                     behind.join(", "),
                     self.dir.display()
                 ));
