@@ -303,19 +303,6 @@ async fn http_conn(server: Arc<Server>, mut s: TcpStream) {
         .await;
 }
 
-/// Hands memory freed after a load (the parsed objects: several times the zone's size) back to
-/// the system; glibc keeps it in its arenas otherwise, and RSS would show the peak of the
-/// largest load instead of what the server holds.
-fn release_freed_memory() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> i32;
-    }
-    // SAFETY: malloc_trim only walks glibc's own heap, under its own locks.
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
 /// Keeps the zone in step with the source: the first complete listing builds it, each later
 /// batch of changes updates only the records of the objects it touches.
 fn follow(
@@ -353,7 +340,8 @@ fn follow(
             None => {
                 let z = live.insert(LiveZone::new(&cfg, &store));
                 server.set_zone(z.zone());
-                release_freed_memory();
+                // The parsed objects were several times the zone's size.
+                cluster::release_freed_memory();
             }
         }
         metrics.count(&store);

@@ -488,7 +488,7 @@ impl Lab {
 
     /// The last lines of the log of a laggard (a node's agent, or `dns/POD`), for an error
     /// that names it (the lab's directory may be gone by the time someone reads the error).
-    fn agent_log_tail(&self, laggard: &str) -> String {
+    fn log_tail(&self, laggard: &str) -> String {
         let file = match laggard.strip_prefix("dns/") {
             None => Some(format!("agent-{laggard}.log")),
             Some(pod) => std::fs::read_dir(self.dir.join("logs"))
@@ -522,7 +522,7 @@ impl Lab {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let tails: String = behind.iter().map(|b| self.agent_log_tail(b)).collect();
+                let tails: String = behind.iter().map(|b| self.log_tail(b)).collect();
                 return Err(format!(
                     "{what} within {} s: {} (see {}/logs){tails}",
                     SYNC_WAIT.as_secs(),

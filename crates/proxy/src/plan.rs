@@ -329,10 +329,8 @@ impl SharedChain {
             Some(rest) => (Frontend::NodePort, rest),
             None => (Frontend::Ip, name),
         };
-        let count = |s: &str| -> Option<u32> {
-            // Only the form `name` writes: no sign, no leading zero.
-            (s == "0" || !s.starts_with(['0', '+'])).then(|| s.parse().ok())?
-        };
+        // Only the form `name` writes (no sign, no leading zero).
+        let count = |s: &str| s.parse::<u32>().ok().filter(|n| n.to_string() == s);
         if let Some(rest) = path.strip_prefix("external-local-") {
             let (n, m) = rest.split_once('-')?;
             Some(SharedChain::ExternalLocal(f, count(n)?, count(m)?))
