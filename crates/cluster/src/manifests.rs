@@ -7,6 +7,7 @@ use crate::{is_dns_subdomain, ModelError};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Default)]
@@ -20,7 +21,8 @@ pub struct Manifests {
     pub namespaces: Vec<Namespace>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
-    /// Other kinds (ConfigMap, NetworkPolicy, …), for the parts that will read them.
+    pub network_policies: Vec<NetworkPolicy>,
+    /// Other kinds (ConfigMap, Ingress, …), for the parts that will read them.
     pub other: Vec<Value>,
 }
 
@@ -152,6 +154,9 @@ impl Manifests {
             "EndpointSlice" => self
                 .endpoint_slices
                 .push(serde_json::from_value(doc).map_err(typed)?),
+            "NetworkPolicy" => self
+                .network_policies
+                .push(serde_json::from_value(doc).map_err(typed)?),
             _ => self.other.push(doc),
         }
         Ok(())
@@ -204,6 +209,7 @@ impl Manifests {
         self.namespaces.extend(other.namespaces);
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);
+        self.network_policies.extend(other.network_policies);
         self.other.extend(other.other);
         Ok(())
     }
@@ -218,6 +224,7 @@ impl Manifests {
             pods,
             services,
             endpoint_slices,
+            network_policies,
             ..
         } = self;
         (nodes.into_iter().map(Resource::into_object))
@@ -229,6 +236,7 @@ impl Manifests {
                     .into_iter()
                     .map(|s| crate::slim::EndpointSlice::from(s).into_object()),
             )
+            .chain(network_policies.into_iter().map(Resource::into_object))
     }
 }
 

@@ -17,6 +17,7 @@ use crate::slim::EndpointSlice;
 use crate::source::ClusterState;
 use crate::ModelError;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
@@ -30,15 +31,17 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Node,
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::NetworkPolicy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -59,6 +63,7 @@ impl Kind {
             Kind::Pod => ("", "pods"),
             Kind::Service => ("", "services"),
             Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+            Kind::NetworkPolicy => ("networking.k8s.io", "networkpolicies"),
         }
     }
 
@@ -81,6 +86,7 @@ pub enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl Update {
@@ -98,6 +104,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -108,6 +115,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -157,6 +165,9 @@ impl Object {
             Kind::Service => Service::into_object(serde_json::from_value(v).map_err(bad)?),
             Kind::EndpointSlice => {
                 EndpointSlice::into_object(serde_json::from_value(v).map_err(bad)?)
+            }
+            Kind::NetworkPolicy => {
+                NetworkPolicy::into_object(serde_json::from_value(v).map_err(bad)?)
             }
         })
     }
@@ -250,6 +261,7 @@ resource!(Namespace);
 resource!(Pod);
 resource!(Service);
 resource!(EndpointSlice);
+resource!(NetworkPolicy);
 
 /// What a source reports.
 #[derive(Debug, Clone, PartialEq)]

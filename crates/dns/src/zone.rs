@@ -609,7 +609,7 @@ impl LiveZone {
                 Kind::Pod => {
                     pods.insert(c.key.clone());
                 }
-                Kind::Node | Kind::Namespace => {}
+                Kind::Node | Kind::Namespace | Kind::NetworkPolicy => {}
             }
         }
         let mut changed = false;

@@ -136,6 +136,9 @@ pub enum Data {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
     pub key: Vec<u8>,
+    /// The last key of a range, in a set of concatenated ranges (`flags interval` with a
+    /// concatenated type, which the kernel keeps as one element from `key` to `key_end`).
+    pub key_end: Option<Vec<u8>>,
     pub data: Data,
     pub comment: Option<String>,
 }
@@ -144,8 +147,17 @@ impl Element {
     pub fn new(key: Vec<u8>, data: Data) -> Element {
         Element {
             key,
+            key_end: None,
             data,
             comment: None,
+        }
+    }
+
+    /// A range element of a concatenated interval set: `key` to `key_end`, both included.
+    pub fn range(key: Vec<u8>, key_end: Vec<u8>) -> Element {
+        Element {
+            key_end: Some(key_end),
+            ..Element::new(key, Data::None)
         }
     }
 }
@@ -437,6 +449,9 @@ impl Batch {
                         let e = e.borrow();
                         list.nest(1, |el| {
                             data_value(el, 1, &e.key);
+                            if let Some(end) = &e.key_end {
+                                data_value(el, 10, end);
+                            }
                             match &e.data {
                                 Data::Verdict(v) if ty == NEWSETELEM => data_verdict(el, 2, v),
                                 Data::Value(v) if ty == NEWSETELEM => data_value(el, 2, v),
@@ -465,6 +480,22 @@ impl Batch {
     pub fn delete_elements(&mut self, set: &str, keys: &[Vec<u8>]) {
         let elements = keys.iter().map(|k| Element::new(k.clone(), Data::None));
         self.elements(DELSETELEM, set, elements);
+    }
+
+    /// Deletes elements given whole (a range element is named by its key and key end).
+    pub fn remove_elements<E: Borrow<Element>>(
+        &mut self,
+        set: &str,
+        elements: impl IntoIterator<Item = E>,
+    ) {
+        self.elements(DELSETELEM, set, elements);
+    }
+
+    /// Removes every element of a set (what `nft flush set` sends).
+    pub fn flush_set(&mut self, set: &str) {
+        self.msg(DELSETELEM, 0, |a| {
+            a.str(2, set);
+        });
     }
 }
 
@@ -1012,7 +1043,12 @@ fn parse_elements(body: &[u8]) -> Vec<Element> {
                 Data::None
             };
             let comment = attr(&el, 6).map(|u| udata_comment(Some(u)));
-            out.push(Element { key, data, comment });
+            out.push(Element {
+                key,
+                key_end: None,
+                data,
+                comment,
+            });
         }
     }
     out

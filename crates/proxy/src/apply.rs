@@ -27,14 +27,6 @@ const CHUNK: usize = 20_000;
 /// Elements per transaction when a large diff only adds them.
 const ELEMENT_STEP: usize = 65_536;
 
-fn proto_number(p: Proto) -> u8 {
-    match p {
-        Proto::Tcp => 6,
-        Proto::Udp => 17,
-        Proto::Sctp => 132,
-    }
-}
-
 /// A map key as the kernel stores a concatenation: each field padded to 4 bytes.
 fn key_bytes(k: &Key) -> Vec<u8> {
     let mut b = Vec::with_capacity(12);
@@ -45,19 +37,14 @@ fn key_bytes(k: &Key) -> Vec<u8> {
         }
         Key::Port((proto, port)) => (*proto, *port),
     };
-    b.extend_from_slice(&[proto_number(proto), 0, 0, 0]);
+    b.extend_from_slice(&[proto.number(), 0, 0, 0]);
     b.extend_from_slice(&port.to_be_bytes());
     b.extend_from_slice(&[0, 0]);
     b
 }
 
 fn key_from_bytes(b: &[u8]) -> Option<Key> {
-    let proto = |n: u8| match n {
-        6 => Some(Proto::Tcp),
-        17 => Some(Proto::Udp),
-        132 => Some(Proto::Sctp),
-        _ => None,
-    };
+    let proto = Proto::from_number;
     match b.len() {
         12 => Some(Key::Ip((
             Ipv4Addr::new(b[0], b[1], b[2], b[3]),
@@ -252,7 +239,7 @@ fn add_rule(b: &mut Batch, chain: &str, rule: &Rule) {
             Expr::Cmp {
                 sreg: REG_1,
                 eq: true,
-                data: vec![proto_number(*proto)],
+                data: vec![proto.number()],
             },
             Expr::Immediate {
                 dreg: REG_1,
@@ -578,9 +565,8 @@ impl Applier {
                 b.add_elements(
                     LEDGER,
                     &[Element {
-                        key,
-                        data: Data::Value(counts[i].to_ne_bytes().to_vec()),
                         comment: Some(COUNTED[i].to_string()),
+                        ..Element::new(key, Data::Value(counts[i].to_ne_bytes().to_vec()))
                     }],
                 );
             }
@@ -620,9 +606,8 @@ impl Applier {
             self.delete_elements(&mut b, map, &keys);
             for part in add.chunks(ELEMENT_STEP) {
                 let elements = part.iter().map(|(k, i, e, seal)| Element {
-                    key: endpoint_key(k, *i),
-                    data: Data::Value(backend_bytes(e)),
                     comment: seal.clone(),
+                    ..Element::new(endpoint_key(k, *i), Data::Value(backend_bytes(e)))
                 });
                 self.add_elements(&mut b, map, elements);
                 self.step(&mut b, stepwise)?;

@@ -206,6 +206,7 @@ impl ApiServer {
                 cluster::Object::Pod(x) => serde_json::to_value(x),
                 cluster::Object::Service(x) => serde_json::to_value(x),
                 cluster::Object::EndpointSlice(x) => serde_json::to_value(x),
+                cluster::Object::NetworkPolicy(x) => serde_json::to_value(x),
             }
             .map_err(|e| e.to_string())?;
             v["kind"] = o.kind().name().into();

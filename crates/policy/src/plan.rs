@@ -1,0 +1,863 @@
+//! The policy planner: policies, pods and namespaces → the data of table `ip flatnet-policy`,
+//! kept up to date change by change.
+//!
+//! The table's chains are fixed ([`skeleton`]); everything that depends on the cluster is an
+//! element ([`Entry`]) of its sets and maps:
+//! - a **group** is the local pods one set of policies selects for a direction (with, for
+//!   ingress, the same named ports): most pods of a Deployment share one. `ingress-ids` /
+//!   `egress-ids` map each isolated local pod's address to its group's id (a `ct mark` value
+//!   for the lookups that follow).
+//! - a group's allows are keyed by its id: `…-any` (`id . peer`), for peers allowed on every
+//!   port; `…-ports` (`id . peer . l4proto . port`); `…-ranges` (the same fields as ranges, for
+//!   ipBlocks, whole protocols and `endPort`s). A peer pod is its address; an ipBlock minus its
+//!   excepts is a few address ranges.
+//! - `known-pods` holds this node's pods, `guard` the node's pod CIDR while any policy exists.
+//!
+//! How it scales: a group's allows are the sum of its policies' contributions, counted (two
+//! rules allowing the same peer give one element, kept until both are gone). Each policy's
+//! contribution is kept per direction as templates (named ingress ports stay names until a
+//! group resolves them on its pods), so
+//! - a pod's change (labels, address, ports) is tested against each policy's peers once and
+//!   changes the elements of the groups of the policies it enters or leaves;
+//! - a namespace's relabelling does that for the pods of the namespace, for the policies with
+//!   namespace selectors;
+//! - a policy's change recomputes its contribution (its peers among the pods: one namespace's
+//!   pods for plain `podSelector` peers) and the groups of this node's pods in its namespace;
+//! - elements are sent as a diff: one transaction of the elements that changed.
+
+use crate::engine::{Cluster, Packet};
+use crate::model::{namespace_labels, Direction, Key, Namespaces, Peer, PodFacts, Policy, PortRef};
+use cluster::store::{Change, Kind, Store};
+use cluster::{ModelError, Proto};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write;
+use std::net::Ipv4Addr;
+
+pub const TABLE_NAME: &str = "flatnet-policy";
+/// The table's comment: the version of its fixed part. A table with another is replaced.
+pub const VERSION: &str = "flatnet network policy v1";
+/// The nflog group denied packets are copied to.
+pub const LOG_GROUP: u16 = 4021;
+
+/// An allowed peer, without the group it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Allow {
+    /// A peer address, every protocol and port.
+    Any(Ipv4Addr),
+    /// A peer address, one protocol and port.
+    Port(Ipv4Addr, u8, u16),
+    /// Address, protocol and port ranges, inclusive.
+    Range {
+        addr: (Ipv4Addr, Ipv4Addr),
+        proto: (u8, u8),
+        port: (u16, u16),
+    },
+}
+
+impl Allow {
+    fn admits(&self, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+        match *self {
+            Allow::Any(a) => a == peer,
+            Allow::Port(a, p, n) => a == peer && p == proto && n == port,
+            Allow::Range { addr, proto: pr, port: po } => {
+                (addr.0..=addr.1).contains(&peer)
+                    && (pr.0..=pr.1).contains(&proto)
+                    && (po.0..=po.1).contains(&port)
+            }
+        }
+    }
+}
+
+/// One element of the table's sets and maps.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Entry {
+    /// `guard`: the node's pod CIDR, while any policy exists.
+    Guard(Ipv4Net),
+    /// `known-pods`: a pod of this node.
+    Known(Ipv4Addr),
+    /// `ingress-ids` / `egress-ids`: an isolated local pod's address and its group's id.
+    Id(Direction, Ipv4Addr, u32),
+    /// A group's allowed peer (`…-any`, `…-ports` or `…-ranges`).
+    Allow(Direction, u32, Allow),
+}
+
+impl Entry {
+    /// The set or map the entry belongs to.
+    pub fn set(&self) -> &'static str {
+        use Direction::*;
+        match self {
+            Entry::Guard(_) => "guard",
+            Entry::Known(_) => "known-pods",
+            Entry::Id(Ingress, ..) => "ingress-ids",
+            Entry::Id(Egress, ..) => "egress-ids",
+            Entry::Allow(Ingress, _, Allow::Any(_)) => "ingress-any",
+            Entry::Allow(Egress, _, Allow::Any(_)) => "egress-any",
+            Entry::Allow(Ingress, _, Allow::Port(..)) => "ingress-ports",
+            Entry::Allow(Egress, _, Allow::Port(..)) => "egress-ports",
+            Entry::Allow(Ingress, _, Allow::Range { .. }) => "ingress-ranges",
+            Entry::Allow(Egress, _, Allow::Range { .. }) => "egress-ranges",
+        }
+    }
+
+    /// The element as `nft` writes it.
+    pub fn render(&self) -> String {
+        let r = |a: Ipv4Addr, b: Ipv4Addr| if a == b { a.to_string() } else { format!("{a}-{b}") };
+        let n = |a: u32, b: u32| if a == b { a.to_string() } else { format!("{a}-{b}") };
+        match self {
+            Entry::Guard(net) => format!("{net} . 0.0.0.0/0"),
+            Entry::Known(ip) => ip.to_string(),
+            Entry::Id(_, ip, id) => format!("{ip} : {id:#010x}"),
+            Entry::Allow(_, id, Allow::Any(ip)) => format!("{id:#010x} . {ip}"),
+            Entry::Allow(_, id, Allow::Port(ip, p, port)) => format!("{id:#010x} . {ip} . {p} . {port}"),
+            Entry::Allow(_, id, Allow::Range { addr, proto, port }) => format!(
+                "{id:#010x} . {} . {} . {}",
+                r(addr.0, addr.1),
+                n(proto.0 as u32, proto.1 as u32),
+                n(port.0 as u32, port.1 as u32)
+            ),
+        }
+    }
+}
+
+/// The sets and maps of the table, with their types, in the order [`skeleton`] declares them.
+pub const SETS: [(&str, &str, bool); 10] = [
+    ("guard", "ipv4_addr . ipv4_addr", true),
+    ("known-pods", "ipv4_addr", false),
+    ("ingress-ids", "ipv4_addr : mark", false),
+    ("egress-ids", "ipv4_addr : mark", false),
+    ("ingress-any", "mark . ipv4_addr", false),
+    ("ingress-ports", "mark . ipv4_addr . inet_proto . inet_service", false),
+    ("ingress-ranges", "mark . ipv4_addr . inet_proto . inet_service", true),
+    ("egress-any", "mark . ipv4_addr", false),
+    ("egress-ports", "mark . ipv4_addr . inet_proto . inet_service", false),
+    ("egress-ranges", "mark . ipv4_addr . inet_proto . inet_service", true),
+];
+
+/// The table with its fixed chains and empty sets, except `guard`, which starts closed
+/// (`0.0.0.0/0`): until the first load lands, no forwarded packet of an unknown pod passes.
+pub fn skeleton() -> String {
+    let mut o = format!("table ip {TABLE_NAME} {{\n  comment \"{VERSION}\"\n");
+    for (name, ty, interval) in SETS {
+        let kind = if ty.contains(" : ") { "map" } else { "set" };
+        let _ = writeln!(o, "  {kind} {name} {{\n    type {ty}");
+        if interval {
+            o.push_str("    flags interval\n");
+        }
+        if name == "guard" {
+            o.push_str("    elements = { 0.0.0.0/0 . 0.0.0.0/0 }\n");
+        }
+        o.push_str("  }\n");
+    }
+    let _ = write!(
+        o,
+        r#"  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    ct state related accept
+    ct direction reply accept
+    ip saddr . ip daddr @guard ip saddr != @known-pods goto unknown-pod
+    ip daddr . ip saddr @guard ip daddr != @known-pods goto unknown-pod
+    ip saddr @egress-ids jump egress
+    ip daddr @ingress-ids jump ingress
+  }}
+  chain egress {{
+    ct mark set ip saddr map @egress-ids
+    ct mark . ip daddr @egress-any return
+    ct mark . ip daddr . meta l4proto . th dport @egress-ports return
+    ct mark . ip daddr . meta l4proto . th dport @egress-ranges return
+    limit rate 20/second burst 50 packets log prefix "egress " group {LOG_GROUP}
+    goto deny
+  }}
+  chain ingress {{
+    ct mark set ip daddr map @ingress-ids
+    ct mark . ip saddr @ingress-any return
+    ct mark . ip saddr . meta l4proto . th dport @ingress-ports return
+    ct mark . ip saddr . meta l4proto . th dport @ingress-ranges return
+    limit rate 20/second burst 50 packets log prefix "ingress " group {LOG_GROUP}
+    goto deny
+  }}
+  chain unknown-pod {{
+    limit rate 20/second burst 50 packets log prefix "unknown-pod " group {LOG_GROUP}
+    goto deny
+  }}
+  chain deny {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmp type admin-prohibited
+  }}
+}}
+"#
+    );
+    o
+}
+
+/// A policy's contribution before a group resolves it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Template {
+    Allow(Allow),
+    /// An ingress rule's named port: a number only on a destination pod.
+    Named {
+        addr: (Ipv4Addr, Ipv4Addr),
+        proto: Proto,
+        name: String,
+    },
+}
+
+/// Container ports by name, for resolving named ingress ports.
+type Resolver = Vec<(String, Proto, u16)>;
+/// A group: the policies selecting its pods (sorted) and, for ingress, the pods' named ports.
+type GroupKey = (Vec<Key>, Resolver);
+
+#[derive(Debug, Default)]
+struct Group {
+    id: u32,
+    members: usize,
+    allows: HashMap<Allow, u32>,
+}
+
+#[derive(Debug, Default)]
+struct Groups {
+    by_key: HashMap<GroupKey, Group>,
+    /// Each isolated local pod's group and address.
+    member: HashMap<Key, (GroupKey, Ipv4Addr)>,
+    of_policy: HashMap<Key, HashSet<GroupKey>>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+/// The planner: the cluster's policy facts and the table's data, with the changes not yet
+/// taken by the applier.
+#[derive(Debug, Default)]
+pub struct Planner {
+    pub cluster: Cluster,
+    node: String,
+    pod_cidr: Option<Ipv4Net>,
+    contrib: HashMap<(Key, Direction), HashMap<Template, u32>>,
+    groups: [Groups; 2],
+    /// Refused policies (their last good version, if any, stays in force).
+    pub errors: BTreeMap<Key, ModelError>,
+    pending: HashMap<Entry, i32>,
+}
+
+fn di(d: Direction) -> usize {
+    d as usize
+}
+
+const EVERYWHERE: (Ipv4Addr, Ipv4Addr) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
+
+/// The allow for an address span and one port spec (`None`: the rule names no ports).
+fn allow(addr: (Ipv4Addr, Ipv4Addr), proto: Option<Proto>, ports: (u16, u16)) -> Allow {
+    let single = addr.0 == addr.1;
+    match proto {
+        None if single => Allow::Any(addr.0),
+        None => Allow::Range {
+            addr,
+            proto: (0, 255),
+            port: (0, 65535),
+        },
+        Some(p) if single && ports.0 == ports.1 => Allow::Port(addr.0, p.number(), ports.0),
+        Some(p) => Allow::Range {
+            addr,
+            proto: (p.number(), p.number()),
+            port: ports,
+        },
+    }
+}
+
+fn resolve(t: &Template, resolver: &Resolver) -> Option<Allow> {
+    match t {
+        Template::Allow(a) => Some(*a),
+        Template::Named { addr, proto, name } => resolver
+            .iter()
+            .find(|(n, p, _)| n == name && p == proto)
+            .map(|(_, p, port)| allow(*addr, Some(*p), (*port, *port))),
+    }
+}
+
+/// What one rule gives for a peer span: one template per port spec (all ports when none).
+/// `destination` resolves egress named ports (the peer pod); ingress ones stay named.
+fn expand(
+    d: Direction,
+    addr: (Ipv4Addr, Ipv4Addr),
+    rule: &crate::model::Rule,
+    destination: Option<&PodFacts>,
+    out: &mut Vec<Template>,
+) {
+    if rule.ports.is_empty() {
+        out.push(Template::Allow(allow(addr, None, (0, 0))));
+        return;
+    }
+    for m in &rule.ports {
+        match &m.port {
+            PortRef::All => out.push(Template::Allow(allow(addr, Some(m.proto), (0, 65535)))),
+            PortRef::Range(a, b) => out.push(Template::Allow(allow(addr, Some(m.proto), (*a, *b)))),
+            PortRef::Named(name) => match d {
+                Direction::Ingress => out.push(Template::Named {
+                    addr,
+                    proto: m.proto,
+                    name: name.clone(),
+                }),
+                Direction::Egress => {
+                    if let Some(n) = destination.and_then(|q| q.named_port(name, m.proto)) {
+                        out.push(Template::Allow(allow(addr, Some(m.proto), (n, n))));
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn has_named(rule: &crate::model::Rule) -> bool {
+    rule.ports.iter().any(|m| matches!(m.port, PortRef::Named(_)))
+}
+
+/// The templates a policy's rules give without looking at pods: ipBlocks and "every peer".
+fn static_templates(p: &Policy, d: Direction) -> Vec<Template> {
+    let mut out = Vec::new();
+    for rule in p.rules(d).into_iter().flatten() {
+        let spans: Vec<(Ipv4Addr, Ipv4Addr)> = match &rule.peers {
+            None => vec![EVERYWHERE],
+            Some(peers) => peers
+                .iter()
+                .flat_map(|x| match x {
+                    Peer::Block { cidr, except } => Peer::ranges(*cidr, except),
+                    Peer::Pods { .. } => Vec::new(),
+                })
+                .collect(),
+        };
+        for span in spans {
+            // Egress named ports exist only on pods: those come from `pod_templates`.
+            expand(d, span, rule, None, &mut out);
+        }
+    }
+    out
+}
+
+/// The templates pod `q` gives a policy as a peer.
+fn pod_templates(c: &Cluster, p: &Policy, d: Direction, q: &PodFacts) -> Vec<Template> {
+    let mut out = Vec::new();
+    let Some(ip) = q.ip.filter(|_| !q.host_network) else {
+        return out;
+    };
+    for rule in p.rules(d).into_iter().flatten() {
+        let by_selector = rule
+            .peers
+            .iter()
+            .flatten()
+            .any(|x| c.selector_peer_matches(x, q));
+        if by_selector {
+            expand(d, (ip, ip), rule, Some(q), &mut out);
+        } else if d == Direction::Egress && has_named(rule) {
+            // A named port to an ipBlock or to everyone: only pods have names for ports.
+            let covered = match &rule.peers {
+                None => true,
+                Some(peers) => peers.iter().any(|x| match x {
+                    Peer::Block { cidr, except } => Peer::block_contains(cidr, except, ip),
+                    Peer::Pods { .. } => false,
+                }),
+            };
+            if covered {
+                let named_only = crate::model::Rule {
+                    peers: None,
+                    ports: rule
+                        .ports
+                        .iter()
+                        .filter(|m| matches!(m.port, PortRef::Named(_)))
+                        .cloned()
+                        .collect(),
+                };
+                expand(d, (ip, ip), &named_only, Some(q), &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `p`'s peers in `d` can match pods outside its own namespace (or need every pod).
+fn reaches_other_namespaces(p: &Policy, d: Direction) -> bool {
+    p.rules(d).into_iter().flatten().any(|r| match &r.peers {
+        None => d == Direction::Egress && has_named(r),
+        Some(peers) => peers.iter().any(|x| match x {
+            Peer::Pods { namespaces: Namespaces::Matching(_), .. } => true,
+            Peer::Pods { .. } => false,
+            Peer::Block { .. } => d == Direction::Egress && has_named(r),
+        }),
+    })
+}
+
+fn uses_namespace_labels(p: &Policy) -> bool {
+    Direction::BOTH.into_iter().any(|d| {
+        p.rules(d).into_iter().flatten().any(|r| {
+            r.peers.iter().flatten().any(|x| {
+                matches!(x, Peer::Pods { namespaces: Namespaces::Matching(_), .. })
+            })
+        })
+    })
+}
+
+fn count(map: &mut HashMap<Template, u32>, t: Template, n: i32) {
+    let e = map.entry(t.clone()).or_insert(0);
+    *e = (*e as i64 + n as i64) as u32;
+    if *e == 0 {
+        map.remove(&t);
+    }
+}
+
+impl Planner {
+    pub fn new(node: &str, pod_cidr: Option<Ipv4Net>) -> Planner {
+        Planner {
+            node: node.to_string(),
+            pod_cidr,
+            ..Planner::default()
+        }
+    }
+
+    fn is_local(&self, p: &PodFacts) -> bool {
+        p.node.as_deref() == Some(self.node.as_str()) && !p.host_network && p.ip.is_some()
+    }
+
+    fn mark(&mut self, e: Entry, n: i32) {
+        let v = self.pending.entry(e.clone()).or_insert(0);
+        *v += n;
+        if *v == 0 {
+            self.pending.remove(&e);
+        }
+    }
+
+    /// The node's pod CIDR (for `guard`); `None` until the node has one.
+    pub fn set_pod_cidr(&mut self, cidr: Option<Ipv4Net>) {
+        let before = self.guard();
+        self.pod_cidr = cidr;
+        self.update_guard(before);
+    }
+
+    fn guard(&self) -> Option<Ipv4Net> {
+        self.pod_cidr.filter(|_| !self.cluster.policies.is_empty())
+    }
+
+    fn update_guard(&mut self, before: Option<Ipv4Net>) {
+        let now = self.guard();
+        if before != now {
+            if let Some(g) = before {
+                self.mark(Entry::Guard(g), -1);
+            }
+            if let Some(g) = now {
+                self.mark(Entry::Guard(g), 1);
+            }
+        }
+    }
+
+    /// Takes every Namespace, Pod and NetworkPolicy of `store`.
+    pub fn take_store(&mut self, store: &Store) {
+        for ns in store.list::<Namespace>() {
+            self.namespace_changed(ns.metadata.name.as_deref().unwrap_or(""), Some(ns));
+        }
+        for p in store.list::<Pod>() {
+            let f = PodFacts::from_pod(p);
+            let key = cluster::manifests::namespaced(&p.metadata);
+            self.pod_changed(&key, f);
+        }
+        for np in store.list::<NetworkPolicy>() {
+            self.policy_changed(&cluster::manifests::namespaced(&np.metadata), Some(np));
+        }
+    }
+
+    /// Takes what `changes` did to Namespaces, Pods and NetworkPolicies.
+    pub fn take_changes(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c.kind {
+                Kind::Namespace => self.namespace_changed(&c.key.1, c.new_as::<Namespace>()),
+                Kind::Pod => self.pod_changed(&c.key, c.new_as::<Pod>().and_then(PodFacts::from_pod)),
+                Kind::NetworkPolicy => self.policy_changed(&c.key, c.new_as::<NetworkPolicy>()),
+                Kind::Node | Kind::Service | Kind::EndpointSlice => {}
+            }
+        }
+    }
+
+    /// A pod added, changed (`Some`) or gone (`None`).
+    pub fn pod_changed(&mut self, key: &Key, new: Option<PodFacts>) {
+        let old = self.cluster.pods.get(key).cloned();
+        if old == new {
+            return;
+        }
+        let c = &self.cluster;
+        let deltas: Vec<(Key, Direction, Vec<(Template, i32)>)> = c
+            .policies
+            .values()
+            .flat_map(|p| Direction::BOTH.map(|d| (p, d)))
+            .filter(|(p, d)| p.rules(*d).is_some())
+            .filter_map(|(p, d)| {
+                let of = |q: &Option<PodFacts>| {
+                    q.as_ref().map(|q| pod_templates(c, p, d, q)).unwrap_or_default()
+                };
+                let (before, after) = (of(&old), of(&new));
+                (before != after).then(|| {
+                    let delta = before.into_iter().map(|t| (t, -1));
+                    (p.key(), d, delta.chain(after.into_iter().map(|t| (t, 1))).collect())
+                })
+            })
+            .collect();
+        for (k, d, delta) in deltas {
+            self.contribute(&k, d, delta);
+        }
+        let was_local = old.as_ref().is_some_and(|p| self.is_local(p));
+        self.cluster.set_pod(key, new.clone());
+        let local = new.as_ref().is_some_and(|p| self.is_local(p));
+        if was_local {
+            self.mark(Entry::Known(old.as_ref().and_then(|p| p.ip).expect("local pods have an address")), -1);
+        }
+        if local {
+            self.mark(Entry::Known(new.as_ref().and_then(|p| p.ip).expect("local pods have an address")), 1);
+        }
+        if was_local || local {
+            self.regroup(key);
+        }
+    }
+
+    /// A namespace added, relabelled or gone.
+    pub fn namespace_changed(&mut self, name: &str, ns: Option<&Namespace>) {
+        let labels = ns.map(|n| namespace_labels(n).1);
+        if self.cluster.namespaces.get(name) == labels.as_ref() {
+            return;
+        }
+        let policies: Vec<Policy> = self
+            .cluster
+            .policies
+            .values()
+            .filter(|p| uses_namespace_labels(p))
+            .cloned()
+            .collect();
+        let pods: Vec<PodFacts> = self.cluster.pods_in(name).cloned().collect();
+        let templates = |c: &Cluster| -> Vec<Vec<Template>> {
+            policies
+                .iter()
+                .flat_map(|p| Direction::BOTH.map(|d| (p, d)))
+                .map(|(p, d)| pods.iter().flat_map(|q| pod_templates(c, p, d, q)).collect())
+                .collect()
+        };
+        let before = templates(&self.cluster);
+        match labels {
+            Some(l) => self.cluster.namespaces.insert(name.to_string(), l),
+            None => self.cluster.namespaces.remove(name),
+        };
+        let after = templates(&self.cluster);
+        let keys: Vec<(Key, Direction)> = policies
+            .iter()
+            .flat_map(|p| Direction::BOTH.map(|d| (p.key(), d)))
+            .collect();
+        for ((k, d), (b, a)) in keys.into_iter().zip(before.into_iter().zip(after)) {
+            if b != a {
+                let delta = b.into_iter().map(|t| (t, -1)).chain(a.into_iter().map(|t| (t, 1)));
+                self.contribute(&k, d, delta.collect());
+            }
+        }
+    }
+
+    /// A policy added, changed or gone. A policy that does not check out is refused: its
+    /// last good version (or nothing) stays in force, and the error is kept in `errors`.
+    pub fn policy_changed(&mut self, key: &Key, np: Option<&NetworkPolicy>) {
+        let new = match np.map(Policy::parse) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                self.errors.insert(key.clone(), e);
+                return;
+            }
+        };
+        self.errors.remove(key);
+        if self.cluster.policies.get(key) == new.as_ref() {
+            return;
+        }
+        let guard_before = self.guard();
+        for d in Direction::BOTH {
+            let before: Vec<(Template, i32)> = self
+                .contrib
+                .get(&(key.clone(), d))
+                .map(|m| m.iter().map(|(t, n)| (t.clone(), -(*n as i32))).collect())
+                .unwrap_or_default();
+            let after: Vec<(Template, i32)> = match &new {
+                Some(p) if p.rules(d).is_some() => self.full_contribution(p, d).into_iter().map(|t| (t, 1)).collect(),
+                _ => Vec::new(),
+            };
+            let mut delta = before;
+            delta.extend(after);
+            self.contribute(key, d, delta);
+        }
+        match new {
+            Some(p) => self.cluster.policies.insert(key.clone(), p),
+            None => self.cluster.policies.remove(key),
+        };
+        self.update_guard(guard_before);
+        let local: Vec<Key> = self
+            .cluster
+            .pods_in(&key.0)
+            .filter(|p| self.is_local(p))
+            .map(|p| p.key())
+            .collect();
+        for pod in local {
+            self.regroup(&pod);
+        }
+    }
+
+    fn full_contribution(&self, p: &Policy, d: Direction) -> Vec<Template> {
+        let mut out = static_templates(p, d);
+        let c = &self.cluster;
+        if reaches_other_namespaces(p, d) {
+            for q in c.pods.values() {
+                out.extend(pod_templates(c, p, d, q));
+            }
+        } else {
+            for q in c.pods_in(&p.namespace) {
+                out.extend(pod_templates(c, p, d, q));
+            }
+        }
+        out
+    }
+
+    /// Adds `delta` to a policy's contribution and to the groups it is part of.
+    fn contribute(&mut self, policy: &Key, d: Direction, delta: Vec<(Template, i32)>) {
+        let mut net: HashMap<Template, i32> = HashMap::new();
+        for (t, n) in delta {
+            *net.entry(t).or_insert(0) += n;
+        }
+        net.retain(|_, n| *n != 0);
+        if net.is_empty() {
+            return;
+        }
+        let c = self.contrib.entry((policy.clone(), d)).or_default();
+        for (t, n) in &net {
+            count(c, t.clone(), *n);
+        }
+        if c.is_empty() {
+            self.contrib.remove(&(policy.clone(), d));
+        }
+        let g = &self.groups[di(d)];
+        let keys: Vec<GroupKey> = g.of_policy.get(policy).into_iter().flatten().cloned().collect();
+        for gk in keys {
+            let mut changes = Vec::new();
+            let group = self.groups[di(d)].by_key.get_mut(&gk).expect("indexed group");
+            for (t, n) in &net {
+                if let Some(a) = resolve(t, &gk.1) {
+                    let e = group.allows.entry(a).or_insert(0);
+                    let before = *e;
+                    *e = (*e as i64 + *n as i64) as u32;
+                    let after = *e;
+                    if after == 0 {
+                        group.allows.remove(&a);
+                    }
+                    match (before, after) {
+                        (0, x) if x > 0 => changes.push((Entry::Allow(d, group.id, a), 1)),
+                        (x, 0) if x > 0 => changes.push((Entry::Allow(d, group.id, a), -1)),
+                        _ => {}
+                    }
+                }
+            }
+            for (e, n) in changes {
+                self.mark(e, n);
+            }
+        }
+    }
+
+    /// The group a local pod belongs to in `d` (`None`: not isolated).
+    fn group_key(&self, pod: &PodFacts, d: Direction) -> Option<GroupKey> {
+        let lo = (pod.namespace.clone(), String::new());
+        let policies: Vec<&Policy> = self
+            .cluster
+            .policies
+            .range(lo..)
+            .take_while(|(k, _)| k.0 == pod.namespace)
+            .map(|(_, p)| p)
+            .filter(|p| p.rules(d).is_some() && p.selects(pod))
+            .collect();
+        if policies.is_empty() {
+            return None;
+        }
+        let named = d == Direction::Ingress
+            && policies.iter().any(|p| p.rules(d).into_iter().flatten().any(has_named));
+        let mut resolver = if named { pod.ports.clone() } else { Vec::new() };
+        resolver.sort();
+        Some((policies.iter().map(|p| p.key()).collect(), resolver))
+    }
+
+    /// Moves a local pod to the groups it now belongs to.
+    fn regroup(&mut self, key: &Key) {
+        let pod = self.cluster.pods.get(key).filter(|p| self.is_local(p)).cloned();
+        for d in Direction::BOTH {
+            let want = pod.as_ref().and_then(|p| Some((self.group_key(p, d)?, p.ip?)));
+            let have = self.groups[di(d)].member.get(key).cloned();
+            if want == have {
+                continue;
+            }
+            if let Some((gk, ip)) = have {
+                self.leave(d, key, &gk, ip);
+            }
+            if let Some((gk, ip)) = want {
+                self.join(d, key, gk, ip);
+            }
+        }
+    }
+
+    fn leave(&mut self, d: Direction, pod: &Key, gk: &GroupKey, ip: Ipv4Addr) {
+        let g = &mut self.groups[di(d)];
+        g.member.remove(pod);
+        let group = g.by_key.get_mut(gk).expect("member of a group");
+        let id = group.id;
+        group.members -= 1;
+        let mut changes = vec![(Entry::Id(d, ip, id), -1)];
+        if group.members == 0 {
+            let group = g.by_key.remove(gk).expect("group");
+            for a in group.allows.keys() {
+                changes.push((Entry::Allow(d, id, *a), -1));
+            }
+            for p in &gk.0 {
+                if let Some(set) = g.of_policy.get_mut(p) {
+                    set.remove(gk);
+                    if set.is_empty() {
+                        g.of_policy.remove(p);
+                    }
+                }
+            }
+            g.free.push(id);
+        }
+        for (e, n) in changes {
+            self.mark(e, n);
+        }
+    }
+
+    fn join(&mut self, d: Direction, pod: &Key, gk: GroupKey, ip: Ipv4Addr) {
+        let mut changes = Vec::new();
+        if !self.groups[di(d)].by_key.contains_key(&gk) {
+            let mut allows: HashMap<Allow, u32> = HashMap::new();
+            for p in &gk.0 {
+                for (t, n) in self.contrib.get(&(p.clone(), d)).into_iter().flatten() {
+                    if let Some(a) = resolve(t, &gk.1) {
+                        *allows.entry(a).or_insert(0) += n;
+                    }
+                }
+            }
+            let g = &mut self.groups[di(d)];
+            let id = g.free.pop().unwrap_or_else(|| {
+                g.next += 1;
+                g.next
+            });
+            for a in allows.keys() {
+                changes.push((Entry::Allow(d, id, *a), 1));
+            }
+            for p in &gk.0 {
+                g.of_policy.entry(p.clone()).or_default().insert(gk.clone());
+            }
+            g.by_key.insert(gk.clone(), Group { id, members: 0, allows });
+        }
+        let g = &mut self.groups[di(d)];
+        let group = g.by_key.get_mut(&gk).expect("group");
+        group.members += 1;
+        changes.push((Entry::Id(d, ip, group.id), 1));
+        g.member.insert(pod.clone(), (gk, ip));
+        for (e, n) in changes {
+            self.mark(e, n);
+        }
+    }
+
+    /// The changes since the last call, deletions first (`false`) then additions (`true`).
+    pub fn take_pending(&mut self) -> Vec<(Entry, bool)> {
+        let mut out: Vec<(Entry, bool)> = self
+            .pending
+            .drain()
+            .map(|(e, n)| {
+                debug_assert!(n == 1 || n == -1, "{e:?}: {n}");
+                (e, n > 0)
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Forgets pending changes (after a full load, which sends [`Planner::entries`]).
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Every element the table should hold now.
+    pub fn entries(&self) -> BTreeSet<Entry> {
+        let mut out = BTreeSet::new();
+        if let Some(g) = self.guard() {
+            out.insert(Entry::Guard(g));
+        }
+        for p in self.cluster.pods.values().filter(|p| self.is_local(p)) {
+            out.insert(Entry::Known(p.ip.expect("local")));
+        }
+        for d in Direction::BOTH {
+            let g = &self.groups[di(d)];
+            for (gk, ip) in g.member.values() {
+                out.insert(Entry::Id(d, *ip, g.by_key[gk].id));
+            }
+            for group in g.by_key.values() {
+                for a in group.allows.keys() {
+                    out.insert(Entry::Allow(d, group.id, *a));
+                }
+            }
+        }
+        out
+    }
+
+    /// The whole table as `nft -f` reads it (`--dry-run`).
+    pub fn render(&self) -> String {
+        let mut by_set: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for e in self.entries() {
+            by_set.entry(e.set()).or_default().push(e.render());
+        }
+        let mut o = skeleton();
+        o.insert_str(0, &format!("table ip {TABLE_NAME}\ndelete table ip {TABLE_NAME}\n"));
+        for (set, elems) in by_set {
+            let _ = writeln!(o, "flush set ip {TABLE_NAME} {set}");
+            let _ = writeln!(o, "add element ip {TABLE_NAME} {set} {{ {} }}", elems.join(", "));
+        }
+        if self.guard().is_none() {
+            let _ = writeln!(o, "flush set ip {TABLE_NAME} guard");
+        }
+        o
+    }
+}
+
+/// What the table does with a packet's first look, walked over its elements as the chains walk
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Traced {
+    Accept,
+    /// `unknown-pod`: a local address the agent has not planned, while policies exist.
+    UnknownPod(Ipv4Addr),
+    /// The pod's group in that direction allows no such peer and port.
+    Denied(Direction, u32),
+}
+
+/// Walks `pkt` through the `forward` chain over `entries` (what the kernel holds).
+pub fn trace(entries: &BTreeSet<Entry>, pkt: &Packet) -> Traced {
+    let guard = |ip: Ipv4Addr| entries.iter().any(|e| matches!(e, Entry::Guard(n) if n.contains(&ip)));
+    let known = |ip: Ipv4Addr| entries.contains(&Entry::Known(ip));
+    for ip in [pkt.src, pkt.dst] {
+        if guard(ip) && !known(ip) {
+            return Traced::UnknownPod(ip);
+        }
+    }
+    let id = |d: Direction, ip: Ipv4Addr| {
+        entries.iter().find_map(|e| match e {
+            Entry::Id(x, a, id) if *x == d && *a == ip => Some(*id),
+            _ => None,
+        })
+    };
+    for (d, me, peer) in [
+        (Direction::Egress, pkt.src, pkt.dst),
+        (Direction::Ingress, pkt.dst, pkt.src),
+    ] {
+        let Some(gid) = id(d, me) else { continue };
+        let ok = entries.iter().any(|e| match e {
+            Entry::Allow(x, g, a) => *x == d && *g == gid && a.admits(peer, pkt.proto, pkt.port),
+            _ => false,
+        });
+        if !ok {
+            return Traced::Denied(d, gid);
+        }
+    }
+    Traced::Accept
+}
