@@ -28,6 +28,7 @@
 //!   so a new pod a policy selects is isolated from its first packet. A new table starts with
 //!   `guard` covering everything until the first load lands.
 
+pub mod apply;
 pub mod engine;
 pub mod model;
 pub mod plan;
