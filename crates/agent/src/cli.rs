@@ -84,7 +84,7 @@ pub fn run(a: AgentArgs) -> ExitCode {
         .clone()
         .or_else(|| (a.source.source == SourceKind::Kube).then(|| PathBuf::from("/etc/cni/net.d")));
     let agent = Agent {
-        watches: crate::watches(&node),
+        watches: crate::watches(),
         node,
         cluster_cidr,
         backend,

@@ -1,14 +1,16 @@
 //! The node agent: reads cluster state through the store (fed by the `kube` or `file` source)
-//! and keeps this node's routing and service proxy in step with it. Each batch of changes goes
-//! to the part it touches: Node changes re-plan the routes (a plan over the nodes, as
-//! flanneld's), Service, EndpointSlice and Pod changes re-plan only their Services' share of
-//! the proxy table. Routes are also re-checked every 10 s, repairing drift. Like flanneld, it
+//! and keeps this node's routing, service proxy and network policy in step with it. Each batch
+//! of changes goes to the part it touches: Node changes re-plan the routes (a plan over the
+//! nodes, as flanneld's), Service, EndpointSlice and Pod changes re-plan only their Services'
+//! share of the proxy table, Pod, Namespace and NetworkPolicy changes only the policy elements
+//! they touch. Routes are also re-checked every 10 s, repairing drift. Like flanneld, it
 //! takes its network settings from a Flannel-style `net-conf.json` and waits for its Node's pod
 //! CIDR; once it has it, it writes the node's CNI configuration for the runtime.
 
 pub mod bench;
 pub mod cli;
 pub mod health;
+pub mod netpol;
 
 use cluster::store::{Change, Kind, Store, Update};
 use cluster::{Backend, NodeInfo};
@@ -34,18 +36,19 @@ const GATHER_QUIET: Duration = Duration::from_millis(2);
 const GATHER_MAX: Duration = Duration::from_millis(20);
 
 /// The kinds the agent reads (its RBAC follows from them: get, list, watch on each).
-pub const KINDS: [Kind; 4] = [Kind::Node, Kind::Service, Kind::EndpointSlice, Kind::Pod];
+pub const KINDS: [Kind; 6] = [
+    Kind::Node,
+    Kind::Namespace,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Pod,
+    Kind::NetworkPolicy,
+];
 
-/// What the agent watches: every Node, Service and EndpointSlice, and the pods of its own node
-/// (for their hostPorts), as the kubelet narrows its watch.
-pub fn watches(node: &str) -> Vec<Watch> {
-    KINDS
-        .into_iter()
-        .map(|kind| Watch {
-            kind,
-            fields: (kind == Kind::Pod).then(|| format!("spec.nodeName={node}")),
-        })
-        .collect()
+/// What the agent watches: every object of [`KINDS`]. Every pod, not only its node's: policies
+/// name their peers by pod and namespace labels (as kube-router's and Calico's agents watch).
+pub fn watches() -> Vec<Watch> {
+    KINDS.into_iter().map(Watch::all).collect()
 }
 
 /// Flannel's net-conf.json: `{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}`;
@@ -196,14 +199,17 @@ impl Agent {
             &on_node,
         )
         .map_err(|e| e.to_string())?;
+        let mut policies = policy::plan::Planner::new(&self.node, Some(self.me(store)?.pod_cidr));
+        policies.take_store(store);
         Ok(format!(
-            "# routing ({} backend)\n{plan}\n# service proxy (nft -f)\n{}",
+            "# routing ({} backend)\n{plan}\n# service proxy (nft -f)\n{}\n# network policy (nft -f)\n{}",
             match self.backend {
                 Backend::HostGw => "host-gw",
                 Backend::Vxlan => "vxlan",
                 Backend::Auto => "auto",
             },
-            rules.render()
+            rules.render(),
+            policies.render()
         ))
     }
 
@@ -214,6 +220,8 @@ impl Agent {
         let mut p = proxy::Proxy::new(self.proxy_config(&self.me(store)?))?;
         p.take_store(store);
         let report = p.sync()?;
+        let mut policies = None;
+        self.sync_policy(&mut policies, store, &[], &self.me(store)?)?;
         let mut out = format!("{routes:?}");
         if report.objects > 0 {
             out += &format!(
@@ -264,6 +272,7 @@ impl Agent {
         };
         let mut store = Store::new();
         let mut proxy: Option<proxy::Proxy> = None;
+        let mut policies: Option<netpol::PolicyPart> = None;
         let mut health = health::HealthChecks::default();
         let mut last_routing: Option<Instant> = None;
         let mut waiting_said = String::new();
@@ -334,6 +343,17 @@ impl Agent {
                     tracing::warn!(node = %self.node, "service proxy sync failed (will retry): {e}");
                 }
             }
+            let t = Instant::now();
+            match self.sync_policy(&mut policies, &store, &changes, &me) {
+                Ok(()) => metrics.synced("policy", t.elapsed()),
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(node = %self.node, "network policy sync failed (will retry): {e}");
+                }
+            }
+            if let Some(p) = &policies {
+                metrics.set_refused("policy", p.planner.errors.len());
+            }
             if let Some(p) = &proxy {
                 metrics.set_refused("proxy", p.errors.len());
                 let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
@@ -350,6 +370,28 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Brings the network policy table up to the store: the elements `changes` touch (the whole
+    /// table at the start).
+    fn sync_policy(
+        &self,
+        part: &mut Option<netpol::PolicyPart>,
+        store: &Store,
+        changes: &[Change],
+        me: &NodeInfo,
+    ) -> Result<(), String> {
+        let p = match part {
+            Some(p) => p,
+            None => part.insert(netpol::PolicyPart::new(&self.node, store, me.pod_cidr)?),
+        };
+        let s = p.sync(&self.node, changes, me.pod_cidr)?;
+        if s.whole {
+            tracing::info!(node = %self.node, "network policy table loaded: {} elements", s.elements);
+        } else if s.elements > 0 {
+            tracing::debug!(node = %self.node, "network policy synced: {} elements changed", s.elements);
+        }
+        Ok(())
     }
 
     /// Brings the service proxy up to the store: only the Services that `changes` touch are

@@ -220,7 +220,7 @@ fn rbac_is_exactly_what_the_code_watches() {
         "the DNS server's ClusterRole"
     );
     // The watches are built from the same lists.
-    let watched: BTreeSet<Kind> = agent::watches("n").iter().map(|w| w.kind).collect();
+    let watched: BTreeSet<Kind> = agent::watches().iter().map(|w| w.kind).collect();
     assert_eq!(watched, agent::KINDS.into_iter().collect());
     let watched: BTreeSet<Kind> = dns::watches().iter().map(|w| w.kind).collect();
     assert_eq!(watched, dns::KINDS.into_iter().collect());
