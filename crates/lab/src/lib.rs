@@ -23,6 +23,7 @@ pub mod dns;
 pub mod graph;
 pub mod infra;
 pub mod plan;
+pub mod policies;
 pub mod services;
 
 use cluster::manifests::namespaced;
@@ -570,6 +571,10 @@ impl Lab {
             &self.dir,
             INTERNET_HOST.parse().expect("valid"),
         )?;
+        // Policies first: a new pod they select is isolated from its first packet.
+        if self.publish_policies(&m)? {
+            self.wait_synced(&s)?;
+        }
         let wants = plan::desired_pods(&m, &s.spec.nodes).map_err(|e| e.to_string())?;
         let running: BTreeMap<String, String> =
             s.pods.iter().map(|p| (p.key(), p.node.clone())).collect();
@@ -669,6 +674,35 @@ impl Lab {
         };
         proxy::plan(&cfg, &filled, &[]).map_err(|e| e.to_string())?;
         Ok(filled)
+    }
+
+    /// Writes the Namespaces and NetworkPolicies where the agents read them; whether any changed.
+    fn publish_policies(&self, m: &Manifests) -> Result<bool, String> {
+        let want: BTreeMap<PathBuf, String> = policies::objects(m)
+            .into_iter()
+            .map(|(f, text)| (self.dir.join("cluster").join(f), text))
+            .collect();
+        let mut changed = false;
+        for d in ["cluster/namespaces", "cluster/networkpolicies"] {
+            let dir = self.dir.join(d);
+            std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+            for e in std::fs::read_dir(&dir)
+                .map_err(|e| io(dir.display(), e))?
+                .flatten()
+            {
+                if !want.contains_key(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                    changed = true;
+                }
+            }
+        }
+        for (path, text) in &want {
+            if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
+                write_atomic(path, text)?;
+                changed = true;
+            }
+        }
+        Ok(changed)
     }
 
     /// Writes the Services and their EndpointSlices where the agents read them.
@@ -1001,6 +1035,11 @@ impl Lab {
                     .iter()
                     .map(|d| ("Namespace", namespaced(&d.metadata))),
             )
+            .chain(
+                m.network_policies
+                    .iter()
+                    .map(|d| ("NetworkPolicy", namespaced(&d.metadata))),
+            )
             .map(|(k, (ns, n))| (k.to_string(), format!("{ns}/{n}")))
             .collect();
         let replaced = |kind: &str, meta: &ObjectMeta| {
@@ -1025,6 +1064,11 @@ impl Lab {
         all.namespaces
             .retain(|d| !replaced("Namespace", &d.metadata));
         all.namespaces.extend(m.namespaces);
+        all.network_policies
+            .retain(|d| !replaced("NetworkPolicy", &d.metadata));
+        all.network_policies.extend(m.network_policies);
+        // Refused before anything changes: errors name the policy and field.
+        policies::check(&all)?;
         all.other.extend(m.other);
         self.write_manifests(&all)?;
         self.reconcile()
@@ -1046,6 +1090,11 @@ impl Lab {
         docs.extend(values(&m.daemon_sets));
         docs.extend(values(&m.services));
         docs.extend(values(&m.namespaces));
+        docs.extend(values(&m.network_policies).map(|mut v| {
+            v["apiVersion"] = "networking.k8s.io/v1".into();
+            v["kind"] = "NetworkPolicy".into();
+            v
+        }));
         docs.extend(m.other.iter().cloned());
         let text: Vec<String> = docs
             .iter()
@@ -1060,7 +1109,8 @@ impl Lab {
         write_atomic(&dir.join("00-applied.yaml"), &text.join("\n---\n"))
     }
 
-    /// Removes a Pod, Deployment, StatefulSet, DaemonSet or Service by name and reconciles.
+    /// Removes a Pod, Deployment, StatefulSet, DaemonSet, Service or NetworkPolicy by name and
+    /// reconciles.
     pub fn delete(&self, kind: &str, name: &str, namespace: &str) -> Result<(), String> {
         let mut all = self.manifests()?;
         let matches =
@@ -1071,6 +1121,7 @@ impl Lab {
                 + m.stateful_sets.len()
                 + m.daemon_sets.len()
                 + m.services.len()
+                + m.network_policies.len()
         };
         let before = count(&all);
         match kind.to_ascii_lowercase().as_str() {
@@ -1083,9 +1134,12 @@ impl Lab {
             }
             "daemonset" | "daemonsets" | "ds" => all.daemon_sets.retain(|d| !matches(&d.metadata)),
             "service" | "services" | "svc" => all.services.retain(|s| !matches(&s.metadata)),
+            "networkpolicy" | "networkpolicies" | "netpol" => {
+                all.network_policies.retain(|p| !matches(&p.metadata))
+            }
             other => {
                 return Err(format!(
-                    "kind {other:?}: the lab deletes pod, deployment, statefulset, daemonset or service"
+                    "kind {other:?}: the lab deletes pod, deployment, statefulset, daemonset, service or networkpolicy"
                 ))
             }
         }
@@ -1250,17 +1304,26 @@ impl Lab {
         let rs = proxy::plan::plan_node(&cfg, &s.services, &cluster.endpoint_slices, &cluster.pods)
             .map_err(|e| e.to_string())?;
         let to_node = s.nodes.iter().any(|n| n.ip == dst);
+        let pkt = proxy::Packet {
+            src,
+            dst,
+            proto,
+            dport,
+            to_node,
+        };
         let mut out = format!("on {node}: ");
-        out += &proxy::explain(
-            &rs,
-            &proxy::Packet {
-                src,
-                dst,
-                proto,
-                dport,
-                to_node,
-            },
-        );
+        out += &proxy::explain(&rs, &pkt);
+        // The policies see the packet after DNAT: each endpoint it may go to.
+        let reached: Vec<(Ipv4Addr, u16)> = match proxy::trace(&rs, &pkt) {
+            proxy::Verdict::Dnat(hops) => hops.iter().map(|h| (h.ip, h.port)).collect(),
+            proxy::Verdict::Untouched => vec![(dst, dport)],
+            _ => Vec::new(),
+        };
+        let node_ips: Vec<Ipv4Addr> = s.nodes.iter().map(|n| n.ip).collect();
+        for (ip, port) in reached {
+            out += "\n";
+            out += &policies::verdict(&store, src, ip, proto, port, &node_ips);
+        }
         if let Some(owner) = s.nodes.iter().find(|n| n.pod_cidr.contains(&dst)) {
             out += &format!(
                 "
@@ -1370,6 +1433,7 @@ impl Lab {
                 "Pending", "<none>"
             );
         }
+        out += &policies::table(&self.manifests()?);
         if !s.services.is_empty() {
             out += &format!(
                 "\n{:<12} {:<20} {:<13} {:<15} {:<15} {:<24} {}\n",
