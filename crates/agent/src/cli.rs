@@ -83,7 +83,9 @@ pub fn run(a: AgentArgs) -> ExitCode {
         .cni_conf_dir
         .clone()
         .or_else(|| (a.source.source == SourceKind::Kube).then(|| PathBuf::from("/etc/cni/net.d")));
+    let deny_metrics = Arc::new(crate::netpol::DenyMetrics::default());
     let agent = Agent {
+        deny_metrics: Some(deny_metrics.clone()),
         watches: crate::watches(),
         node,
         cluster_cidr,
@@ -120,6 +122,7 @@ pub fn run(a: AgentArgs) -> ExitCode {
         let encode = move || {
             let mut r = prometheus_client::registry::Registry::default();
             m.register(&mut r);
+            deny_metrics.register(&mut r);
             let mut out = String::new();
             let _ = prometheus_client::encoding::text::encode(&mut out, &r);
             out

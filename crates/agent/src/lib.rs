@@ -102,6 +102,8 @@ pub struct Agent {
     pub status_file: Option<PathBuf>,
     /// Where this node's CNI conflist goes once its pod CIDR is known (none: not written).
     pub cni_conf_dir: Option<PathBuf>,
+    /// Where denied packets are counted (none: the drop log is not read).
+    pub deny_metrics: Option<Arc<netpol::DenyMetrics>>,
 }
 
 /// Where this node sits: the link and subnet holding its node IP.
@@ -352,7 +354,7 @@ impl Agent {
                 }
             }
             if let Some(p) = &policies {
-                metrics.set_refused("policy", p.planner.errors.len());
+                metrics.set_refused("policy", p.planner.lock().expect("planner").errors.len());
             }
             if let Some(p) = &proxy {
                 metrics.set_refused("proxy", p.errors.len());
@@ -383,7 +385,13 @@ impl Agent {
     ) -> Result<(), String> {
         let p = match part {
             Some(p) => p,
-            None => part.insert(netpol::PolicyPart::new(&self.node, store, me.pod_cidr)?),
+            None => {
+                let p = part.insert(netpol::PolicyPart::new(&self.node, store, me.pod_cidr)?);
+                if let Some(m) = &self.deny_metrics {
+                    p.watch_drops(&self.node, m.clone());
+                }
+                p
+            }
         };
         let s = p.sync(&self.node, changes, me.pod_cidr)?;
         if s.whole {

@@ -1,15 +1,48 @@
 //! The agent's network-policy part: the planner takes the store's changes, the applier sends the
 //! elements they changed. A failed transaction makes the next sync load the table whole (one
-//! transaction again: never a window).
+//! transaction again: never a window). Denied packets the kernel copies to the policy's nflog
+//! group (rate-limited there) are explained here, logged naming the policies that isolate the
+//! pod, and counted by namespace and policy.
 
 use cluster::store::{Change, Store};
 use ipnet::Ipv4Net;
 use policy::apply::Applier;
-use policy::plan::Planner;
+use policy::model::Direction;
+use policy::plan::{Planner, LOG_GROUP};
+use policy::{Packet, Side};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabel {
+    pub namespace: String,
+    pub policy: String,
+    pub direction: &'static str,
+}
+
+/// `flatnet_policy_denied_total`: denied packets by the namespace and name of each policy that
+/// isolates the pod (direction `unknown-pod`: a pod the agent had not planned yet).
+#[derive(Default)]
+pub struct DenyMetrics {
+    pub denied: Family<DeniedLabel, Counter>,
+}
+
+impl DenyMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "flatnet_policy_denied",
+            "Packets denied by network policy (as far as the drop log's rate limit passes them), by isolating policy",
+            self.denied.clone(),
+        );
+    }
+}
 
 pub struct PolicyPart {
-    pub planner: Planner,
+    pub planner: Arc<Mutex<Planner>>,
     applier: Applier,
     /// Whether the kernel holds what the planner accounted for (else: load whole).
     loaded: bool,
@@ -31,26 +64,37 @@ impl PolicyPart {
         let mut planner = Planner::new(node, Some(pod_cidr));
         planner.take_store(store);
         Ok(PolicyPart {
-            planner,
+            planner: Arc::new(Mutex::new(planner)),
             applier: Applier::new()?,
             loaded: false,
             said: BTreeMap::new(),
         })
     }
 
-    pub fn sync(&mut self, node: &str, changes: &[Change], pod_cidr: Ipv4Net) -> Result<Synced, String> {
-        self.planner.set_pod_cidr(Some(pod_cidr));
-        self.planner.take_changes(changes);
-        for (key, e) in &self.planner.errors {
+    pub fn sync(
+        &mut self,
+        node: &str,
+        changes: &[Change],
+        pod_cidr: Ipv4Net,
+    ) -> Result<Synced, String> {
+        let mut planner = self.planner.lock().expect("planner");
+        planner.set_pod_cidr(Some(pod_cidr));
+        planner.take_changes(changes);
+        for (key, e) in &planner.errors {
             let text = e.to_string();
             if self.said.get(key) != Some(&text) {
-                tracing::warn!(node, "{text} (refused; its last good version, if any, stays in force)");
+                tracing::warn!(
+                    node,
+                    "{text} (refused; its last good version, if any, stays in force)"
+                );
             }
         }
-        self.said = self.planner.errors.iter().map(|(k, e)| (k.clone(), e.to_string())).collect();
+        self.said = (planner.errors.iter())
+            .map(|(k, e)| (k.clone(), e.to_string()))
+            .collect();
         if !self.loaded {
-            let entries = self.planner.entries();
-            self.planner.clear_pending();
+            let entries = planner.entries();
+            planner.clear_pending();
             self.applier.load(&entries)?;
             self.loaded = true;
             return Ok(Synced {
@@ -58,7 +102,7 @@ impl PolicyPart {
                 whole: true,
             });
         }
-        let pending = self.planner.take_pending();
+        let pending = planner.take_pending();
         if let Err(e) = self.applier.apply(&pending) {
             self.loaded = false;
             return Err(e);
@@ -67,5 +111,92 @@ impl PolicyPart {
             elements: pending.len(),
             whole: false,
         })
+    }
+
+    /// Reads the drop log in a thread of its own (in the calling thread's network namespace).
+    pub fn watch_drops(&self, node: &str, metrics: Arc<DenyMetrics>) {
+        let planner = self.planner.clone();
+        let node = node.to_string();
+        let group = match nft::netlink::LogGroup::bind(LOG_GROUP, 128) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(node, "nflog group {LOG_GROUP}: {e}; denied packets are not logged");
+                return;
+            }
+        };
+        std::thread::spawn(move || drop_log(&node, group, &planner, &metrics));
+    }
+}
+
+fn drop_log(
+    node: &str,
+    mut group: nft::netlink::LogGroup,
+    planner: &Mutex<Planner>,
+    metrics: &DenyMetrics,
+) {
+    loop {
+        let logged = match group.recv() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(node, "nflog group {LOG_GROUP}: {e}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        for l in logged {
+            let Some(pkt) = Packet::parse(&l.payload) else {
+                continue;
+            };
+            let what = format!(
+                "{} {} -> {}:{}",
+                cluster::Proto::from_number(pkt.proto).map_or("ip", |p| p.as_str()),
+                pkt.src,
+                pkt.dst,
+                pkt.port
+            );
+            let direction = l.prefix.trim();
+            if direction == "unknown-pod" {
+                metrics
+                    .denied
+                    .get_or_create(&DeniedLabel {
+                        namespace: String::new(),
+                        policy: String::new(),
+                        direction: "unknown-pod",
+                    })
+                    .inc();
+                tracing::info!(node, "denied {what}: a pod this agent has not planned yet (policies exist)");
+                continue;
+            }
+            let d = planner.lock().expect("planner").cluster.decide(&pkt);
+            let (dir, side) = match direction {
+                "egress" => (Direction::Egress, d.egress),
+                _ => (Direction::Ingress, d.ingress),
+            };
+            match side {
+                Some((pod, Side::Denied { policies, .. })) => {
+                    for (ns, name) in &policies {
+                        metrics
+                            .denied
+                            .get_or_create(&DeniedLabel {
+                                namespace: ns.clone(),
+                                policy: name.clone(),
+                                direction: dir.as_str(),
+                            })
+                            .inc();
+                    }
+                    let names: Vec<String> =
+                        policies.iter().map(|(n, p)| format!("{n}/{p}")).collect();
+                    tracing::info!(
+                        node,
+                        "denied {what} ({}): pod {}/{} is isolated by NetworkPolicy {} and no rule allows it",
+                        dir.as_str(),
+                        pod.0,
+                        pod.1,
+                        names.join(", ")
+                    );
+                }
+                _ => tracing::info!(node, "denied {what} ({direction}) by rules since changed"),
+            }
+        }
     }
 }

@@ -261,3 +261,25 @@ fn port_matches(m: &PortMatch, pkt: &Packet, destination: Option<&PodFacts>) -> 
         PortRef::Named(n) => destination.and_then(|d| d.named_port(n, m.proto)) == Some(pkt.port),
     }
 }
+
+impl Packet {
+    /// The packet in an IPv4 header and what follows (an nflog copy): `None` for anything else.
+    pub fn parse(b: &[u8]) -> Option<Packet> {
+        if b.len() < 20 || b[0] >> 4 != 4 {
+            return None;
+        }
+        let ihl = usize::from(b[0] & 0xf) * 4;
+        let proto = b[9];
+        let addr = |at: usize| Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3]);
+        let port = match Proto::from_number(proto) {
+            Some(_) if b.len() >= ihl + 4 => u16::from_be_bytes([b[ihl + 2], b[ihl + 3]]),
+            _ => 0,
+        };
+        Some(Packet {
+            src: addr(12),
+            dst: addr(16),
+            proto,
+            port,
+        })
+    }
+}
