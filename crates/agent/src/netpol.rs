@@ -120,7 +120,10 @@ impl PolicyPart {
         let group = match nft::netlink::LogGroup::bind(LOG_GROUP, 128) {
             Ok(g) => g,
             Err(e) => {
-                tracing::warn!(node, "nflog group {LOG_GROUP}: {e}; denied packets are not logged");
+                tracing::warn!(
+                    node,
+                    "nflog group {LOG_GROUP}: {e}; denied packets are not logged"
+                );
                 return;
             }
         };
@@ -164,7 +167,10 @@ fn drop_log(
                         direction: "unknown-pod",
                     })
                     .inc();
-                tracing::info!(node, "denied {what}: a pod this agent has not planned yet (policies exist)");
+                tracing::info!(
+                    node,
+                    "denied {what}: a pod this agent has not planned yet (policies exist)"
+                );
                 continue;
             }
             let d = planner.lock().expect("planner").cluster.decide(&pkt);

@@ -48,7 +48,10 @@ pub fn table(m: &Manifests) -> String {
     if m.network_policies.is_empty() {
         return String::new();
     }
-    let mut out = format!("\n{:<12} {:<28} {:<28} {}\n", "NAMESPACE", "NETWORKPOLICY", "POD-SELECTOR", "POLICY-TYPES");
+    let mut out = format!(
+        "\n{:<12} {:<28} {:<28} {}\n",
+        "NAMESPACE", "NETWORKPOLICY", "POD-SELECTOR", "POLICY-TYPES"
+    );
     for np in &m.network_policies {
         let (ns, name) = namespaced(&np.metadata);
         let (selector, types) = match Policy::parse(np) {
@@ -56,7 +59,13 @@ pub fn table(m: &Manifests) -> String {
                 let types: Vec<&str> = Direction::BOTH
                     .into_iter()
                     .filter(|d| p.rules(*d).is_some())
-                    .map(|d| if d == Direction::Ingress { "Ingress" } else { "Egress" })
+                    .map(|d| {
+                        if d == Direction::Ingress {
+                            "Ingress"
+                        } else {
+                            "Egress"
+                        }
+                    })
                     .collect();
                 (p.selector.to_string(), types.join(","))
             }
@@ -69,7 +78,14 @@ pub fn table(m: &Manifests) -> String {
 
 /// The policy verdict on a packet that reaches `dst:port` (after any DNAT): allowed, or denied
 /// naming the policies that isolate the pod and why none of their rules matched.
-pub fn verdict(store: &Store, src: Ipv4Addr, dst: Ipv4Addr, proto: cluster::Proto, port: u16, node_ips: &[Ipv4Addr]) -> String {
+pub fn verdict(
+    store: &Store,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: cluster::Proto,
+    port: u16,
+    node_ips: &[Ipv4Addr],
+) -> String {
     if node_ips.contains(&src) {
         return "policy: allowed (traffic from a node to its pods always passes)".into();
     }
@@ -84,6 +100,14 @@ pub fn verdict(store: &Store, src: Ipv4Addr, dst: Ipv4Addr, proto: cluster::Prot
         proto: proto.number(),
         port,
     });
-    let head = if d.allowed() { "policy: allowed" } else { "policy: DENIED" };
-    format!("{head} ({}:{port})\n  {}", dst, d.explain().replace('\n', "\n  "))
+    let head = if d.allowed() {
+        "policy: allowed"
+    } else {
+        "policy: DENIED"
+    };
+    format!(
+        "{head} ({}:{port})\n  {}",
+        dst,
+        d.explain().replace('\n', "\n  ")
+    )
 }

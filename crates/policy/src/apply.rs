@@ -85,7 +85,10 @@ impl Applier {
             .table_info(FAMILY_IPV4, TABLE_NAME)
             .map_err(|e| format!("reading ip {TABLE_NAME}: {e}"))?;
         if info.is_none_or(|(comment, _)| comment != VERSION) {
-            let script = format!("table ip {TABLE_NAME}\ndelete table ip {TABLE_NAME}\n{}", skeleton());
+            let script = format!(
+                "table ip {TABLE_NAME}\ndelete table ip {TABLE_NAME}\n{}",
+                skeleton()
+            );
             nft::apply(&script).map_err(|e| e.to_string())?;
         }
         let mut b = Batch::new(FAMILY_IPV4, TABLE_NAME);

@@ -3,7 +3,9 @@
 //! semantics into sets; the tracer, `explain` and the truth tables ask this function, so a
 //! planner bug shows up as a disagreement between the two.
 
-use crate::model::{Direction, Key, Labels, Namespaces, Peer, PodFacts, Policy, PortMatch, PortRef};
+use crate::model::{
+    Direction, Key, Labels, Namespaces, Peer, PodFacts, Policy, PortMatch, PortRef,
+};
 use cluster::Proto;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -39,7 +41,10 @@ pub enum Side {
     /// `policy`'s rule (0-based) allows it.
     Allowed { policy: Key, rule: usize },
     /// Every selecting policy's rules were tried; `why` says, per policy, why none matched.
-    Denied { policies: Vec<Key>, why: Vec<String> },
+    Denied {
+        policies: Vec<Key>,
+        why: Vec<String>,
+    },
 }
 
 /// A verdict with its reasons: the source pod's egress and the destination pod's ingress
@@ -72,7 +77,10 @@ impl Decision {
     /// The verdict in words, one line per side.
     pub fn explain(&self) -> String {
         let mut out = Vec::new();
-        for (d, side) in [(Direction::Egress, &self.egress), (Direction::Ingress, &self.ingress)] {
+        for (d, side) in [
+            (Direction::Egress, &self.egress),
+            (Direction::Ingress, &self.ingress),
+        ] {
             let Some(((ns, pod), s)) = side else { continue };
             let what = format!("{} of pod {ns}/{pod}", d.as_str());
             out.push(match s {
@@ -121,7 +129,10 @@ impl Cluster {
             if let Some(ip) = p.ip.filter(|_| !p.host_network) {
                 self.by_ip.insert(ip, key.clone());
             }
-            self.by_namespace.entry(key.0.clone()).or_default().insert(key.1.clone());
+            self.by_namespace
+                .entry(key.0.clone())
+                .or_default()
+                .insert(key.1.clone());
             self.pods.insert(key.clone(), p);
         }
     }
@@ -197,15 +208,24 @@ impl Cluster {
             let Some(rules) = p.rules(d) else { continue };
             isolating.push(p.key());
             if rules.is_empty() {
-                why.push(format!("{}/{}: no {} rules (denies all)", p.namespace, p.name, d.as_str()));
+                why.push(format!(
+                    "{}/{}: no {} rules (denies all)",
+                    p.namespace,
+                    p.name,
+                    d.as_str()
+                ));
             }
             for (i, r) in rules.iter().enumerate() {
                 let peer_ok = match &r.peers {
                     None => Ok(()),
                     Some(list) => {
                         if list.iter().any(|x| match x {
-                            Peer::Block { cidr, except } => Peer::block_contains(cidr, except, peer_ip),
-                            Peer::Pods { .. } => peer.is_some_and(|q| self.selector_peer_matches(x, q)),
+                            Peer::Block { cidr, except } => {
+                                Peer::block_contains(cidr, except, peer_ip)
+                            }
+                            Peer::Pods { .. } => {
+                                peer.is_some_and(|q| self.selector_peer_matches(x, q))
+                            }
                         }) {
                             Ok(())
                         } else {
@@ -224,20 +244,35 @@ impl Cluster {
                     Ok(())
                 } else {
                     let l: Vec<String> = r.ports.iter().map(|m| m.to_string()).collect();
-                    Err(format!("{} is not one of: {}", describe_port(pkt), l.join(", ")))
+                    Err(format!(
+                        "{} is not one of: {}",
+                        describe_port(pkt),
+                        l.join(", ")
+                    ))
                 };
                 match (peer_ok, port_ok) {
-                    (Ok(()), Ok(())) => return Side::Allowed { policy: p.key(), rule: i },
-                    (Err(e), _) | (Ok(()), Err(e)) => {
-                        why.push(format!("{}/{} {}[{i}]: {e}", p.namespace, p.name, d.as_str()))
+                    (Ok(()), Ok(())) => {
+                        return Side::Allowed {
+                            policy: p.key(),
+                            rule: i,
+                        }
                     }
+                    (Err(e), _) | (Ok(()), Err(e)) => why.push(format!(
+                        "{}/{} {}[{i}]: {e}",
+                        p.namespace,
+                        p.name,
+                        d.as_str()
+                    )),
                 }
             }
         }
         if isolating.is_empty() {
             Side::NotIsolated
         } else {
-            Side::Denied { policies: isolating, why }
+            Side::Denied {
+                policies: isolating,
+                why,
+            }
         }
     }
 }

@@ -25,7 +25,9 @@
 //!   the table is made, so no change makes the kernel re-validate the table.
 //! - no window: while any policy exists, a local pod address the agent does not know yet
 //!   (`guard` holds the node's pod CIDR, `known-pods` the pods the agent has planned) is refused,
-//!   so a new pod a policy selects is isolated from its first packet. A new table starts with
+//!   so a new pod a policy selects is isolated from its first packet. Those packets are dropped,
+//!   not refused: a pod no policy selects loses only its first SYN (sent again a second later,
+//!   by when the agent knows it) instead of its first connection. A new table starts with
 //!   `guard` covering everything until the first load lands.
 
 pub mod apply;
@@ -34,4 +36,4 @@ pub mod model;
 pub mod plan;
 
 pub use engine::{Cluster, Decision, Packet, Side};
-pub use model::{Direction, Policy, PodFacts};
+pub use model::{Direction, PodFacts, Policy};

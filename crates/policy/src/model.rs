@@ -7,9 +7,7 @@ use cluster::manifests::namespaced;
 use cluster::{ModelError, Proto};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
-};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
@@ -99,9 +97,7 @@ impl Selector {
     }
 
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.requirements.iter().all(|r| match r {
                 Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
                 Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
@@ -120,7 +116,11 @@ impl std::fmt::Display for Selector {
         if self.is_everything() {
             return f.write_str("{}");
         }
-        let mut parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut parts: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         for r in &self.requirements {
             parts.push(match r {
                 Requirement::In(k, v) => format!("{k} in ({})", v.join(",")),
@@ -294,7 +294,11 @@ impl Policy {
         let spec = np.spec.as_ref().ok_or_else(|| {
             ModelError::new(&object, "spec", "missing (spec.podSelector is required)")
         })?;
-        let selector = Selector::parse(&spec.pod_selector.clone().unwrap_or_default(), &object, "spec.podSelector")?;
+        let selector = Selector::parse(
+            &spec.pod_selector.clone().unwrap_or_default(),
+            &object,
+            "spec.podSelector",
+        )?;
         let has_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
         let types: Vec<String> = match &spec.policy_types {
             Some(t) if !t.is_empty() => t.clone(),
@@ -430,12 +434,19 @@ fn ports(
             ModelError::new(
                 object,
                 format!("{f}.protocol"),
-                format!("{:?} is not one of TCP, UDP, SCTP", p.protocol.as_deref().unwrap_or("")),
+                format!(
+                    "{:?} is not one of TCP, UDP, SCTP",
+                    p.protocol.as_deref().unwrap_or("")
+                ),
             )
         })?;
         let number = |n: i32, what: &str| {
             u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                ModelError::new(object, format!("{f}.{what}"), format!("{n} is not a port (1-65535)"))
+                ModelError::new(
+                    object,
+                    format!("{f}.{what}"),
+                    format!("{n} is not a port (1-65535)"),
+                )
             })
         };
         let port = match (&p.port, p.end_port) {
@@ -463,7 +474,9 @@ fn ports(
                     return Err(ModelError::new(
                         object,
                         format!("{f}.port"),
-                        format!("{name:?} is not a port name (an IANA service name of 1-15 characters)"),
+                        format!(
+                            "{name:?} is not a port name (an IANA service name of 1-15 characters)"
+                        ),
                     ));
                 }
                 PortRef::Named(name.clone())

@@ -62,7 +62,11 @@ impl Allow {
         match *self {
             Allow::Any(a) => a == peer,
             Allow::Port(a, p, n) => a == peer && p == proto && n == port,
-            Allow::Range { addr, proto: pr, port: po } => {
+            Allow::Range {
+                addr,
+                proto: pr,
+                port: po,
+            } => {
                 (addr.0..=addr.1).contains(&peer)
                     && (pr.0..=pr.1).contains(&proto)
                     && (po.0..=po.1).contains(&port)
@@ -104,14 +108,28 @@ impl Entry {
 
     /// The element as `nft` writes it.
     pub fn render(&self) -> String {
-        let r = |a: Ipv4Addr, b: Ipv4Addr| if a == b { a.to_string() } else { format!("{a}-{b}") };
-        let n = |a: u32, b: u32| if a == b { a.to_string() } else { format!("{a}-{b}") };
+        let r = |a: Ipv4Addr, b: Ipv4Addr| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        };
+        let n = |a: u32, b: u32| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        };
         match self {
             Entry::Guard(net) => format!("{net} . 0.0.0.0/0"),
             Entry::Known(ip) => ip.to_string(),
             Entry::Id(_, ip, id) => format!("{ip} : {id:#010x}"),
             Entry::Allow(_, id, Allow::Any(ip)) => format!("{id:#010x} . {ip}"),
-            Entry::Allow(_, id, Allow::Port(ip, p, port)) => format!("{id:#010x} . {ip} . {p} . {port}"),
+            Entry::Allow(_, id, Allow::Port(ip, p, port)) => {
+                format!("{id:#010x} . {ip} . {p} . {port}")
+            }
             Entry::Allow(_, id, Allow::Range { addr, proto, port }) => format!(
                 "{id:#010x} . {} . {} . {}",
                 r(addr.0, addr.1),
@@ -129,11 +147,27 @@ pub const SETS: [(&str, &str, bool); 10] = [
     ("ingress-ids", "ipv4_addr : mark", false),
     ("egress-ids", "ipv4_addr : mark", false),
     ("ingress-any", "mark . ipv4_addr", false),
-    ("ingress-ports", "mark . ipv4_addr . inet_proto . inet_service", false),
-    ("ingress-ranges", "mark . ipv4_addr . inet_proto . inet_service", true),
+    (
+        "ingress-ports",
+        "mark . ipv4_addr . inet_proto . inet_service",
+        false,
+    ),
+    (
+        "ingress-ranges",
+        "mark . ipv4_addr . inet_proto . inet_service",
+        true,
+    ),
     ("egress-any", "mark . ipv4_addr", false),
-    ("egress-ports", "mark . ipv4_addr . inet_proto . inet_service", false),
-    ("egress-ranges", "mark . ipv4_addr . inet_proto . inet_service", true),
+    (
+        "egress-ports",
+        "mark . ipv4_addr . inet_proto . inet_service",
+        false,
+    ),
+    (
+        "egress-ranges",
+        "mark . ipv4_addr . inet_proto . inet_service",
+        true,
+    ),
 ];
 
 /// The table with its fixed chains and empty sets, except `guard`, which starts closed
@@ -180,7 +214,7 @@ pub fn skeleton() -> String {
   }}
   chain unknown-pod {{
     limit rate 20/second burst 50 packets log prefix "unknown-pod " group {LOG_GROUP}
-    goto deny
+    drop
   }}
   chain deny {{
     meta l4proto tcp reject with tcp reset
@@ -203,6 +237,9 @@ enum Template {
         name: String,
     },
 }
+
+/// Changes to a policy's contribution: templates and how many more (or fewer) of each.
+type Delta = Vec<(Template, i32)>;
 
 /// Container ports by name, for resolving named ingress ports.
 type Resolver = Vec<(String, Proto, u16)>;
@@ -309,7 +346,9 @@ fn expand(
 }
 
 fn has_named(rule: &crate::model::Rule) -> bool {
-    rule.ports.iter().any(|m| matches!(m.port, PortRef::Named(_)))
+    rule.ports
+        .iter()
+        .any(|m| matches!(m.port, PortRef::Named(_)))
 }
 
 /// The templates a policy's rules give without looking at pods: ipBlocks and "every peer".
@@ -379,7 +418,10 @@ fn reaches_other_namespaces(p: &Policy, d: Direction) -> bool {
     p.rules(d).into_iter().flatten().any(|r| match &r.peers {
         None => d == Direction::Egress && has_named(r),
         Some(peers) => peers.iter().any(|x| match x {
-            Peer::Pods { namespaces: Namespaces::Matching(_), .. } => true,
+            Peer::Pods {
+                namespaces: Namespaces::Matching(_),
+                ..
+            } => true,
             Peer::Pods { .. } => false,
             Peer::Block { .. } => d == Direction::Egress && has_named(r),
         }),
@@ -390,7 +432,13 @@ fn uses_namespace_labels(p: &Policy) -> bool {
     Direction::BOTH.into_iter().any(|d| {
         p.rules(d).into_iter().flatten().any(|r| {
             r.peers.iter().flatten().any(|x| {
-                matches!(x, Peer::Pods { namespaces: Namespaces::Matching(_), .. })
+                matches!(
+                    x,
+                    Peer::Pods {
+                        namespaces: Namespaces::Matching(_),
+                        ..
+                    }
+                )
             })
         })
     })
@@ -468,7 +516,9 @@ impl Planner {
         for c in changes {
             match c.kind {
                 Kind::Namespace => self.namespace_changed(&c.key.1, c.new_as::<Namespace>()),
-                Kind::Pod => self.pod_changed(&c.key, c.new_as::<Pod>().and_then(PodFacts::from_pod)),
+                Kind::Pod => {
+                    self.pod_changed(&c.key, c.new_as::<Pod>().and_then(PodFacts::from_pod))
+                }
                 Kind::NetworkPolicy => self.policy_changed(&c.key, c.new_as::<NetworkPolicy>()),
                 Kind::Node | Kind::Service | Kind::EndpointSlice => {}
             }
@@ -482,19 +532,25 @@ impl Planner {
             return;
         }
         let c = &self.cluster;
-        let deltas: Vec<(Key, Direction, Vec<(Template, i32)>)> = c
+        let deltas: Vec<(Key, Direction, Delta)> = c
             .policies
             .values()
             .flat_map(|p| Direction::BOTH.map(|d| (p, d)))
             .filter(|(p, d)| p.rules(*d).is_some())
             .filter_map(|(p, d)| {
                 let of = |q: &Option<PodFacts>| {
-                    q.as_ref().map(|q| pod_templates(c, p, d, q)).unwrap_or_default()
+                    q.as_ref()
+                        .map(|q| pod_templates(c, p, d, q))
+                        .unwrap_or_default()
                 };
                 let (before, after) = (of(&old), of(&new));
                 (before != after).then(|| {
                     let delta = before.into_iter().map(|t| (t, -1));
-                    (p.key(), d, delta.chain(after.into_iter().map(|t| (t, 1))).collect())
+                    (
+                        p.key(),
+                        d,
+                        delta.chain(after.into_iter().map(|t| (t, 1))).collect(),
+                    )
                 })
             })
             .collect();
@@ -505,10 +561,24 @@ impl Planner {
         self.cluster.set_pod(key, new.clone());
         let local = new.as_ref().is_some_and(|p| self.is_local(p));
         if was_local {
-            self.mark(Entry::Known(old.as_ref().and_then(|p| p.ip).expect("local pods have an address")), -1);
+            self.mark(
+                Entry::Known(
+                    old.as_ref()
+                        .and_then(|p| p.ip)
+                        .expect("local pods have an address"),
+                ),
+                -1,
+            );
         }
         if local {
-            self.mark(Entry::Known(new.as_ref().and_then(|p| p.ip).expect("local pods have an address")), 1);
+            self.mark(
+                Entry::Known(
+                    new.as_ref()
+                        .and_then(|p| p.ip)
+                        .expect("local pods have an address"),
+                ),
+                1,
+            );
         }
         if was_local || local {
             self.regroup(key);
@@ -533,7 +603,11 @@ impl Planner {
             policies
                 .iter()
                 .flat_map(|p| Direction::BOTH.map(|d| (p, d)))
-                .map(|(p, d)| pods.iter().flat_map(|q| pod_templates(c, p, d, q)).collect())
+                .map(|(p, d)| {
+                    pods.iter()
+                        .flat_map(|q| pod_templates(c, p, d, q))
+                        .collect()
+                })
                 .collect()
         };
         let before = templates(&self.cluster);
@@ -548,7 +622,10 @@ impl Planner {
             .collect();
         for ((k, d), (b, a)) in keys.into_iter().zip(before.into_iter().zip(after)) {
             if b != a {
-                let delta = b.into_iter().map(|t| (t, -1)).chain(a.into_iter().map(|t| (t, 1)));
+                let delta = b
+                    .into_iter()
+                    .map(|t| (t, -1))
+                    .chain(a.into_iter().map(|t| (t, 1)));
                 self.contribute(&k, d, delta.collect());
             }
         }
@@ -577,7 +654,11 @@ impl Planner {
                 .map(|m| m.iter().map(|(t, n)| (t.clone(), -(*n as i32))).collect())
                 .unwrap_or_default();
             let after: Vec<(Template, i32)> = match &new {
-                Some(p) if p.rules(d).is_some() => self.full_contribution(p, d).into_iter().map(|t| (t, 1)).collect(),
+                Some(p) if p.rules(d).is_some() => self
+                    .full_contribution(p, d)
+                    .into_iter()
+                    .map(|t| (t, 1))
+                    .collect(),
                 _ => Vec::new(),
             };
             let mut delta = before;
@@ -633,10 +714,19 @@ impl Planner {
             self.contrib.remove(&(policy.clone(), d));
         }
         let g = &self.groups[di(d)];
-        let keys: Vec<GroupKey> = g.of_policy.get(policy).into_iter().flatten().cloned().collect();
+        let keys: Vec<GroupKey> = g
+            .of_policy
+            .get(policy)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         for gk in keys {
             let mut changes = Vec::new();
-            let group = self.groups[di(d)].by_key.get_mut(&gk).expect("indexed group");
+            let group = self.groups[di(d)]
+                .by_key
+                .get_mut(&gk)
+                .expect("indexed group");
             for (t, n) in &net {
                 if let Some(a) = resolve(t, &gk.1) {
                     let e = group.allows.entry(a).or_insert(0);
@@ -674,7 +764,9 @@ impl Planner {
             return None;
         }
         let named = d == Direction::Ingress
-            && policies.iter().any(|p| p.rules(d).into_iter().flatten().any(has_named));
+            && policies
+                .iter()
+                .any(|p| p.rules(d).into_iter().flatten().any(has_named));
         let mut resolver = if named { pod.ports.clone() } else { Vec::new() };
         resolver.sort();
         Some((policies.iter().map(|p| p.key()).collect(), resolver))
@@ -682,9 +774,16 @@ impl Planner {
 
     /// Moves a local pod to the groups it now belongs to.
     fn regroup(&mut self, key: &Key) {
-        let pod = self.cluster.pods.get(key).filter(|p| self.is_local(p)).cloned();
+        let pod = self
+            .cluster
+            .pods
+            .get(key)
+            .filter(|p| self.is_local(p))
+            .cloned();
         for d in Direction::BOTH {
-            let want = pod.as_ref().and_then(|p| Some((self.group_key(p, d)?, p.ip?)));
+            let want = pod
+                .as_ref()
+                .and_then(|p| Some((self.group_key(p, d)?, p.ip?)));
             let have = self.groups[di(d)].member.get(key).cloned();
             if want == have {
                 continue;
@@ -747,7 +846,14 @@ impl Planner {
             for p in &gk.0 {
                 g.of_policy.entry(p.clone()).or_default().insert(gk.clone());
             }
-            g.by_key.insert(gk.clone(), Group { id, members: 0, allows });
+            g.by_key.insert(
+                gk.clone(),
+                Group {
+                    id,
+                    members: 0,
+                    allows,
+                },
+            );
         }
         let g = &mut self.groups[di(d)];
         let group = g.by_key.get_mut(&gk).expect("group");
@@ -808,10 +914,17 @@ impl Planner {
             by_set.entry(e.set()).or_default().push(e.render());
         }
         let mut o = skeleton();
-        o.insert_str(0, &format!("table ip {TABLE_NAME}\ndelete table ip {TABLE_NAME}\n"));
+        o.insert_str(
+            0,
+            &format!("table ip {TABLE_NAME}\ndelete table ip {TABLE_NAME}\n"),
+        );
         for (set, elems) in by_set {
             let _ = writeln!(o, "flush set ip {TABLE_NAME} {set}");
-            let _ = writeln!(o, "add element ip {TABLE_NAME} {set} {{ {} }}", elems.join(", "));
+            let _ = writeln!(
+                o,
+                "add element ip {TABLE_NAME} {set} {{ {} }}",
+                elems.join(", ")
+            );
         }
         if self.guard().is_none() {
             let _ = writeln!(o, "flush set ip {TABLE_NAME} guard");
@@ -833,7 +946,11 @@ pub enum Traced {
 
 /// Walks `pkt` through the `forward` chain over `entries` (what the kernel holds).
 pub fn trace(entries: &BTreeSet<Entry>, pkt: &Packet) -> Traced {
-    let guard = |ip: Ipv4Addr| entries.iter().any(|e| matches!(e, Entry::Guard(n) if n.contains(&ip)));
+    let guard = |ip: Ipv4Addr| {
+        entries
+            .iter()
+            .any(|e| matches!(e, Entry::Guard(n) if n.contains(&ip)))
+    };
     let known = |ip: Ipv4Addr| entries.contains(&Entry::Known(ip));
     for ip in [pkt.src, pkt.dst] {
         if guard(ip) && !known(ip) {

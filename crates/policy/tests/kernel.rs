@@ -15,7 +15,11 @@ use std::time::Duration;
 
 fn ip_cmd(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct Node {
@@ -36,9 +40,30 @@ fn node(n: usize) -> Node {
         let pod = TempNetNs::new("fnt-polp").unwrap();
         let ip = Ipv4Addr::new(10, 244, 1, 10 + i as u8);
         let host = format!("veth{i}");
-        ip_cmd(&["-n", &nn, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", pod.name()]);
+        ip_cmd(&[
+            "-n",
+            &nn,
+            "link",
+            "add",
+            &host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
+        ]);
         ip_cmd(&["-n", &nn, "link", "set", &host, "master", "cni0", "up"]);
-        ip_cmd(&["-n", pod.name(), "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ip_cmd(&[
+            "-n",
+            pod.name(),
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
         ip_cmd(&["-n", pod.name(), "link", "set", "eth0", "up"]);
         ip_cmd(&["-n", pod.name(), "link", "set", "lo", "up"]);
         pods.push((pod, ip));
@@ -59,12 +84,17 @@ fn facts(name: &str, ip: Ipv4Addr) -> PodFacts {
 }
 
 fn np(name: &str, spec: serde_json::Value) -> NetworkPolicy {
-    serde_json::from_value(json!({"metadata": {"name": name, "namespace": "x"}, "spec": spec})).unwrap()
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": "x"}, "spec": spec}))
+        .unwrap()
 }
 
 /// Accepts connections on `port` in `pod` and echoes what it reads.
 fn serve(pod: &TempNetNs, ip: Ipv4Addr, port: u16) {
-    let l = pod.ns().run(|| TcpListener::bind((ip, port))).unwrap().unwrap();
+    let l = pod
+        .ns()
+        .run(|| TcpListener::bind((ip, port)))
+        .unwrap()
+        .unwrap();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
@@ -104,7 +134,9 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
         return;
     }
     let n = node(4);
-    let [(a, a_ip), (b, b_ip), (c, c_ip), (d, d_ip)] = &n.pods[..] else { unreachable!() };
+    let [(a, a_ip), (b, b_ip), (c, c_ip), (d, d_ip)] = &n.pods[..] else {
+        unreachable!()
+    };
     for (pod, ip) in &n.pods {
         serve(pod, *ip, 80);
         serve(pod, *ip, 81);

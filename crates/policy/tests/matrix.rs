@@ -154,7 +154,12 @@ impl Lab {
                 }
             }
         }
-        assert!(wrong.is_empty(), "{case}: {} wrong:\n{}", wrong.len(), wrong[..wrong.len().min(20)].join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "{case}: {} wrong:\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(20)].join("\n")
+        );
     }
 }
 
@@ -189,13 +194,19 @@ fn no_policy_allows_everything() {
 
 #[test]
 fn deny_all_ingress_isolates_the_namespace() {
-    case(&[np("x", "deny", json!({"podSelector": {}}))], |_, to, _, _| ns_of(to) != "x");
+    case(
+        &[np("x", "deny", json!({"podSelector": {}}))],
+        |_, to, _, _| ns_of(to) != "x",
+    );
 }
 
 #[test]
 fn allow_all_ingress_with_an_empty_rule() {
     case(
-        &[np("x", "deny", json!({"podSelector": {}})), np("x", "all", json!({"podSelector": {}, "ingress": [{}]}))],
+        &[
+            np("x", "deny", json!({"podSelector": {}})),
+            np("x", "all", json!({"podSelector": {}, "ingress": [{}]})),
+        ],
         |_, _, _, _| true,
     );
 }
@@ -203,7 +214,11 @@ fn allow_all_ingress_with_an_empty_rule() {
 #[test]
 fn deny_all_egress_and_ingress() {
     case(
-        &[np("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}))],
+        &[np(
+            "x",
+            "deny",
+            json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        )],
         |from, to, _, _| ns_of(from) != "x" && ns_of(to) != "x",
     );
 }
@@ -212,25 +227,35 @@ fn deny_all_egress_and_ingress() {
 fn egress_types_default_from_the_rules() {
     // Egress rules but policyTypes [Ingress]: the egress rules are not in force.
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
-            "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}], "ingress": [{}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
+            "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}], "ingress": [{}]}),
+        )],
         |_, _, _, _| true,
     );
     // No policyTypes and an egress rule: egress is isolated too.
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
-        |from, to, _, _| {
-            (from != "x/a" || to == "x/b") && to != "x/a"
-        },
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )],
+        |from, to, _, _| (from != "x/a" || to == "x/b") && to != "x/a",
     );
 }
 
 #[test]
 fn ingress_from_a_namespace_selector() {
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        )],
         |from, to, _, _| to != "x/a" || ns_of(from) == "y",
     );
 }
@@ -238,13 +263,21 @@ fn ingress_from_a_namespace_selector() {
 #[test]
 fn both_selectors_in_one_peer_are_and_separate_peers_are_or() {
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )],
         |from, to, _, _| to != "x/a" || from == "y/b",
     );
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}, {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}, {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )],
         |from, to, _, _| to != "x/a" || ns_of(from) == "y" || from == "x/b",
     );
 }
@@ -252,14 +285,22 @@ fn both_selectors_in_one_peer_are_and_separate_peers_are_or() {
 #[test]
 fn a_pod_selector_alone_means_the_policys_namespace() {
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )],
         |from, to, _, _| to != "x/a" || from == "x/b",
     );
     // An empty namespaceSelector is every namespace.
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )],
         |from, to, _, _| to != "x/a" || from.ends_with("/b"),
     );
 }
@@ -267,18 +308,30 @@ fn a_pod_selector_alone_means_the_policys_namespace() {
 #[test]
 fn match_expressions_every_operator() {
     case(
-        &[np("x", "p", json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]},
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]},
             "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["x"]}]},
-                                  "podSelector": {"matchExpressions": [{"key": "pod", "operator": "Exists"}]}}]}]}))],
+                                  "podSelector": {"matchExpressions": [{"key": "pod", "operator": "Exists"}]}}]}]}),
+        )],
         |from, to, _, _| !(to == "x/a" || to == "x/b") || ns_of(from) != "x",
     );
     case(
-        &[np("x", "p", json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "DoesNotExist"}]}}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "DoesNotExist"}]}}),
+        )],
         |_, _, _, _| true,
     );
     case(
-        &[np("x", "p", json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]},
-            "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["z"]}]}}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]},
+            "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["z"]}]}}]}]}),
+        )],
         |from, to, _, _| ns_of(to) != "x" || ns_of(from) == "z",
     );
 }
@@ -286,28 +339,58 @@ fn match_expressions_every_operator() {
 #[test]
 fn ports_by_number_name_range_and_protocol() {
     let only = |ports: Value| {
-        vec![np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": ports}]}))]
+        vec![np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": ports}]}),
+        )]
     };
-    case(&only(json!([{"port": 81}])), |_, to, port, proto| to != "x/a" || (port == 81 && proto == Proto::Tcp));
-    case(&only(json!([{"protocol": "UDP", "port": 80}])), |_, to, port, proto| to != "x/a" || (port == 80 && proto == Proto::Udp));
-    case(&only(json!([{"protocol": "SCTP"}])), |_, to, _, proto| to != "x/a" || proto == Proto::Sctp);
-    case(&only(json!([{"port": 80, "endPort": 81}])), |_, to, _, proto| to != "x/a" || proto == Proto::Tcp);
-    case(&only(json!([{"port": 81, "endPort": 90, "protocol": "UDP"}])), |_, to, port, proto| to != "x/a" || (proto == Proto::Udp && port == 81));
-    case(&only(json!([{"port": "serve-80-udp", "protocol": "UDP"}])), |_, to, port, proto| to != "x/a" || (proto == Proto::Udp && port == 80));
+    case(&only(json!([{"port": 81}])), |_, to, port, proto| {
+        to != "x/a" || (port == 81 && proto == Proto::Tcp)
+    });
+    case(
+        &only(json!([{"protocol": "UDP", "port": 80}])),
+        |_, to, port, proto| to != "x/a" || (port == 80 && proto == Proto::Udp),
+    );
+    case(&only(json!([{"protocol": "SCTP"}])), |_, to, _, proto| {
+        to != "x/a" || proto == Proto::Sctp
+    });
+    case(
+        &only(json!([{"port": 80, "endPort": 81}])),
+        |_, to, _, proto| to != "x/a" || proto == Proto::Tcp,
+    );
+    case(
+        &only(json!([{"port": 81, "endPort": 90, "protocol": "UDP"}])),
+        |_, to, port, proto| to != "x/a" || (proto == Proto::Udp && port == 81),
+    );
+    case(
+        &only(json!([{"port": "serve-80-udp", "protocol": "UDP"}])),
+        |_, to, port, proto| to != "x/a" || (proto == Proto::Udp && port == 80),
+    );
     // A named port whose protocol does not match the name's: nothing.
-    case(&only(json!([{"port": "serve-80-udp"}])), |_, to, _, _| to != "x/a");
+    case(&only(json!([{"port": "serve-80-udp"}])), |_, to, _, _| {
+        to != "x/a"
+    });
 }
 
 #[test]
 fn named_ports_resolve_on_the_destination_for_egress_too() {
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
-            "egress": [{"ports": [{"port": "serve-81-tcp"}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": "serve-81-tcp"}]}]}),
+        )],
         |from, _, port, proto| from != "x/a" || (port == 81 && proto == Proto::Tcp),
     );
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": format!("{}/32", ip("y", "b"))}}], "ports": [{"port": "serve-80-udp", "protocol": "UDP"}]}]}))],
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": format!("{}/32", ip("y", "b"))}}], "ports": [{"port": "serve-80-udp", "protocol": "UDP"}]}]}),
+        )],
         |from, to, port, proto| from != "x/a" || (to == "y/b" && port == 80 && proto == Proto::Udp),
     );
 }
@@ -316,15 +399,21 @@ fn named_ports_resolve_on_the_destination_for_egress_too() {
 fn ip_blocks_with_except_match_pod_addresses() {
     // 10.244.1.0/28 holds x/* (…10-12) and y/* (…13-15); except …12/31 (x/c, y/a).
     case(
-        &[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-            "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.0/28", "except": ["10.244.1.12/31"]}}]}]}))],
-        |from, to, _, _| {
-            to != "x/a" || ["x/b", "y/b", "y/c"].contains(&from)
-        },
+        &[np(
+            "x",
+            "p",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.0/28", "except": ["10.244.1.12/31"]}}]}]}),
+        )],
+        |from, to, _, _| to != "x/a" || ["x/b", "y/b", "y/c"].contains(&from),
     );
     case(
-        &[np("y", "p", json!({"podSelector": {}, "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": "10.244.1.16/28"}}]}]}))],
+        &[np(
+            "y",
+            "p",
+            json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.244.1.16/28"}}]}]}),
+        )],
         |from, to, _, _| {
             // …16 and up: z/a (16), z/b (17), z/c (18); y/c is …15.
             ns_of(from) != "y" || ns_of(to) == "z"
@@ -336,15 +425,34 @@ fn ip_blocks_with_except_match_pod_addresses() {
 fn policies_add_up() {
     case(
         &[
-            np("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})),
-            np("x", "in", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 80}]}]})),
-            np("x", "out", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]})),
+            np(
+                "x",
+                "deny",
+                json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+            ),
+            np(
+                "x",
+                "in",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}], "ports": [{"port": 80}]}]}),
+            ),
+            np(
+                "x",
+                "out",
+                json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+            ),
         ],
         |from, to, port, proto| {
             let out_ok = ns_of(from) != "x" || to == "x/a";
-            let in_ok = ns_of(to) != "x" || (to == "x/a" && ((ns_of(from) == "y" && port == 80 && proto == Proto::Tcp) || ns_of(from) == "x"));
+            let in_ok = ns_of(to) != "x"
+                || (to == "x/a"
+                    && ((ns_of(from) == "y" && port == 80 && proto == Proto::Tcp)
+                        || ns_of(from) == "x"));
             // x/* to x/a: egress allowed by "out"; ingress of x/a needs y (or nothing from x allows it).
-            let in_ok = if to == "x/a" && ns_of(from) == "x" { false } else { in_ok };
+            let in_ok = if to == "x/a" && ns_of(from) == "x" {
+                false
+            } else {
+                in_ok
+            };
             out_ok && in_ok
         },
     );
@@ -354,8 +462,16 @@ fn policies_add_up() {
 fn deny_all_plus_allow_all_is_allow_all() {
     case(
         &[
-            np("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})),
-            np("x", "all", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]})),
+            np(
+                "x",
+                "deny",
+                json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+            ),
+            np(
+                "x",
+                "all",
+                json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]}),
+            ),
         ],
         |_, _, _, _| true,
     );
@@ -369,20 +485,37 @@ fn updates_of_pods_namespaces_and_policies_take_effect() {
             "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}, "podSelector": {"matchLabels": {"role": "client"}}}]}]}))]);
         lab.check("before", |_, to, _, _| to != "x/a");
         // y becomes blue: still no pod labelled client.
-        lab.each(|p| p.namespace_changed("y", Some(&namespace("y", json!({"ns": "y", "team": "blue"})))));
+        lab.each(|p| {
+            p.namespace_changed(
+                "y",
+                Some(&namespace("y", json!({"ns": "y", "team": "blue"}))),
+            )
+        });
         lab.check("blue y", |_, to, _, _| to != "x/a");
         // y/b becomes a client.
         let node = (lab.node_of)("b");
-        lab.each(|p| p.pod_changed(&("y".into(), "b".into()), Some(pod("y", "b", &node, &[("role", "client")]))));
+        lab.each(|p| {
+            p.pod_changed(
+                &("y".into(), "b".into()),
+                Some(pod("y", "b", &node, &[("role", "client")])),
+            )
+        });
         lab.check("client y/b", |from, to, _, _| to != "x/a" || from == "y/b");
         // x/a relabelled: no longer selected.
         let node = (lab.node_of)("a");
-        lab.each(|p| p.pod_changed(&("x".into(), "a".into()), Some(pod("x", "a", &node, &[("pod", "other")]))));
+        lab.each(|p| {
+            p.pod_changed(
+                &("x".into(), "a".into()),
+                Some(pod("x", "a", &node, &[("pod", "other")])),
+            )
+        });
         lab.check("x/a unselected", |_, _, _, _| true);
         lab.each(|p| p.pod_changed(&("x".into(), "a".into()), Some(pod("x", "a", &node, &[]))));
         // The policy changes to allow only port 81, then goes.
         lab.apply(&[np("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"port": 81}]}]}))]);
-        lab.check("port 81", |_, to, port, proto| to != "x/a" || (port == 81 && proto == Proto::Tcp));
+        lab.check("port 81", |_, to, port, proto| {
+            to != "x/a" || (port == 81 && proto == Proto::Tcp)
+        });
         // y loses its labels; a pod goes.
         lab.each(|p| p.namespace_changed("y", None));
         lab.each(|p| p.pod_changed(&("z".into(), "c".into()), None));
@@ -390,7 +523,10 @@ fn updates_of_pods_namespaces_and_policies_take_effect() {
         let lab2 = lab;
         lab2.check("deleted", |_, _, _, _| true);
         for (p, kernel) in &lab2.planners {
-            assert!(kernel.iter().all(|e| matches!(e, Entry::Known(_))), "only known pods stay: {kernel:?}");
+            assert!(
+                kernel.iter().all(|e| matches!(e, Entry::Known(_))),
+                "only known pods stay: {kernel:?}"
+            );
             let _ = p;
         }
     }
@@ -400,28 +536,79 @@ fn updates_of_pods_namespaces_and_policies_take_effect() {
 fn an_unknown_local_address_is_refused_while_policies_exist() {
     let mut lab = Lab::new(false);
     let stranger = Ipv4Addr::new(10, 244, 1, 99);
-    let pkt = |src, dst| Packet { src, dst, proto: 6, port: 80 };
+    let pkt = |src, dst| Packet {
+        src,
+        dst,
+        proto: 6,
+        port: 80,
+    };
     let kernel = |lab: &Lab| lab.planners[0].1.clone();
-    assert_eq!(trace(&kernel(&lab), &pkt(stranger, ip("x", "a"))), Traced::Accept);
-    lab.apply(&[np("z", "p", json!({"podSelector": {"matchLabels": {"pod": "c"}}}))]);
-    assert_eq!(trace(&kernel(&lab), &pkt(stranger, ip("x", "a"))), Traced::UnknownPod(stranger));
-    assert_eq!(trace(&kernel(&lab), &pkt(ip("x", "a"), stranger)), Traced::UnknownPod(stranger));
+    assert_eq!(
+        trace(&kernel(&lab), &pkt(stranger, ip("x", "a"))),
+        Traced::Accept
+    );
+    lab.apply(&[np(
+        "z",
+        "p",
+        json!({"podSelector": {"matchLabels": {"pod": "c"}}}),
+    )]);
+    assert_eq!(
+        trace(&kernel(&lab), &pkt(stranger, ip("x", "a"))),
+        Traced::UnknownPod(stranger)
+    );
+    assert_eq!(
+        trace(&kernel(&lab), &pkt(ip("x", "a"), stranger)),
+        Traced::UnknownPod(stranger)
+    );
     // Outside the pod CIDR is not this node's pods' business.
-    assert_eq!(trace(&kernel(&lab), &pkt(Ipv4Addr::new(192, 0, 2, 1), ip("x", "a"))), Traced::Accept);
+    assert_eq!(
+        trace(
+            &kernel(&lab),
+            &pkt(Ipv4Addr::new(192, 0, 2, 1), ip("x", "a"))
+        ),
+        Traced::Accept
+    );
 }
 
 #[test]
 fn bad_policies_are_refused_naming_the_field() {
     let bad = [
-        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}), "spec.podSelector.matchExpressions[0].operator"),
-        (json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"podSelector": {}, "ingress": [{"ports": [{"endPort": 80}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}), "spec.ingress[0].from[0].ipBlock.cidr"),
-        (json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}), "spec.egress[0].to[0].ipBlock.except[0]"),
-        (json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}), "spec.ingress[0].from[0]"),
-        (json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]}), "spec.ingress[0].ports[0].protocol"),
-        (json!({"podSelector": {}, "policyTypes": ["Sideways"]}), "spec.policyTypes[0]"),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}),
+            "spec.podSelector.matchExpressions[0].operator",
+        ),
+        (
+            json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}),
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            json!({"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}),
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            json!({"podSelector": {}, "ingress": [{"ports": [{"endPort": 80}]}]}),
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}),
+            "spec.ingress[0].from[0].ipBlock.cidr",
+        ),
+        (
+            json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}),
+            "spec.egress[0].to[0].ipBlock.except[0]",
+        ),
+        (
+            json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),
+            "spec.ingress[0].from[0]",
+        ),
+        (
+            json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]}),
+            "spec.ingress[0].ports[0].protocol",
+        ),
+        (
+            json!({"podSelector": {}, "policyTypes": ["Sideways"]}),
+            "spec.policyTypes[0]",
+        ),
     ];
     for (spec, field) in bad {
         let e = policy::Policy::parse(&np("x", "bad", spec.clone())).unwrap_err();
@@ -430,8 +617,16 @@ fn bad_policies_are_refused_naming_the_field() {
         // Refused by the planner: a good version stays in force.
         let mut lab = Lab::new(false);
         lab.apply(&[np("x", "bad", json!({"podSelector": {}}))]);
-        lab.each(|p| p.policy_changed(&("x".into(), "bad".into()), Some(&np("x", "bad", spec.clone()))));
-        assert!(lab.planners[0].0.errors.contains_key(&("x".to_string(), "bad".to_string())));
+        lab.each(|p| {
+            p.policy_changed(
+                &("x".into(), "bad".into()),
+                Some(&np("x", "bad", spec.clone())),
+            )
+        });
+        assert!(lab.planners[0]
+            .0
+            .errors
+            .contains_key(&("x".to_string(), "bad".to_string())));
         lab.check("last good version", |_, to, _, _| ns_of(to) != "x");
     }
 }
@@ -442,14 +637,33 @@ fn explain_names_the_isolating_policy_and_why() {
     lab.apply(&[np("x", "web-only", json!({"podSelector": {"matchLabels": {"pod": "a"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]}))]);
     let c = &lab.planners[0].0.cluster;
-    let d = c.decide(&Packet { src: ip("y", "b"), dst: ip("x", "a"), proto: 6, port: 81 });
+    let d = c.decide(&Packet {
+        src: ip("y", "b"),
+        dst: ip("x", "a"),
+        proto: 6,
+        port: 81,
+    });
     assert!(!d.allowed());
     let text = d.explain();
     assert!(text.contains("ingress of pod x/a: DENIED"), "{text}");
     assert!(text.contains("NetworkPolicy x/web-only"), "{text}");
     assert!(text.contains("pod y/b"), "{text}");
-    assert!(text.contains("port 81/TCP is not one of: 80/TCP") || text.contains("is not one of: pods {pod=b} in namespace x"), "{text}");
-    let ok = c.decide(&Packet { src: ip("x", "b"), dst: ip("x", "a"), proto: 6, port: 80 });
+    assert!(
+        text.contains("port 81/TCP is not one of: 80/TCP")
+            || text.contains("is not one of: pods {pod=b} in namespace x"),
+        "{text}"
+    );
+    let ok = c.decide(&Packet {
+        src: ip("x", "b"),
+        dst: ip("x", "a"),
+        proto: 6,
+        port: 80,
+    });
     assert!(ok.allowed());
-    assert!(ok.explain().contains("allowed by NetworkPolicy x/web-only ingress[0]"), "{}", ok.explain());
+    assert!(
+        ok.explain()
+            .contains("allowed by NetworkPolicy x/web-only ingress[0]"),
+        "{}",
+        ok.explain()
+    );
 }

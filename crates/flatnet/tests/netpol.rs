@@ -1,0 +1,271 @@
+//! NetworkPolicy in the lab, as a user applies it: the reachability matrix by pod IP, by
+//! ClusterIP and by DNS name; `lab explain` and the drop log naming the policy; a new pod isolated
+//! from its first packet; an established connection cut when a policy change denies it. Needs
+//! root, as the other lab tests.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const PODS: [(&str, &str, &str); 4] = [
+    ("x", "xa", "node-1"),
+    ("x", "xb", "node-2"),
+    ("y", "ya", "node-1"),
+    ("y", "yb", "node-2"),
+];
+
+fn workloads() -> String {
+    let mut out = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: blue}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: \"y\"}\n---\n",
+    );
+    for (ns, name, node) in PODS {
+        out += &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: \"{ns}\", labels: {{pod: {name}}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: flatnet-serve, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]\n---\n"
+        );
+    }
+    out + "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  selector: {pod: xa}\n  ports: [{port: 80, targetPort: http}]\n"
+}
+
+const POLICIES: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: x}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-y, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: "y"}}}]
+    ports: [{port: echo}, {port: http}]
+"#;
+
+struct Pods {
+    ips: Vec<(String, IpAddr)>,
+}
+
+impl Pods {
+    fn of(lab: &TestLab) -> Pods {
+        let st = lab.status();
+        let ips = PODS
+            .iter()
+            .map(|(ns, name, _)| {
+                let p = st["pods"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == *name && p["namespace"] == *ns)
+                    .unwrap();
+                (
+                    format!("{ns}/{name}"),
+                    p["ip"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        Pods { ips }
+    }
+
+    fn ip(&self, key: &str) -> IpAddr {
+        self.ips.iter().find(|(k, _)| k == key).unwrap().1
+    }
+}
+
+fn pod_ns(lab: &TestLab, key: &str) -> netns::NetNs {
+    let (ns, name) = key.split_once('/').unwrap();
+    lab.ns(&format!("pod.{ns}.{name}"))
+}
+
+/// Every ordered pair over the echo port: whether it connects. As the upstream suite probes,
+/// a matrix that differs is probed again (a workload may still be starting), three times.
+fn matrix(lab: &TestLab, pods: &Pods, want: impl Fn(&str, &str) -> bool) {
+    let mut wrong = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        wrong.clear();
+        for (from, _) in &pods.ips {
+            for (to, ip) in &pods.ips {
+                if from == to {
+                    continue;
+                }
+                let got =
+                    try_hello(&pod_ns(lab, from), *ip, 9000, Duration::from_millis(1500)).is_ok();
+                if got != want(from, to) {
+                    wrong.push(format!("{from} -> {to}: got {got}"));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            return;
+        }
+    }
+    panic!("{wrong:?}");
+}
+
+fn curl(lab: &TestLab, from: &str, url: &str) -> Option<String> {
+    let (ns, name) = from.split_once('/').unwrap();
+    let out = lab.flatnet(&["exec", "-n", ns, name, "--", "curl", "-s", "-m", "3", url]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn agent_logs(lab: &TestLab) -> String {
+    let mut out = String::new();
+    let mut stack = vec![lab.root.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+            {
+                out += &std::fs::read_to_string(&p).unwrap_or_default();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn policies_isolate_explain_log_and_cut() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file("{nodes: 2, backend: host-gw}", &workloads());
+    lab.up(&f);
+    let pods = Pods::of(&lab);
+    matrix(&lab, &pods, |_, _| true);
+
+    lab.apply_text(POLICIES);
+    let st = lab.flatnet(&["status"]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains("default-deny") && text.contains("from-y"),
+        "{text}"
+    );
+    // Into x only from y (named ports resolved on the x pods); y is open.
+    matrix(&lab, &pods, |from, to| {
+        !to.starts_with("x/") || from.starts_with("y/")
+    });
+    // By ClusterIP and by DNS name: the policies see the endpoint after DNAT.
+    let st = lab.status();
+    let vip = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let via_ip = curl(&lab, "y/yb", &format!("http://{vip}/")).expect("y reaches the Service");
+    assert!(via_ip.contains("pod=xa"), "{via_ip}");
+    assert!(curl(&lab, "y/ya", "http://web.x/").is_some_and(|o| o.contains("pod=xa")));
+    assert!(
+        curl(&lab, "x/xb", &format!("http://{vip}/")).is_none(),
+        "x/xb is not in y"
+    );
+    assert!(curl(&lab, "x/xb", "http://web.x/").is_none());
+
+    // explain names the policies and why.
+    let out = lab.flatnet(&["explain", "xb", &format!("{}:9000", pods.ip("x/xa"))]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("policy: DENIED")
+            && text.contains("x/default-deny")
+            && text.contains("x/from-y"),
+        "{text}"
+    );
+    let out = lab.flatnet(&["explain", "ya", &format!("{vip}:80")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("allowed by NetworkPolicy x/from-y ingress[0]"),
+        "{text}"
+    );
+    // The drop log of xa's node names them too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = agent_logs(&lab);
+        if logs.contains("pod x/xa is isolated by NetworkPolicy x/default-deny, x/from-y") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no drop logged for x/xa:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A new pod a policy selects never gets a packet out; one it does not select does.
+    lab.apply_text(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: new-no-egress, namespace: \"y\"}\nspec: {podSelector: {matchLabels: {role: new}}, policyTypes: [Egress]}\n",
+    );
+    let target = pods.ip("y/yb");
+    let mut new_pods = String::new();
+    for role in ["new", "other"] {
+        let file = lab.root.path().join(format!("first-{role}"));
+        new_pods += &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: first-{role}, namespace: \"y\", labels: {{role: {role}}}}}\nspec:\n  nodeName: node-1\n  containers: [{{name: c, image: curl, command: [sh, -c, \"curl -s -m 5 -o /dev/null -w %{{http_code}} http://{target}:8080/ > {}.tmp; mv {}.tmp {}; sleep 1000\"]}}]\n---\n",
+            file.display(), file.display(), file.display()
+        );
+    }
+    lab.apply_text(&new_pods);
+    let read = |role: &str| {
+        let file = lab.root.path().join(format!("first-{role}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&file) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "first-{role} wrote nothing");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(read("other"), "200", "a pod no policy selects gets through");
+    assert_eq!(
+        read("new"),
+        "000",
+        "a selected pod's first packets never leave"
+    );
+
+    // An established connection that a change now denies is cut at its next packet.
+    let mut conn = pod_ns(&lab, "y/ya")
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::new(pods.ip("x/xa"), 9000),
+                Duration::from_secs(2),
+            )
+        })
+        .unwrap()
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    conn.write_all(b"ping\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "ping\n");
+    lab.flatnet(&["delete", "networkpolicy", "from-y", "-n", "x"]);
+    line.clear();
+    let cut = conn.write_all(b"again\n").is_err()
+        || !matches!(reader.read_line(&mut line), Ok(n) if n > 0);
+    assert!(cut, "the connection went on: {line:?}");
+
+    // All policies gone: open again.
+    for (name, ns) in [("default-deny", "x"), ("new-no-egress", "y")] {
+        let out = lab.flatnet(&["delete", "networkpolicy", name, "-n", ns]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    matrix(&lab, &pods, |_, _| true);
+}
