@@ -41,9 +41,13 @@ pub struct AgentArgs {
     #[arg(long)]
     pub once: bool,
     /// Print the plan (routes, VXLAN device, FDB and neighbour entries, the service proxy's
-    /// nftables table) and exit without changing anything.
+    /// and the network policy's nftables tables) and exit without changing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Explain a packet from SRC (an address) to DST:PORT[/tcp|udp|sctp] on this node: its
+    /// Service DNAT and the network policy verdict, then exit.
+    #[arg(long, num_args = 2, value_names = ["SRC", "DST:PORT"])]
+    pub explain: Option<Vec<String>>,
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -95,11 +99,14 @@ pub fn run(a: AgentArgs) -> ExitCode {
         status_file: a.status_file,
         cni_conf_dir,
     };
-    if a.once || a.dry_run {
+    if a.once || a.dry_run || a.explain.is_some() {
         let result = a
             .source
             .load(agent.watches.clone(), Duration::from_secs(30))
             .and_then(|store| {
+                if let Some([from, to]) = a.explain.as_deref() {
+                    return agent.explain(&store, from, to);
+                }
                 let nl = netlink::Netlink::connect().map_err(|e| format!("netlink: {e}"))?;
                 if a.dry_run {
                     agent.dry_run(&nl, &store)

@@ -215,6 +215,50 @@ impl Agent {
         ))
     }
 
+    /// `--explain SRC DST:PORT[/proto]`: the packet's way through this node's service proxy and
+    /// the policy verdict on each endpoint it may reach (the source's egress and the
+    /// destination's ingress, naming the policies that deny it and why).
+    pub fn explain(&self, store: &Store, from: &str, to: &str) -> Result<String, String> {
+        let me = self.me(store)?;
+        let src: Ipv4Addr = from
+            .parse()
+            .map_err(|_| format!("SRC {from:?} is not an IPv4 address"))?;
+        let (dst, dport, proto) = proxy::parse_target(to).map_err(|e| format!("DST: {e}"))?;
+        let snap = store.snapshot();
+        let node_ips: Vec<Ipv4Addr> = snap.nodes.iter().map(|n| n.ip).collect();
+        let on_node: Vec<Pod> = (snap.pods.into_iter())
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node))
+            .collect();
+        let rules = proxy::plan::plan_node(
+            &self.proxy_config(&me),
+            &snap.services,
+            &snap.endpoint_slices,
+            &on_node,
+        )
+        .map_err(|e| e.to_string())?;
+        let pkt = proxy::Packet {
+            src,
+            dst,
+            proto,
+            dport,
+            to_node: node_ips.contains(&dst),
+        };
+        let mut out = format!("on {}: {}", self.node, proxy::explain(&rules, &pkt));
+        let mut policies = policy::plan::Planner::new(&self.node, Some(me.pod_cidr));
+        policies.take_store(store);
+        for (ip, port) in proxy::destinations(&rules, &pkt) {
+            let reached = policy::Packet {
+                src,
+                dst: ip,
+                proto: proto.number(),
+                port,
+            };
+            out += "\n";
+            out += &policies.cluster.verdict_text(&reached, &node_ips);
+        }
+        Ok(out)
+    }
+
     /// Syncs routing and the proxy once against `store`; returns what changed.
     pub fn once(&self, nl: &Netlink, store: &Store) -> Result<String, String> {
         let (plan, dev, _) = self.plan(nl, store)?;

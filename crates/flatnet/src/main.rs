@@ -55,6 +55,28 @@ enum Cmd {
         #[command(subcommand)]
         tool: ProxyTool,
     },
+    /// Network-policy tools: change-to-kernel and data-path benchmark.
+    Policy {
+        #[command(subcommand)]
+        tool: PolicyTool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyTool {
+    /// Cold start, policy / pod-label / namespace-label changes to the kernel, and the data path
+    /// between two selected pods with the table and without (needs root, iperf3).
+    Bench {
+        /// Pods in the cluster (one in 100 on this node).
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        /// Policies.
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+        /// Changes timed of each kind.
+        #[arg(long, default_value_t = 30)]
+        changes: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +146,20 @@ fn main() -> ExitCode {
             };
             report(agent::bench::run(&o))
         }
+        Cmd::Policy {
+            tool:
+                PolicyTool::Bench {
+                    pods,
+                    policies,
+                    changes,
+                },
+        } => match policy::bench::run(pods, policies, changes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::InstallCni { dest } => {
             report(install_cni(&dest).map(|p| format!("installed {}", p.display())))
         }

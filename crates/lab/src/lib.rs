@@ -1275,16 +1275,7 @@ impl Lab {
                     .to_string(),
             ),
         };
-        let (addr, proto) = to.split_once('/').unwrap_or((to, "tcp"));
-        let proto = proxy::Proto::parse(Some(&proto.to_ascii_uppercase()))
-            .ok_or("protocol: use tcp, udp or sctp")?;
-        let (ip, port) = addr.rsplit_once(':').ok_or("TO: use IP:PORT[/proto]")?;
-        let dst: Ipv4Addr = ip
-            .parse()
-            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
-        let dport: u16 = port
-            .parse()
-            .map_err(|_| format!("{port:?} is not a port"))?;
+        let (dst, dport, proto) = proxy::parse_target(to).map_err(|e| format!("TO: {e}"))?;
         let me = s
             .nodes
             .iter()
@@ -1314,13 +1305,8 @@ impl Lab {
         let mut out = format!("on {node}: ");
         out += &proxy::explain(&rs, &pkt);
         // The policies see the packet after DNAT: each endpoint it may go to.
-        let reached: Vec<(Ipv4Addr, u16)> = match proxy::trace(&rs, &pkt) {
-            proxy::Verdict::Dnat(hops) => hops.iter().map(|h| (h.ip, h.port)).collect(),
-            proxy::Verdict::Untouched => vec![(dst, dport)],
-            _ => Vec::new(),
-        };
         let node_ips: Vec<Ipv4Addr> = s.nodes.iter().map(|n| n.ip).collect();
-        for (ip, port) in reached {
+        for (ip, port) in proxy::destinations(&rs, &pkt) {
             out += "\n";
             out += &policies::verdict(&store, src, ip, proto, port, &node_ips);
         }

@@ -76,8 +76,7 @@ pub fn table(m: &Manifests) -> String {
     out
 }
 
-/// The policy verdict on a packet that reaches `dst:port` (after any DNAT): allowed, or denied
-/// naming the policies that isolate the pod and why none of their rules matched.
+/// The policy verdict on a packet that reaches `dst:port` (after any DNAT).
 pub fn verdict(
     store: &Store,
     src: Ipv4Addr,
@@ -86,28 +85,13 @@ pub fn verdict(
     port: u16,
     node_ips: &[Ipv4Addr],
 ) -> String {
-    if node_ips.contains(&src) {
-        return "policy: allowed (traffic from a node to its pods always passes)".into();
-    }
-    if src == dst {
-        return "policy: allowed (a pod's traffic to itself never leaves it)".into();
-    }
     let mut planner = policy::plan::Planner::new("", None);
     planner.take_store(store);
-    let d = planner.cluster.decide(&policy::Packet {
+    let pkt = policy::Packet {
         src,
         dst,
         proto: proto.number(),
         port,
-    });
-    let head = if d.allowed() {
-        "policy: allowed"
-    } else {
-        "policy: DENIED"
     };
-    format!(
-        "{head} ({}:{port})\n  {}",
-        dst,
-        d.explain().replace('\n', "\n  ")
-    )
+    planner.cluster.verdict_text(&pkt, node_ips)
 }

@@ -5,6 +5,8 @@
 //! them (`/run/netns/<name>`, a bind mount of the namespace file), so `ip netns exec` and
 //! `nsenter --net=` see exactly what flatnet made, and the other way round.
 
+pub mod measure;
+
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use std::fs::{File, OpenOptions};

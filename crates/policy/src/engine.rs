@@ -176,6 +176,30 @@ impl Cluster {
         self.by_ip.get(&ip).and_then(|k| self.pods.get(k))
     }
 
+    /// The verdict on a packet that reaches `dst:port` (after any DNAT) in words, for `explain`:
+    /// allowed, or denied naming the policies that isolate the pod and why none of their rules
+    /// matched. Traffic from a node (`node_ips`) to its pods always passes.
+    pub fn verdict_text(&self, pkt: &Packet, node_ips: &[Ipv4Addr]) -> String {
+        if node_ips.contains(&pkt.src) {
+            return "policy: allowed (traffic from a node to its pods always passes)".into();
+        }
+        if pkt.src == pkt.dst {
+            return "policy: allowed (a pod's traffic to itself never leaves it)".into();
+        }
+        let d = self.decide(pkt);
+        let head = if d.allowed() {
+            "policy: allowed"
+        } else {
+            "policy: DENIED"
+        };
+        format!(
+            "{head} ({}:{})\n  {}",
+            pkt.dst,
+            pkt.port,
+            d.explain().replace('\n', "\n  ")
+        )
+    }
+
     /// The verdict on `pkt`: the source's egress and the destination's ingress, each allowed
     /// when no policy isolates that pod in that direction or some rule of some isolating policy
     /// matches.

@@ -31,6 +31,7 @@
 //!   `guard` covering everything until the first load lands.
 
 pub mod apply;
+pub mod bench;
 pub mod engine;
 pub mod model;
 pub mod plan;

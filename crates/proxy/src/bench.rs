@@ -15,6 +15,7 @@ use crate::{Applier, Config, Proto, Proxy};
 use cluster::slim::EndpointSlice;
 use cluster::{Resource, Store, Update};
 use k8s_openapi::api::core::v1::Service;
+use netns::measure::{ms, percentiles, rss_kib, settle};
 use std::time::{Duration, Instant};
 
 fn nth(base: [u8; 4], n: usize) -> String {
@@ -48,30 +49,6 @@ fn slice(i: usize, endpoints: usize, shift: usize) -> EndpointSlice {
     .expect("an EndpointSlice")
 }
 
-/// Waits (up to 30 s) until the CPUs are idle: the kernel tears a removed namespace's table
-/// down in the background, and that work must not be billed to the next figure.
-fn settle() {
-    let busy_idle = || -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = (stat.lines().next()?.split_whitespace().skip(1))
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        let idle = fields.get(3)? + fields.get(4)?;
-        Some((fields.iter().sum::<u64>() - idle, idle))
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Some((busy, idle)) = busy_idle() {
-        std::thread::sleep(Duration::from_millis(200));
-        let Some((busy2, idle2)) = busy_idle() else {
-            return;
-        };
-        let (b, i) = (busy2 - busy, idle2 - idle);
-        if b * 10 <= b + i || Instant::now() > deadline {
-            return;
-        }
-    }
-}
-
 /// A store holding `n` Services with `endpoints` each.
 fn store_of(n: usize, endpoints: usize) -> Store {
     let mut store = Store::new();
@@ -79,24 +56,6 @@ fn store_of(n: usize, endpoints: usize) -> Store {
     let slices = (0..n).map(|i| Update::apply(slice(i, endpoints, 0).into_object()));
     store.apply(services.chain(slices));
     store
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// Connections timed per size: rounds of this many, alternating with the 10-Service table.
@@ -162,12 +121,6 @@ fn connects(
             Ok(())
         })
         .map_err(|e| e.to_string())?
-}
-
-/// p50 and p99.
-fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
-    v.sort();
-    (v[v.len() / 2], v[v.len() * 99 / 100])
 }
 
 fn us(d: Duration) -> String {

@@ -15,4 +15,4 @@ pub use model::{Config, Proto};
 pub use plan::plan;
 pub use ruleset::Ruleset;
 pub use sync::{Proxy, Report};
-pub use trace::{explain, trace, Hop, Packet, Verdict};
+pub use trace::{destinations, explain, parse_target, trace, Hop, Packet, Verdict};

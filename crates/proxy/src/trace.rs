@@ -128,6 +128,31 @@ fn walk(rs: &Ruleset, chain: &str, p: &Packet, mut masq: bool, depth: usize) -> 
 }
 
 /// The walk as text for `flatnet lab explain`: which frontend matched and where the packet goes.
+/// Where a packet goes on from this node: the endpoints it may be DNATed to, itself when it is
+/// no Service's, nothing when it is refused (what a policy then judges).
+pub fn destinations(rs: &Ruleset, p: &Packet) -> Vec<(Ipv4Addr, u16)> {
+    match trace(rs, p) {
+        Verdict::Dnat(hops) => hops.iter().map(|h| (h.ip, h.port)).collect(),
+        Verdict::Untouched => vec![(p.dst, p.dport)],
+        Verdict::Rejected | Verdict::Dropped => Vec::new(),
+    }
+}
+
+/// `IP:PORT[/tcp|udp|sctp]`, as `explain` takes a destination.
+pub fn parse_target(to: &str) -> Result<(Ipv4Addr, u16, Proto), String> {
+    let (addr, proto) = to.split_once('/').unwrap_or((to, "tcp"));
+    let proto =
+        Proto::parse(Some(&proto.to_ascii_uppercase())).ok_or("protocol: use tcp, udp or sctp")?;
+    let (ip, port) = addr.rsplit_once(':').ok_or("use IP:PORT[/proto]")?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port"))?;
+    Ok((ip, port, proto))
+}
+
 pub fn explain(rs: &Ruleset, p: &Packet) -> String {
     let what = format!(
         "{} {}:{} -> {}:{}",

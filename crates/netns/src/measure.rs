@@ -1,0 +1,54 @@
+//! What the benches in throw-away namespaces share: the process's memory, idle CPUs before a
+//! figure is taken (the kernel tears a removed namespace's tables down in the background), and
+//! percentiles.
+
+use std::time::{Duration, Instant};
+
+/// This process's resident memory in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (up to 30 s) until the CPUs are at least 90% idle over 200 ms.
+pub fn settle() {
+    let busy_idle = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = (stat.lines().next()?.split_whitespace().skip(1))
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let idle = fields.get(3)? + fields.get(4)?;
+        Some((fields.iter().sum::<u64>() - idle, idle))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some((busy, idle)) = busy_idle() {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some((busy2, idle2)) = busy_idle() else {
+            return;
+        };
+        let (b, i) = (busy2 - busy, idle2 - idle);
+        if b * 10 <= b + i || Instant::now() > deadline {
+            return;
+        }
+    }
+}
+
+/// p50 and p99 of a non-empty sample.
+pub fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+/// Milliseconds with one decimal.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}

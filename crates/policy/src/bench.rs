@@ -1,0 +1,355 @@
+//! `flatnet policy bench`: what policy costs a node at scale, in throw-away namespaces. A cluster
+//! of N pods (namespaces of 100, one pod in 100 on this node) and M policies of five shapes
+//! (default deny; a named port from an app; a namespace selector with a pod selector; egress to
+//! an ipBlock with an except; an `endPort` range from a set of apps) is planned and loaded cold;
+//! then policy, pod-label and namespace-label changes are timed from the change to the kernel
+//! holding it (the commit returns once the kernel enforces it); then the data path between two
+//! real pods of this node that the policies select: TCP connections per second and iperf3
+//! throughput, with the table and without it, alternately.
+
+use crate::apply::Applier;
+use crate::model::PodFacts;
+use crate::plan::Planner;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use netns::measure::{ms, percentiles, rss_kib, settle};
+use netns::TempNetNs;
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PER_NAMESPACE: usize = 100;
+
+fn namespace(j: usize, team: usize) -> Namespace {
+    serde_json::from_value(json!({"metadata": {"name": format!("ns-{j}"), "labels": {"team": format!("team-{team}")}}}))
+        .expect("a Namespace")
+}
+
+/// Pod `i`: every 100th is on this node (10.244.0.10 onwards), the rest elsewhere.
+fn pod(i: usize, app: usize) -> PodFacts {
+    let local = i % PER_NAMESPACE == 0;
+    let ip = if local {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 10)) + (i / PER_NAMESPACE) as u32)
+    } else {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + i as u32)
+    };
+    PodFacts {
+        namespace: format!("ns-{}", i / PER_NAMESPACE),
+        name: format!("p-{i}"),
+        labels: [
+            ("app".to_string(), format!("app-{app}")),
+            ("tier".to_string(), format!("t-{}", i % 3)),
+            ("pod".to_string(), format!("p-{i}")),
+        ]
+        .into(),
+        ip: Some(ip),
+        node: Some(if local { "bench" } else { "other" }.into()),
+        host_network: false,
+        ports: vec![("http".into(), cluster::Proto::Tcp, 8080)],
+    }
+}
+
+fn np(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}))
+        .expect("a NetworkPolicy")
+}
+
+/// Policy `k` of the five shapes; `port` varies the named one (a policy change).
+fn policy(k: usize, namespaces: usize, port: &str) -> NetworkPolicy {
+    let ns = format!("ns-{}", k % namespaces);
+    let name = format!("pol-{k}");
+    let spec = match k % 5 {
+        0 => json!({"podSelector": {}}),
+        1 => json!({"podSelector": {"matchLabels": {"tier": "t-1"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", k % 10)}}}], "ports": [{"port": port}]}]}),
+        2 => json!({"podSelector": {"matchLabels": {"app": format!("app-{}", k % 10)}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", k % 7)}},
+                                   "podSelector": {"matchLabels": {"tier": "t-1"}}}], "ports": [{"port": 8080}]}]}),
+        3 => json!({"podSelector": {"matchLabels": {"tier": "t-2"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}], "ports": [{"port": 443}, {"port": 53, "protocol": "UDP"}]}]}),
+        _ => json!({"podSelector": {},
+            "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["app-1", "app-2", "app-3"]}]}}],
+                         "ports": [{"port": 9000, "endPort": 9100}]}]}),
+    };
+    np(&ns, &name, spec)
+}
+
+/// The policies that let the data path's client (p-100) reach its server (p-0) on every TCP
+/// port, beside those that isolate both.
+fn data_path_policies() -> [NetworkPolicy; 2] {
+    [
+        np(
+            "ns-0",
+            "bench-in",
+            json!({"podSelector": {"matchLabels": {"pod": "p-0"}},
+            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "p-100"}}}], "ports": [{"protocol": "TCP"}]}]}),
+        ),
+        np(
+            "ns-1",
+            "bench-out",
+            json!({"podSelector": {"matchLabels": {"pod": "p-100"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "p-0"}}}], "ports": [{"protocol": "TCP"}]}]}),
+        ),
+    ]
+}
+
+fn run_ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A bridge in `node` and two pods on it: the server (10.244.0.10) and the client (.11).
+fn data_path(node: &TempNetNs) -> Result<[TempNetNs; 2], String> {
+    let n = node.name();
+    run_ip(&["-n", n, "link", "add", "cni0", "type", "bridge"])?;
+    run_ip(&["-n", n, "addr", "add", "10.244.0.1/24", "dev", "cni0"])?;
+    run_ip(&["-n", n, "link", "set", "cni0", "up"])?;
+    let mut pods = Vec::new();
+    for (i, ip) in ["10.244.0.10", "10.244.0.11"].iter().enumerate() {
+        let p = TempNetNs::new("fnb-polp").map_err(|e| e.to_string())?;
+        let host = format!("veth{i}");
+        run_ip(&[
+            "-n",
+            n,
+            "link",
+            "add",
+            &host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            p.name(),
+        ])?;
+        run_ip(&["-n", n, "link", "set", &host, "master", "cni0", "up"])?;
+        run_ip(&[
+            "-n",
+            p.name(),
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run_ip(&["-n", p.name(), "link", "set", "eth0", "up"])?;
+        run_ip(&["-n", p.name(), "link", "set", "lo", "up"])?;
+        pods.push(p);
+    }
+    let server = pods.remove(0);
+    let client = pods.remove(0);
+    server
+        .ns()
+        .run(|| -> Result<(), String> {
+            let l = TcpListener::bind("10.244.0.10:8080").map_err(|e| format!("listen: {e}"))?;
+            std::thread::spawn(move || loop {
+                let _ = l.accept();
+            });
+            Ok(())
+        })
+        .map_err(|e| e.to_string())??;
+    Ok([server, client])
+}
+
+/// Connections per second from the client to the server (3000 of them).
+fn connection_rate(client: &TempNetNs) -> Result<f64, String> {
+    let to = SocketAddr::from(([10, 244, 0, 10], 8080));
+    client
+        .ns()
+        .run(|| -> Result<f64, String> {
+            let t = Instant::now();
+            for _ in 0..3000 {
+                TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    .map_err(|e| format!("connecting to {to}: {e}"))?;
+            }
+            Ok(3000.0 / t.elapsed().as_secs_f64())
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// iperf3 from the client to the server for 3 s: Gbit/s received.
+fn iperf(server: &TempNetNs, client: &TempNetNs) -> Result<f64, String> {
+    let mut s = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            server.name(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            "5201",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("iperf3 (install iperf3): {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client.name(),
+            "iperf3",
+            "-c",
+            "10.244.0.10",
+            "-p",
+            "5201",
+            "-t",
+            "3",
+            "-J",
+        ])
+        .output()
+        .map_err(|e| format!("iperf3: {e}"))?;
+    let _ = s.wait();
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .map(|b| b / 1e9)
+        .ok_or_else(|| format!("iperf3: {}", v.get("error").unwrap_or(&v)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(pods: usize, policies: usize, changes: usize) -> Result<(), String> {
+    let node = TempNetNs::new("fnb-pol")
+        .map_err(|e| format!("a namespace for the run (needs root): {e}"))?;
+    let namespaces = pods.div_ceil(PER_NAMESPACE).max(1);
+    let rss0 = rss_kib();
+    let t = Instant::now();
+    let mut p = Planner::new("bench", Some("10.244.0.0/24".parse().expect("cidr")));
+    for j in 0..namespaces {
+        p.namespace_changed(&format!("ns-{j}"), Some(&namespace(j, j % 7)));
+    }
+    for i in 0..pods {
+        let f = pod(i, i % 10);
+        p.pod_changed(&f.key(), Some(f));
+    }
+    let mut all: Vec<NetworkPolicy> = (0..policies)
+        .map(|k| policy(k, namespaces, "http"))
+        .collect();
+    all.extend(data_path_policies());
+    for n in &all {
+        p.policy_changed(&cluster::manifests::namespaced(&n.metadata), Some(n));
+    }
+    let planned = t.elapsed();
+    let entries = p.entries();
+    p.clear_pending();
+    let (mut applier, loaded) = node
+        .ns()
+        .run(|| -> Result<(Applier, Duration), String> {
+            let mut a = Applier::new()?;
+            let t = Instant::now();
+            a.load(&entries)?;
+            Ok((a, t.elapsed()))
+        })
+        .map_err(|e| e.to_string())??;
+    let rss = rss_kib().saturating_sub(rss0);
+    println!(
+        "policy bench: {pods} pods ({} on this node), {} policies, {namespaces} namespaces",
+        pods.div_ceil(PER_NAMESPACE),
+        all.len()
+    );
+    println!(
+        "  cold start: plan {}, kernel load {} ({} elements), total {}; planner memory {} MiB",
+        ms(planned),
+        ms(loaded),
+        entries.len(),
+        ms(planned + loaded),
+        rss / 1024
+    );
+    drop(entries);
+
+    // Changes, each timed from the change handed to the planner to the kernel's commit.
+    let mut timed =
+        |what: &str, change: &mut dyn FnMut(&mut Planner, usize)| -> Result<(), String> {
+            let mut took = Vec::new();
+            let mut sent = 0;
+            for r in 0..changes {
+                let t = Instant::now();
+                change(&mut p, r);
+                let pending = p.take_pending();
+                node.ns()
+                    .run(|| applier.apply(&pending))
+                    .map_err(|e| e.to_string())??;
+                took.push(t.elapsed());
+                sent += pending.len();
+            }
+            let (p50, p99) = percentiles(took);
+            println!(
+                "  {what}: p50 {} p99 {} ({:.0} elements per change)",
+                ms(p50),
+                ms(p99),
+                sent as f64 / changes.max(1) as f64
+            );
+            Ok(())
+        };
+    timed("policy change (a named port)", &mut |p, r| {
+        let k = 1 + 5 * (r % (policies / 5).max(1));
+        let n = policy(k, namespaces, if r % 2 == 0 { "metrics" } else { "http" });
+        p.policy_changed(&cluster::manifests::namespaced(&n.metadata), Some(&n));
+    })?;
+    timed("pod label change", &mut |p, r| {
+        let i = (r * 7919) % pods;
+        let f = pod(i, (i + r + 1) % 10);
+        p.pod_changed(&f.key(), Some(f));
+    })?;
+    timed("namespace label change", &mut |p, r| {
+        let j = (r * 13) % namespaces;
+        p.namespace_changed(&format!("ns-{j}"), Some(&namespace(j, (j + r + 1) % 7)));
+    })?;
+
+    // The data path: the two pods are selected by the policies (default deny in ns-0 and the
+    // bench's own) and allowed by them; without the table nothing is in the way, not even
+    // connection tracking.
+    let [server, client] = data_path(&node)?;
+    let entries = p.entries();
+    let mut rates = (Vec::new(), Vec::new());
+    let mut gbits = (Vec::new(), Vec::new());
+    for round in 0..4 {
+        let with = round % 2 == 1;
+        node.ns()
+            .run(|| -> Result<(), String> {
+                if with {
+                    crate::apply::ensure_bridge_filtering()?;
+                    applier.load(&entries)
+                } else {
+                    let _ = nft::apply(&format!("delete table ip {}", crate::plan::TABLE_NAME));
+                    Ok(())
+                }
+            })
+            .map_err(|e| e.to_string())??;
+        settle();
+        let rate = connection_rate(&client)?;
+        let g = iperf(&server, &client)?;
+        if with {
+            rates.1.push(rate);
+            gbits.1.push(g);
+        } else {
+            rates.0.push(rate);
+            gbits.0.push(g);
+        }
+    }
+    let (r0, r1) = (median(rates.0), median(rates.1));
+    let (g0, g1) = (median(gbits.0), median(gbits.1));
+    println!("  new connections/s, pod to pod on this node: {r1:.0} with {} policies vs {r0:.0} without the table: {:.3}x", all.len(), r1 / r0);
+    println!(
+        "  iperf3 pod to pod: {g1:.2} Gbit/s with vs {g0:.2} without: {:.3}x",
+        g1 / g0
+    );
+    Ok(())
+}
