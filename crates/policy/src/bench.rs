@@ -28,7 +28,7 @@ fn namespace(j: usize, team: usize) -> Namespace {
 
 /// Pod `i`: every 100th is on this node (10.244.0.10 onwards), the rest elsewhere.
 fn pod(i: usize, app: usize) -> PodFacts {
-    let local = i % PER_NAMESPACE == 0;
+    let local = i.is_multiple_of(PER_NAMESPACE);
     let ip = if local {
         Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 10)) + (i / PER_NAMESPACE) as u32)
     } else {
