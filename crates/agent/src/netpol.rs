@@ -93,8 +93,8 @@ impl PolicyPart {
             .map(|(k, e)| (k.clone(), e.to_string()))
             .collect();
         if !self.loaded {
-            let entries = planner.entries();
             planner.clear_pending();
+            let entries = planner.entries();
             self.applier.load(&entries)?;
             self.loaded = true;
             return Ok(Synced {

@@ -10,6 +10,10 @@ use std::process::{Command, Stdio};
 
 pub const NFT: &str = "nft";
 
+/// The packet mark bit the service proxy sets on a connection's first packet to have it
+/// masqueraded at postrouting; every other flatnet table that writes the mark gives it back.
+pub const MASQUERADE_MARK: u32 = 0x4000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftError(pub String);
 

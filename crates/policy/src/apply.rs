@@ -27,9 +27,12 @@ fn mark(id: u32) -> [u8; 4] {
     id.to_ne_bytes()
 }
 
-fn addr_key(id: u32, a: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
+/// A `mark . ipv4_addr . inet_proto . inet_service` key. In a set of ranges the mark is in
+/// network order: nft converts the looked-up `meta mark` to it there, so ranges compare as
+/// numbers (and `nft list` prints them so).
+fn addr_key(id: [u8; 4], a: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
     let mut k = Vec::with_capacity(16);
-    k.extend_from_slice(&mark(id));
+    k.extend_from_slice(&id);
     k.extend_from_slice(&a.octets());
     k.extend_from_slice(&[proto, 0, 0, 0]);
     k.extend_from_slice(&port.to_be_bytes());
@@ -56,11 +59,11 @@ pub fn element(e: &Entry) -> Element {
             Element::new(k, Data::None)
         }
         Entry::Allow(_, id, Allow::Port(ip, proto, port)) => {
-            Element::new(addr_key(*id, *ip, *proto, *port), Data::None)
+            Element::new(addr_key(mark(*id), *ip, *proto, *port), Data::None)
         }
         Entry::Allow(_, id, Allow::Range { addr, proto, port }) => Element::range(
-            addr_key(*id, addr.0, proto.0, port.0),
-            addr_key(*id, addr.1, proto.1, port.1),
+            addr_key(id.to_be_bytes(), addr.0, proto.0, port.0),
+            addr_key(id.to_be_bytes(), addr.1, proto.1, port.1),
         ),
     }
 }

@@ -13,13 +13,15 @@
 //!   frames cross it too (as Flannel with kube-router or Calico requires). Traffic the node
 //!   itself sends (the kubelet's probes) takes the output path and is never filtered, nor is
 //!   traffic to the node's own addresses; hostNetwork pods are never selected.
-//! - replies (`ct direction reply`) and related ICMP pass; every packet of the original direction
+//! - replies (`ct direction reply`) and related ICMP pass, packets conntrack finds invalid are
+//!   dropped (as Calico does: they belong to no connection a rule allowed, and a reset would cut
+//!   a connection a stray packet only seems to threaten); every packet of the original direction
 //!   is checked, so a connection a policy change now denies is cut at its next packet (as
 //!   kube-network-policies does; Calico lets it run): a TCP peer gets a reset, others an ICMP
 //!   administratively-prohibited.
 //! - per packet: a map lookup per end (`ingress-ids`/`egress-ids`: local pod address → the id of
-//!   its group, the pods selected by the same policies) and at most three set lookups keyed by
-//!   that id (`…-any`: peer address; `…-ports`: peer address, protocol, port; `…-ranges`:
+//!   its group, the pods selected by the same policies, carried in the packet's mark) and at
+//!   most three set lookups keyed by that id (`…-any`: peer address; `…-ports`: peer address, protocol, port; `…-ranges`:
 //!   address, protocol and port ranges). Nothing walks a rule per pod or per policy, and a change
 //!   is elements of these sets and maps only: no rule, chain or jump element is ever added after
 //!   the table is made, so no change makes the kernel re-validate the table.

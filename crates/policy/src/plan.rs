@@ -5,7 +5,7 @@
 //! element ([`Entry`]) of its sets and maps:
 //! - a **group** is the local pods one set of policies selects for a direction (with, for
 //!   ingress, the same named ports): most pods of a Deployment share one. `ingress-ids` /
-//!   `egress-ids` map each isolated local pod's address to its group's id (a `ct mark` value
+//!   `egress-ids` map each isolated local pod's address to its group's id (a mark value
 //!   for the lookups that follow).
 //! - a group's allows are keyed by its id: `…-any` (`id . peer`), for peers allowed on every
 //!   port; `…-ports` (`id . peer . l4proto . port`); `…-ranges` (the same fields as ranges, for
@@ -32,6 +32,7 @@ use cluster::{ModelError, Proto};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use nft::MASQUERADE_MARK;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -172,6 +173,11 @@ pub const SETS: [(&str, &str, bool); 10] = [
 
 /// The table with its fixed chains and empty sets, except `guard`, which starts closed
 /// (`0.0.0.0/0`): until the first load lands, no forwarded packet of an unknown pod passes.
+///
+/// A group's id travels from its map lookup to the set lookups in the packet's mark: per
+/// packet, so packets of one connection checked at once on several CPUs never see each other's
+/// (a connection's `ct mark` would be shared). The mark is given back as it came for the one bit
+/// that matters after this hook, the service proxy's masquerade bit, read at postrouting.
 pub fn skeleton() -> String {
     let mut o = format!("table ip {TABLE_NAME} {{\n  comment \"{VERSION}\"\n");
     for (name, ty, interval) in SETS {
@@ -191,24 +197,34 @@ pub fn skeleton() -> String {
     type filter hook forward priority filter; policy accept;
     ct state related accept
     ct direction reply accept
+    ct state invalid drop
     ip saddr . ip daddr @guard ip saddr != @known-pods goto unknown-pod
     ip daddr . ip saddr @guard ip daddr != @known-pods goto unknown-pod
+    meta mark & {MASQUERADE_MARK:#010x} == {MASQUERADE_MARK:#010x} goto masqueraded
+    jump check
+    meta mark set 0x00000000
+  }}
+  chain masqueraded {{
+    jump check
+    meta mark set {MASQUERADE_MARK:#010x}
+  }}
+  chain check {{
     ip saddr @egress-ids jump egress
     ip daddr @ingress-ids jump ingress
   }}
   chain egress {{
-    ct mark set ip saddr map @egress-ids
-    ct mark . ip daddr @egress-any return
-    ct mark . ip daddr . meta l4proto . th dport @egress-ports return
-    ct mark . ip daddr . meta l4proto . th dport @egress-ranges return
+    meta mark set ip saddr map @egress-ids
+    meta mark . ip daddr @egress-any return
+    meta mark . ip daddr . meta l4proto . th dport @egress-ports return
+    meta mark . ip daddr . meta l4proto . th dport @egress-ranges return
     limit rate 20/second burst 50 packets log prefix "egress " group {LOG_GROUP}
     goto deny
   }}
   chain ingress {{
-    ct mark set ip daddr map @ingress-ids
-    ct mark . ip saddr @ingress-any return
-    ct mark . ip saddr . meta l4proto . th dport @ingress-ports return
-    ct mark . ip saddr . meta l4proto . th dport @ingress-ranges return
+    meta mark set ip daddr map @ingress-ids
+    meta mark . ip saddr @ingress-any return
+    meta mark . ip saddr . meta l4proto . th dport @ingress-ports return
+    meta mark . ip saddr . meta l4proto . th dport @ingress-ranges return
     limit rate 20/second burst 50 packets log prefix "ingress " group {LOG_GROUP}
     goto deny
   }}
@@ -250,7 +266,104 @@ type GroupKey = (Vec<Key>, Resolver);
 struct Group {
     id: u32,
     members: usize,
+    /// Every allow of its policies, counted.
     allows: HashMap<Allow, u32>,
+    /// The range allows as the kernel holds them: made disjoint ([`disjoint`]).
+    ranges: BTreeSet<Allow>,
+}
+
+fn is_range(a: &Allow) -> bool {
+    matches!(a, Allow::Range { .. })
+}
+
+/// The union of range allows as ranges that do not overlap, adjacent ones merged: the kernel's
+/// set of concatenated ranges refuses an element that overlaps another, while rules and policies
+/// overlap freely (an ipBlock and its except-less twin, two `endPort`s). Cut along addresses,
+/// then protocols; ports are merged per cell.
+fn disjoint<'a>(ranges: impl Iterator<Item = &'a Allow>) -> BTreeSet<Allow> {
+    type Cell = ((u8, u8), (u16, u16));
+    let boxes: Vec<((u32, u32), Cell)> = ranges
+        .filter_map(|a| match a {
+            Allow::Range { addr, proto, port } => {
+                Some(((u32::from(addr.0), u32::from(addr.1)), (*proto, *port)))
+            }
+            _ => None,
+        })
+        .collect();
+    /// Cuts `[lo, hi]` intervals at every start and end: the elementary intervals.
+    fn cuts(bounds: impl Iterator<Item = (u64, u64)>) -> Vec<u64> {
+        let mut xs: Vec<u64> = bounds.flat_map(|(a, b)| [a, b + 1]).collect();
+        xs.sort_unstable();
+        xs.dedup();
+        xs
+    }
+    /// Protocol and port cells covering a set of (protocol, port) boxes, disjoint.
+    fn cells(boxes: &[Cell]) -> Vec<Cell> {
+        let xs = cuts(boxes.iter().map(|((a, b), _)| (*a as u64, *b as u64)));
+        let mut out: Vec<Cell> = Vec::new();
+        for w in xs.windows(2) {
+            let (lo, hi) = (w[0], w[1] - 1);
+            let mut ports: Vec<(u16, u16)> = boxes
+                .iter()
+                .filter(|((a, b), _)| (*a as u64) <= lo && (*b as u64) >= hi)
+                .map(|(_, p)| *p)
+                .collect();
+            ports.sort_unstable();
+            let mut merged: Vec<(u16, u16)> = Vec::new();
+            for (a, b) in ports {
+                match merged.last_mut() {
+                    Some(last) if a as u32 <= last.1 as u32 + 1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            for port in merged {
+                // A cell that continues the previous protocols' identical port range grows.
+                match out
+                    .iter_mut()
+                    .find(|(p, q)| *q == port && p.1 as u64 + 1 == lo)
+                {
+                    Some(c) => c.0 .1 = hi as u8,
+                    None => out.push(((lo as u8, hi as u8), port)),
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+    let xs = cuts(boxes.iter().map(|((a, b), _)| (*a as u64, *b as u64)));
+    let mut out = BTreeSet::new();
+    let mut open: Option<(u64, u64, Vec<Cell>)> = None;
+    let close = |o: Option<(u64, u64, Vec<Cell>)>, out: &mut BTreeSet<Allow>| {
+        if let Some((lo, hi, cs)) = o {
+            for (proto, port) in cs {
+                out.insert(Allow::Range {
+                    addr: (Ipv4Addr::from(lo as u32), Ipv4Addr::from(hi as u32)),
+                    proto,
+                    port,
+                });
+            }
+        }
+    };
+    for w in xs.windows(2) {
+        let (lo, hi) = (w[0], w[1] - 1);
+        let covering: Vec<Cell> = boxes
+            .iter()
+            .filter(|((a, b), _)| (*a as u64) <= lo && (*b as u64) >= hi)
+            .map(|(_, c)| *c)
+            .collect();
+        let cs = cells(&covering);
+        match &mut open {
+            Some((_, end, prev)) if *prev == cs && *end + 1 == lo => *end = hi,
+            _ => {
+                close(open.take(), &mut out);
+                if !cs.is_empty() {
+                    open = Some((lo, hi, cs));
+                }
+            }
+        }
+    }
+    close(open, &mut out);
+    out
 }
 
 #[derive(Debug, Default)]
@@ -275,6 +388,8 @@ pub struct Planner {
     /// Refused policies (their last good version, if any, stays in force).
     pub errors: BTreeMap<Key, ModelError>,
     pending: HashMap<Entry, i32>,
+    /// Groups whose range allows changed since their ranges were last made disjoint.
+    dirty: HashSet<(Direction, GroupKey)>,
 }
 
 fn di(d: Direction) -> usize {
@@ -723,6 +838,7 @@ impl Planner {
             .collect();
         for gk in keys {
             let mut changes = Vec::new();
+            let mut ranges_changed = false;
             let group = self.groups[di(d)]
                 .by_key
                 .get_mut(&gk)
@@ -736,15 +852,23 @@ impl Planner {
                     if after == 0 {
                         group.allows.remove(&a);
                     }
-                    match (before, after) {
-                        (0, x) if x > 0 => changes.push((Entry::Allow(d, group.id, a), 1)),
-                        (x, 0) if x > 0 => changes.push((Entry::Allow(d, group.id, a), -1)),
-                        _ => {}
+                    let n = match (before, after) {
+                        (0, x) if x > 0 => 1,
+                        (x, 0) if x > 0 => -1,
+                        _ => continue,
+                    };
+                    if is_range(&a) {
+                        ranges_changed = true;
+                    } else {
+                        changes.push((Entry::Allow(d, group.id, a), n));
                     }
                 }
             }
             for (e, n) in changes {
                 self.mark(e, n);
+            }
+            if ranges_changed {
+                self.dirty.insert((d, gk));
             }
         }
     }
@@ -806,9 +930,11 @@ impl Planner {
         let mut changes = vec![(Entry::Id(d, ip, id), -1)];
         if group.members == 0 {
             let group = g.by_key.remove(gk).expect("group");
-            for a in group.allows.keys() {
+            let kept = group.allows.keys().filter(|a| !is_range(a));
+            for a in kept.chain(&group.ranges) {
                 changes.push((Entry::Allow(d, id, *a), -1));
             }
+            self.dirty.remove(&(d, gk.clone()));
             for p in &gk.0 {
                 if let Some(set) = g.of_policy.get_mut(p) {
                     set.remove(gk);
@@ -840,7 +966,8 @@ impl Planner {
                 g.next += 1;
                 g.next
             });
-            for a in allows.keys() {
+            let ranges = disjoint(allows.keys());
+            for a in allows.keys().filter(|a| !is_range(a)).chain(&ranges) {
                 changes.push((Entry::Allow(d, id, *a), 1));
             }
             for p in &gk.0 {
@@ -852,6 +979,7 @@ impl Planner {
                     id,
                     members: 0,
                     allows,
+                    ranges,
                 },
             );
         }
@@ -867,6 +995,7 @@ impl Planner {
 
     /// The changes since the last call, deletions first (`false`) then additions (`true`).
     pub fn take_pending(&mut self) -> Vec<(Entry, bool)> {
+        self.settle_ranges();
         let mut out: Vec<(Entry, bool)> = self
             .pending
             .drain()
@@ -879,12 +1008,34 @@ impl Planner {
         out
     }
 
-    /// Forgets pending changes (after a full load, which sends [`Planner::entries`]).
+    /// Makes the ranges of the groups whose range allows changed disjoint again, as changes.
+    fn settle_ranges(&mut self) {
+        for (d, gk) in std::mem::take(&mut self.dirty) {
+            let Some(group) = self.groups[di(d)].by_key.get_mut(&gk) else {
+                continue;
+            };
+            let now = disjoint(group.allows.keys());
+            let id = group.id;
+            let gone: Vec<Allow> = group.ranges.difference(&now).copied().collect();
+            let new: Vec<Allow> = now.difference(&group.ranges).copied().collect();
+            group.ranges = now;
+            for a in gone {
+                self.mark(Entry::Allow(d, id, a), -1);
+            }
+            for a in new {
+                self.mark(Entry::Allow(d, id, a), 1);
+            }
+        }
+    }
+
+    /// Forgets pending changes, before a full load sends [`Planner::entries`].
     pub fn clear_pending(&mut self) {
+        self.settle_ranges();
         self.pending.clear();
     }
 
-    /// Every element the table should hold now.
+    /// Every element the table should hold now (after [`Planner::take_pending`] or
+    /// [`Planner::clear_pending`]).
     pub fn entries(&self) -> BTreeSet<Entry> {
         let mut out = BTreeSet::new();
         if let Some(g) = self.guard() {
@@ -899,7 +1050,10 @@ impl Planner {
                 out.insert(Entry::Id(d, *ip, g.by_key[gk].id));
             }
             for group in g.by_key.values() {
-                for a in group.allows.keys() {
+                for a in group.allows.keys().filter(|a| !is_range(a)) {
+                    out.insert(Entry::Allow(d, group.id, *a));
+                }
+                for a in &group.ranges {
                     out.insert(Entry::Allow(d, group.id, *a));
                 }
             }
@@ -977,4 +1131,76 @@ pub fn trace(entries: &BTreeSet<Entry>, pkt: &Packet) -> Traced {
         }
     }
     Traced::Accept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn range(a: (u8, u8), p: (u8, u8), q: (u16, u16)) -> Allow {
+        Allow::Range {
+            addr: (Ipv4Addr::new(10, 0, 0, a.0), Ipv4Addr::new(10, 0, 0, a.1)),
+            proto: p,
+            port: q,
+        }
+    }
+
+    fn span() -> impl Strategy<Value = (u8, u8)> {
+        (0u8..12, 0u8..4).prop_map(|(a, w)| (a, a + w))
+    }
+
+    proptest! {
+        /// Every point the ranges cover is covered by exactly one disjoint range, and no other.
+        #[test]
+        fn disjoint_ranges_cover_the_union_once(
+            boxes in proptest::collection::vec((span(), span(), span()), 0..8)
+        ) {
+            let input: Vec<Allow> = boxes
+                .iter()
+                .map(|(a, p, q)| range(*a, *p, (q.0 as u16, q.1 as u16)))
+                .collect();
+            let out = disjoint(input.iter());
+            for a in 0u8..17 {
+                for p in 0u8..17 {
+                    for q in 0u16..17 {
+                        let ip = Ipv4Addr::new(10, 0, 0, a);
+                        let want = input.iter().any(|r| r.admits(ip, p, q));
+                        let got = out.iter().filter(|r| r.admits(ip, p, q)).count();
+                        prop_assert_eq!(got, usize::from(want), "{:?} {} {}", ip, p, q);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_port_ranges_merge_and_blocks_split() {
+        let out = disjoint(
+            [
+                range((0, 9), (6, 6), (80, 90)),
+                range((0, 9), (6, 6), (85, 100)),
+            ]
+            .iter(),
+        );
+        assert_eq!(
+            out.into_iter().collect::<Vec<_>>(),
+            [range((0, 9), (6, 6), (80, 100))]
+        );
+        let out = disjoint(
+            [
+                range((0, 9), (6, 6), (80, 80)),
+                range((5, 5), (0, 255), (0, 65535)),
+            ]
+            .iter(),
+        );
+        assert_eq!(
+            out.into_iter().collect::<Vec<_>>(),
+            [
+                range((0, 4), (6, 6), (80, 80)),
+                range((5, 5), (0, 255), (0, 65535)),
+                range((6, 9), (6, 6), (80, 80))
+            ]
+        );
+    }
 }

@@ -150,8 +150,8 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
                 p.pod_changed(&("x".into(), name.into()), Some(facts(name, *ip)));
             }
             let mut ap = Applier::new().unwrap();
-            ap.load(&p.entries()).unwrap();
             p.clear_pending();
+            ap.load(&p.entries()).unwrap();
             // No policy: everyone reaches everyone, d (unknown to the planner) too.
             assert!(connect(c, *a_ip, 81).is_ok());
             assert!(connect(d, *a_ip, 80).is_ok());
@@ -172,6 +172,18 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
             // d's address is in the pod CIDR but no pod the planner knows: refused both ways.
             assert!(connect(d, *b_ip, 80).is_err());
             assert!(connect(b, *d_ip, 80).is_err());
+
+            // Ranges: c reaches a on every TCP port from an ipBlock (a range element).
+            p.policy_changed(
+                &("x".into(), "a-from-c".into()),
+                Some(&np("a-from-c", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": format!("{c_ip}/32")}}], "ports": [{"protocol": "TCP"}]}]}))),
+            );
+            sync(&mut p, &mut ap);
+            let text = nft::list_table("ip flatnet-policy").unwrap().unwrap();
+            assert!(text.contains(&format!("0x00000001 . {c_ip} . tcp . 0-65535")), "{text}");
+            assert!(connect(c, *a_ip, 81).is_ok(), "c reaches a through a range");
+            p.policy_changed(&("x".into(), "a-from-c".into()), None);
 
             // Deny everything in x: the open connection from b is cut at its next packet.
             p.policy_changed(&("x".into(), "deny".into()), Some(&np("deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}))));

@@ -7,8 +7,9 @@
 use cluster::Proto;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use policy::model::Direction;
 use policy::model::{Key, PodFacts};
-use policy::plan::{trace, Entry, Planner, Traced};
+use policy::plan::{trace, Allow, Entry, Planner, Traced};
 use policy::Packet;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -102,6 +103,22 @@ impl Lab {
                 }
             }
             assert_eq!(*kernel, p.entries(), "the diffs add up to the plan");
+            // The kernel refuses overlapping elements in a set of concatenated ranges.
+            let ranges: Vec<(Direction, u32, Allow)> = kernel
+                .iter()
+                .filter_map(|e| match e {
+                    Entry::Allow(d, id, a @ Allow::Range { .. }) => Some((*d, *id, *a)),
+                    _ => None,
+                })
+                .collect();
+            for (i, x) in ranges.iter().enumerate() {
+                for y in &ranges[i + 1..] {
+                    assert!(
+                        x.0 != y.0 || x.1 != y.1 || !overlap(&x.2, &y.2),
+                        "{x:?} overlaps {y:?}"
+                    );
+                }
+            }
         }
     }
 
@@ -161,6 +178,25 @@ impl Lab {
             wrong[..wrong.len().min(20)].join("\n")
         );
     }
+}
+
+fn overlap(a: &Allow, b: &Allow) -> bool {
+    let (
+        Allow::Range {
+            addr: a0,
+            proto: p0,
+            port: q0,
+        },
+        Allow::Range {
+            addr: a1,
+            proto: p1,
+            port: q1,
+        },
+    ) = (a, b)
+    else {
+        return false;
+    };
+    a0.0 <= a1.1 && a1.0 <= a0.1 && p0.0 <= p1.1 && p1.0 <= p0.1 && q0.0 <= q1.1 && q1.0 <= q0.1
 }
 
 fn all_pods() -> Vec<(String, String)> {
@@ -417,6 +453,33 @@ fn ip_blocks_with_except_match_pod_addresses() {
         |from, to, _, _| {
             // …16 and up: z/a (16), z/b (17), z/c (18); y/c is …15.
             ns_of(from) != "y" || ns_of(to) == "z"
+        },
+    );
+}
+
+#[test]
+fn overlapping_ranges_of_several_rules_and_policies_add_up() {
+    case(
+        &[
+            np(
+                "x",
+                "p1",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.0/24"}}], "ports": [{"port": 80, "endPort": 81, "protocol": "UDP"}]},
+                            {"from": [{"ipBlock": {"cidr": "10.244.1.0/28", "except": ["10.244.1.12/30"]}}], "ports": [{"port": 81, "endPort": 90, "protocol": "UDP"}]}]}),
+            ),
+            np(
+                "x",
+                "p2",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.16/29"}}], "ports": [{"protocol": "UDP"}, {"port": 80, "endPort": 80}]}]}),
+            ),
+        ],
+        |from, to, port, proto| {
+            // z/* are …16-18: every UDP port and TCP 80; the rest of the /24: UDP 80-81.
+            to != "x/a"
+                || proto == Proto::Udp && (port <= 81 || ns_of(from) == "z")
+                || (ns_of(from) == "z" && proto == Proto::Tcp && port == 80)
         },
     );
 }

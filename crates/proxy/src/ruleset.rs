@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 
 pub const TABLE_NAME: &str = "flatnet-proxy";
 pub const TABLE: &str = "ip flatnet-proxy";
-pub const MASQ_MARK: u32 = 0x4000;
+pub const MASQ_MARK: u32 = nft::MASQUERADE_MARK;
 /// The chain that marks a packet for masquerade.
 pub const MASQUERADE_CHAIN: &str = "mark-for-masquerade";
 pub const REJECT_CHAIN: &str = "reject-chain";
