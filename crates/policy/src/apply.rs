@@ -52,6 +52,13 @@ pub fn element(e: &Entry) -> Element {
             Element::range(lo, hi)
         }
         Entry::Known(ip) => Element::new(ip.octets().to_vec(), Data::None),
+        // `ct mark . meta protocol` (the protocol is IPv4's ethertype, in network order).
+        Entry::Current(g) => {
+            let mut k = mark(*g).to_vec();
+            k.extend_from_slice(&[0x08, 0x00, 0, 0]);
+            Element::new(k, Data::None)
+        }
+        Entry::Stamp(g) => Element::new(vec![0x08, 0x00], Data::Value(mark(*g).to_vec())),
         Entry::Id(_, ip, id) => Element::new(ip.octets().to_vec(), Data::Value(mark(*id).to_vec())),
         Entry::Allow(_, id, Allow::Any(ip)) => {
             let mut k = mark(*id).to_vec();

@@ -87,6 +87,10 @@ pub enum Entry {
     Id(Direction, Ipv4Addr, u32),
     /// A group's allowed peer (`…-any`, `…-ports` or `…-ranges`).
     Allow(Direction, u32, Allow),
+    /// `current-generation`: connections stamped with it were allowed by the rules in force.
+    Current(u32),
+    /// `generation`: the stamp an allowed connection gets (the same number).
+    Stamp(u32),
 }
 
 impl Entry {
@@ -104,6 +108,8 @@ impl Entry {
             Entry::Allow(Egress, _, Allow::Port(..)) => "egress-ports",
             Entry::Allow(Ingress, _, Allow::Range { .. }) => "ingress-ranges",
             Entry::Allow(Egress, _, Allow::Range { .. }) => "egress-ranges",
+            Entry::Current(_) => "current-generation",
+            Entry::Stamp(_) => "generation",
         }
     }
 
@@ -125,6 +131,8 @@ impl Entry {
         };
         match self {
             Entry::Guard(net) => format!("{net} . 0.0.0.0/0"),
+            Entry::Current(g) => format!("{g:#010x} . ip"),
+            Entry::Stamp(g) => format!("ip : {g:#010x}"),
             Entry::Known(ip) => ip.to_string(),
             Entry::Id(_, ip, id) => format!("{ip} : {id:#010x}"),
             Entry::Allow(_, id, Allow::Any(ip)) => format!("{id:#010x} . {ip}"),
@@ -141,33 +149,32 @@ impl Entry {
     }
 }
 
-/// The sets and maps of the table, with their types, in the order [`skeleton`] declares them.
-pub const SETS: [(&str, &str, bool); 10] = [
-    ("guard", "ipv4_addr . ipv4_addr", true),
-    ("known-pods", "ipv4_addr", false),
-    ("ingress-ids", "ipv4_addr : mark", false),
-    ("egress-ids", "ipv4_addr : mark", false),
-    ("ingress-any", "mark . ipv4_addr", false),
+/// The sets and maps of the table, with their declarations, in the order [`skeleton`] declares
+/// them.
+pub const SETS: [(&str, &str); 12] = [
+    ("guard", "type ipv4_addr . ipv4_addr; flags interval"),
+    ("known-pods", "type ipv4_addr"),
+    ("current-generation", "typeof ct mark . meta protocol"),
+    ("generation", "typeof meta protocol : ct mark"),
+    ("ingress-ids", "type ipv4_addr : mark"),
+    ("egress-ids", "type ipv4_addr : mark"),
+    ("ingress-any", "type mark . ipv4_addr"),
     (
         "ingress-ports",
-        "mark . ipv4_addr . inet_proto . inet_service",
-        false,
+        "type mark . ipv4_addr . inet_proto . inet_service",
     ),
     (
         "ingress-ranges",
-        "mark . ipv4_addr . inet_proto . inet_service",
-        true,
+        "type mark . ipv4_addr . inet_proto . inet_service; flags interval",
     ),
-    ("egress-any", "mark . ipv4_addr", false),
+    ("egress-any", "type mark . ipv4_addr"),
     (
         "egress-ports",
-        "mark . ipv4_addr . inet_proto . inet_service",
-        false,
+        "type mark . ipv4_addr . inet_proto . inet_service",
     ),
     (
         "egress-ranges",
-        "mark . ipv4_addr . inet_proto . inet_service",
-        true,
+        "type mark . ipv4_addr . inet_proto . inet_service; flags interval",
     ),
 ];
 
@@ -180,11 +187,15 @@ pub const SETS: [(&str, &str, bool); 10] = [
 /// that matters after this hook, the service proxy's masquerade bit, read at postrouting.
 pub fn skeleton() -> String {
     let mut o = format!("table ip {TABLE_NAME} {{\n  comment \"{VERSION}\"\n");
-    for (name, ty, interval) in SETS {
-        let kind = if ty.contains(" : ") { "map" } else { "set" };
-        let _ = writeln!(o, "  {kind} {name} {{\n    type {ty}");
-        if interval {
-            o.push_str("    flags interval\n");
+    for (name, declaration) in SETS {
+        let kind = if declaration.contains(" : ") {
+            "map"
+        } else {
+            "set"
+        };
+        let _ = writeln!(o, "  {kind} {name} {{");
+        for line in declaration.split("; ") {
+            let _ = writeln!(o, "    {line}");
         }
         if name == "guard" {
             o.push_str("    elements = { 0.0.0.0/0 . 0.0.0.0/0 }\n");
@@ -198,6 +209,7 @@ pub fn skeleton() -> String {
     ct state related accept
     ct direction reply accept
     ct state invalid drop
+    ct mark . meta protocol @current-generation accept
     ip saddr . ip daddr @guard ip saddr != @known-pods goto unknown-pod
     ip daddr . ip saddr @guard ip daddr != @known-pods goto unknown-pod
     meta mark & {MASQUERADE_MARK:#010x} == {MASQUERADE_MARK:#010x} goto masqueraded
@@ -211,6 +223,7 @@ pub fn skeleton() -> String {
   chain check {{
     ip saddr @egress-ids jump egress
     ip daddr @ingress-ids jump ingress
+    ct mark set meta protocol map @generation
   }}
   chain egress {{
     meta mark set ip saddr map @egress-ids
@@ -390,6 +403,8 @@ pub struct Planner {
     pending: HashMap<Entry, i32>,
     /// Groups whose range allows changed since their ranges were last made disjoint.
     dirty: HashSet<(Direction, GroupKey)>,
+    /// The generation of the rules in force: every change starts a new one.
+    generation: u32,
 }
 
 fn di(d: Direction) -> usize {
@@ -528,19 +543,37 @@ fn pod_templates(c: &Cluster, p: &Policy, d: Direction, q: &PodFacts) -> Vec<Tem
     out
 }
 
-/// Whether `p`'s peers in `d` can match pods outside its own namespace (or need every pod).
-fn reaches_other_namespaces(p: &Policy, d: Direction) -> bool {
-    p.rules(d).into_iter().flatten().any(|r| match &r.peers {
-        None => d == Direction::Egress && has_named(r),
-        Some(peers) => peers.iter().any(|x| match x {
-            Peer::Pods {
-                namespaces: Namespaces::Matching(_),
-                ..
-            } => true,
-            Peer::Pods { .. } => false,
-            Peer::Block { .. } => d == Direction::Egress && has_named(r),
-        }),
-    })
+/// Which namespaces' pods can be `p`'s peers in `d`.
+enum Reach<'a> {
+    /// Every pod (egress named ports to an ipBlock or to everyone).
+    All,
+    /// The policy's own namespace and those the selectors match.
+    Namespaces(Vec<&'a crate::model::Selector>),
+}
+
+fn reach(p: &Policy, d: Direction) -> Reach<'_> {
+    let mut selectors = Vec::new();
+    for r in p.rules(d).into_iter().flatten() {
+        match &r.peers {
+            None if d == Direction::Egress && has_named(r) => return Reach::All,
+            None => {}
+            Some(peers) => {
+                for x in peers {
+                    match x {
+                        Peer::Pods {
+                            namespaces: Namespaces::Matching(s),
+                            ..
+                        } => selectors.push(s),
+                        Peer::Block { .. } if d == Direction::Egress && has_named(r) => {
+                            return Reach::All
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    Reach::Namespaces(selectors)
 }
 
 fn uses_namespace_labels(p: &Policy) -> bool {
@@ -569,9 +602,15 @@ fn count(map: &mut HashMap<Template, u32>, t: Template, n: i32) {
 
 impl Planner {
     pub fn new(node: &str, pod_cidr: Option<Ipv4Net>) -> Planner {
+        // Another agent's generations mean nothing to this one: starting from the clock, a
+        // restarted agent re-checks every connection once.
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos() ^ d.as_secs() as u32);
         Planner {
             node: node.to_string(),
             pod_cidr,
+            generation: clock.max(1),
             ..Planner::default()
         }
     }
@@ -799,13 +838,22 @@ impl Planner {
     fn full_contribution(&self, p: &Policy, d: Direction) -> Vec<Template> {
         let mut out = static_templates(p, d);
         let c = &self.cluster;
-        if reaches_other_namespaces(p, d) {
-            for q in c.pods.values() {
-                out.extend(pod_templates(c, p, d, q));
+        match reach(p, d) {
+            Reach::All => {
+                for q in c.pods.values() {
+                    out.extend(pod_templates(c, p, d, q));
+                }
             }
-        } else {
-            for q in c.pods_in(&p.namespace) {
-                out.extend(pod_templates(c, p, d, q));
+            // Namespaces first: a namespace selector rules out whole namespaces at once.
+            Reach::Namespaces(selectors) => {
+                for ns in c.by_namespace.keys() {
+                    let labels = c.namespace_labels(ns);
+                    if *ns == p.namespace || selectors.iter().any(|s| s.matches(&labels)) {
+                        for q in c.pods_in(ns) {
+                            out.extend(pod_templates(c, p, d, q));
+                        }
+                    }
+                }
             }
         }
         out
@@ -996,6 +1044,18 @@ impl Planner {
     /// The changes since the last call, deletions first (`false`) then additions (`true`).
     pub fn take_pending(&mut self) -> Vec<(Entry, bool)> {
         self.settle_ranges();
+        if !self.pending.is_empty() {
+            // Connections allowed so far are checked again at their next packet.
+            let next = self.generation.wrapping_add(1).max(1);
+            for (old, new) in [
+                (Entry::Current(self.generation), Entry::Current(next)),
+                (Entry::Stamp(self.generation), Entry::Stamp(next)),
+            ] {
+                self.mark(old, -1);
+                self.mark(new, 1);
+            }
+            self.generation = next;
+        }
         let mut out: Vec<(Entry, bool)> = self
             .pending
             .drain()
@@ -1037,7 +1097,10 @@ impl Planner {
     /// Every element the table should hold now (after [`Planner::take_pending`] or
     /// [`Planner::clear_pending`]).
     pub fn entries(&self) -> BTreeSet<Entry> {
-        let mut out = BTreeSet::new();
+        let mut out = BTreeSet::from([
+            Entry::Current(self.generation),
+            Entry::Stamp(self.generation),
+        ]);
         if let Some(g) = self.guard() {
             out.insert(Entry::Guard(g));
         }

@@ -207,7 +207,7 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
             assert!(connect(c, *b_ip, 81).is_ok());
             assert!(connect(d, *a_ip, 80).is_ok());
             let text = nft::list_table("ip flatnet-policy").unwrap().unwrap();
-            assert_eq!(text.matches("elements").count(), 1, "only known-pods has elements: {text}");
+            assert_eq!(text.matches("elements").count(), 3, "only known-pods and the generation have elements: {text}");
         })
         .unwrap();
 }
