@@ -14,11 +14,12 @@
 //!   itself sends (the kubelet's probes) takes the output path and is never filtered, nor is
 //!   traffic to the node's own addresses; hostNetwork pods are never selected.
 //! - replies (`ct direction reply`) and related ICMP pass, packets conntrack finds invalid are
-//!   dropped (as Calico does: they belong to no connection a rule allowed, and a reset would cut
-//!   a connection a stray packet only seems to threaten); every packet of the original direction
-//!   is checked, so a connection a policy change now denies is cut at its next packet (as
-//!   kube-network-policies does; Calico lets it run): a TCP peer gets a reset, others an ICMP
-//!   administratively-prohibited.
+//!   dropped (as Calico does: they belong to no connection a rule allowed). A connection the rules
+//!   allowed carries, in its `ct mark`, the *generation* of the rules that allowed it; its later
+//!   packets pass on one lookup while that generation is current. Every change starts a new one,
+//!   so each connection is checked again at its next packet, and one a change now denies is cut
+//!   there (as kube-network-policies does; Calico lets it run): a TCP peer gets a reset, others
+//!   an ICMP administratively-prohibited.
 //! - per packet: a map lookup per end (`ingress-ids`/`egress-ids`: local pod address → the id of
 //!   its group, the pods selected by the same policies, carried in the packet's mark) and at
 //!   most three set lookups keyed by that id (`…-any`: peer address; `…-ports`: peer address, protocol, port; `…-ranges`:
