@@ -1368,7 +1368,14 @@ impl Lab {
                     "agent": if s.agents.get(&n.name).is_some_and(Proc::alive) { "Running" } else { "Down" }}))
                 .collect();
             let services: Vec<Value> = s.services.iter().map(service_row).collect();
+            let policies: Vec<Value> = (self.manifests()?.network_policies.iter())
+                .map(|p| {
+                    let (ns, name) = namespaced(&p.metadata);
+                    json!({"namespace": ns, "name": name})
+                })
+                .collect();
             return Ok(serde_json::to_string_pretty(&json!({"lab": s.spec.name, "backend": s.spec.backend.as_str(), "services": services,
+                "networkPolicies": policies,
                 "clusterCIDR": s.spec.cluster_cidr, "serviceCIDR": s.spec.service_cidr, "nodes": nodes, "pods": pods,
                 "internet": INTERNET_HOST}))
             .expect("json"));
