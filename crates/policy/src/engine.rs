@@ -63,17 +63,6 @@ impl Decision {
             .all(|(_, s)| !matches!(s, Side::Denied { .. }))
     }
 
-    /// The policies that isolate the pod whose side denies (egress first).
-    pub fn denying(&self) -> Option<(Direction, &Key, &[Key])> {
-        fn pick(d: Direction, x: &Option<(Key, Side)>) -> Option<(Direction, &Key, &[Key])> {
-            match x {
-                Some((pod, Side::Denied { policies, .. })) => Some((d, pod, policies.as_slice())),
-                _ => None,
-            }
-        }
-        pick(Direction::Egress, &self.egress).or_else(|| pick(Direction::Ingress, &self.ingress))
-    }
-
     /// The verdict in words, one line per side.
     pub fn explain(&self) -> String {
         let mut out = Vec::new();
@@ -109,10 +98,6 @@ impl Decision {
 }
 
 impl Cluster {
-    pub fn new() -> Cluster {
-        Cluster::default()
-    }
-
     /// Adds or replaces a pod (`None` in `new` removes it).
     pub fn set_pod(&mut self, key: &Key, new: Option<PodFacts>) {
         if let Some(old) = self.pods.remove(key) {
