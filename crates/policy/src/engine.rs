@@ -327,3 +327,34 @@ impl Packet {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_nflog_copy_reads_as_a_packet() {
+        // IPv4 (IHL 5), TCP, 10.244.0.2 → 10.244.2.2, ports 40000 → 8080.
+        let mut b = vec![
+            0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 244, 0, 2, 10, 244, 2, 2,
+        ];
+        b.extend_from_slice(&40000u16.to_be_bytes());
+        b.extend_from_slice(&8080u16.to_be_bytes());
+        let p = Packet::parse(&b).unwrap();
+        assert_eq!(
+            (p.src, p.dst, p.proto, p.port),
+            (
+                Ipv4Addr::new(10, 244, 0, 2),
+                Ipv4Addr::new(10, 244, 2, 2),
+                6,
+                8080
+            )
+        );
+        // ICMP has no port; IPv6 and short copies are not read.
+        b[9] = 1;
+        assert_eq!(Packet::parse(&b).unwrap().port, 0);
+        b[0] = 0x60;
+        assert!(Packet::parse(&b).is_none());
+        assert!(Packet::parse(&b[..10]).is_none());
+    }
+}
