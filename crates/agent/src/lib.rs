@@ -184,23 +184,30 @@ impl Agent {
         }
     }
 
-    /// The plan as `--dry-run` prints it: routes as `ip`/`bridge`/`nft` commands, then the
-    /// service proxy's table as an `nft -f` script.
-    pub fn dry_run(&self, nl: &Netlink, store: &Store) -> Result<String, String> {
-        let (plan, _, _) = self.plan(nl, store)?;
-        let snap = store.snapshot();
-        let on_node: Vec<Pod> = snap
-            .pods
-            .into_iter()
+    /// This node's whole service-proxy table for a snapshot (`--dry-run`, `--explain`).
+    fn proxy_rules(
+        &self,
+        snap: &cluster::ClusterState,
+        me: &NodeInfo,
+    ) -> Result<proxy::Ruleset, String> {
+        let on_node: Vec<Pod> = (snap.pods.iter())
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node))
+            .cloned()
             .collect();
-        let rules = proxy::plan::plan_node(
-            &self.proxy_config(&self.me(store)?),
+        proxy::plan::plan_node(
+            &self.proxy_config(me),
             &snap.services,
             &snap.endpoint_slices,
             &on_node,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+    }
+
+    /// The plan as `--dry-run` prints it: routes as `ip`/`bridge`/`nft` commands, then the
+    /// service proxy's table as an `nft -f` script.
+    pub fn dry_run(&self, nl: &Netlink, store: &Store) -> Result<String, String> {
+        let (plan, _, _) = self.plan(nl, store)?;
+        let rules = self.proxy_rules(&store.snapshot(), &self.me(store)?)?;
         let mut policies = policy::plan::Planner::new(&self.node, Some(self.me(store)?.pod_cidr));
         policies.take_store(store);
         Ok(format!(
@@ -226,16 +233,7 @@ impl Agent {
         let (dst, dport, proto) = proxy::parse_target(to).map_err(|e| format!("DST: {e}"))?;
         let snap = store.snapshot();
         let node_ips: Vec<Ipv4Addr> = snap.nodes.iter().map(|n| n.ip).collect();
-        let on_node: Vec<Pod> = (snap.pods.into_iter())
-            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node))
-            .collect();
-        let rules = proxy::plan::plan_node(
-            &self.proxy_config(&me),
-            &snap.services,
-            &snap.endpoint_slices,
-            &on_node,
-        )
-        .map_err(|e| e.to_string())?;
+        let rules = self.proxy_rules(&snap, &me)?;
         let pkt = proxy::Packet {
             src,
             dst,

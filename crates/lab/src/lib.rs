@@ -682,8 +682,14 @@ impl Lab {
             .into_iter()
             .map(|(f, text)| (self.dir.join("cluster").join(f), text))
             .collect();
+        self.sync_files(&["cluster/namespaces", "cluster/networkpolicies"], &want)
+    }
+
+    /// Makes the files of `dirs` exactly `want` (unchanged files are not rewritten, so the
+    /// agents' file source sees only what changed); whether anything changed.
+    fn sync_files(&self, dirs: &[&str], want: &BTreeMap<PathBuf, String>) -> Result<bool, String> {
         let mut changed = false;
-        for d in ["cluster/namespaces", "cluster/networkpolicies"] {
+        for d in dirs {
             let dir = self.dir.join(d);
             std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
             for e in std::fs::read_dir(&dir)
@@ -696,7 +702,7 @@ impl Lab {
                 }
             }
         }
-        for (path, text) in &want {
+        for (path, text) in want {
             if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
                 write_atomic(path, text)?;
                 changed = true;
@@ -730,23 +736,10 @@ impl Lab {
         for (file, text) in dns::pod_objects(&s.pods) {
             want.insert(self.dir.join("cluster/pods").join(file), text);
         }
-        for d in ["cluster/services", "cluster/endpointslices", "cluster/pods"] {
-            let dir = self.dir.join(d);
-            std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
-            for e in std::fs::read_dir(&dir)
-                .map_err(|e| io(dir.display(), e))?
-                .flatten()
-            {
-                if !want.contains_key(&e.path()) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        for (path, text) in &want {
-            if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
-                write_atomic(path, text)?;
-            }
-        }
+        self.sync_files(
+            &["cluster/services", "cluster/endpointslices", "cluster/pods"],
+            &want,
+        )?;
         self.route_load_balancers(s, &filled)?;
         s.services = filled;
         self.save(s)

@@ -176,6 +176,24 @@ impl TempNetNs {
     pub fn ns(&self) -> &NetNs {
         &self.ns
     }
+
+    /// Runs `ip -n NAME ARGS…` (iproute2) in this namespace; the error carries its stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip -n {} {args:?}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
 }
 
 impl Drop for TempNetNs {

@@ -94,65 +94,48 @@ fn data_path_policies() -> [NetworkPolicy; 2] {
     ]
 }
 
-fn run_ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
+/// A node's bridge `cni0` (holding `gateway`, e.g. `10.244.0.1/24`) in `node`, and a pod
+/// namespace attached to it for each address (same prefix length), as the CNI plugin's bridge
+/// mode builds them: the bench's data path and the kernel tests' node.
+pub fn bridged_pods(
+    node: &TempNetNs,
+    gateway: &str,
+    addresses: &[Ipv4Addr],
+) -> Result<Vec<TempNetNs>, String> {
+    let prefix = gateway.split_once('/').map_or("24", |(_, p)| p);
+    node.ip(&["link", "add", "cni0", "type", "bridge"])?;
+    node.ip(&["addr", "add", gateway, "dev", "cni0"])?;
+    node.ip(&["link", "set", "cni0", "up"])?;
+    node.ip(&["link", "set", "lo", "up"])?;
+    let mut pods = Vec::new();
+    for (i, ip) in addresses.iter().enumerate() {
+        let p = TempNetNs::new("fnt-polp").map_err(|e| e.to_string())?;
+        let host = format!("veth{i}");
+        let veth = ["link", "add", &host, "type", "veth", "peer", "name", "eth0"];
+        node.ip(&[&veth[..], &["netns", p.name()]].concat())?;
+        node.ip(&["link", "set", &host, "master", "cni0", "up"])?;
+        p.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0"])?;
+        p.ip(&["link", "set", "eth0", "up"])?;
+        p.ip(&["link", "set", "lo", "up"])?;
+        pods.push(p);
     }
+    Ok(pods)
 }
 
 /// A bridge in `node` and two pods on it: the server (10.244.0.10) and the client (.11).
 fn data_path(node: &TempNetNs) -> Result<[TempNetNs; 2], String> {
-    let n = node.name();
-    run_ip(&["-n", n, "link", "add", "cni0", "type", "bridge"])?;
-    run_ip(&["-n", n, "addr", "add", "10.244.0.1/24", "dev", "cni0"])?;
-    run_ip(&["-n", n, "link", "set", "cni0", "up"])?;
-    let mut pods = Vec::new();
-    for (i, ip) in ["10.244.0.10", "10.244.0.11"].iter().enumerate() {
-        let p = TempNetNs::new("fnb-polp").map_err(|e| e.to_string())?;
-        let host = format!("veth{i}");
-        run_ip(&[
-            "-n",
-            n,
-            "link",
-            "add",
-            &host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            p.name(),
-        ])?;
-        run_ip(&["-n", n, "link", "set", &host, "master", "cni0", "up"])?;
-        run_ip(&[
-            "-n",
-            p.name(),
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        run_ip(&["-n", p.name(), "link", "set", "eth0", "up"])?;
-        run_ip(&["-n", p.name(), "link", "set", "lo", "up"])?;
-        pods.push(p);
-    }
+    let server_ip = Ipv4Addr::new(10, 244, 0, 10);
+    let mut pods = bridged_pods(
+        node,
+        "10.244.0.1/24",
+        &[server_ip, Ipv4Addr::new(10, 244, 0, 11)],
+    )?;
     let server = pods.remove(0);
     let client = pods.remove(0);
     server
         .ns()
         .run(|| -> Result<(), String> {
-            let l = TcpListener::bind("10.244.0.10:8080").map_err(|e| format!("listen: {e}"))?;
+            let l = TcpListener::bind((server_ip, 8080)).map_err(|e| format!("listen: {e}"))?;
             std::thread::spawn(move || loop {
                 let _ = l.accept();
             });

@@ -314,30 +314,41 @@ impl Policy {
                 ));
             }
         }
-        let mut ingress = None;
-        if types.iter().any(|t| t == "Ingress") {
-            let mut rules = Vec::new();
-            for (i, r) in spec.ingress.iter().flatten().enumerate() {
-                let f = format!("spec.ingress[{i}]");
-                rules.push(Rule {
-                    peers: peers(&object, &format!("{f}.from"), r.from.as_deref(), &namespace)?,
-                    ports: ports(&object, &format!("{f}.ports"), r.ports.as_deref())?,
-                });
-            }
-            ingress = Some(rules);
-        }
-        let mut egress = None;
-        if types.iter().any(|t| t == "Egress") {
-            let mut rules = Vec::new();
-            for (i, r) in spec.egress.iter().flatten().enumerate() {
-                let f = format!("spec.egress[{i}]");
-                rules.push(Rule {
-                    peers: peers(&object, &format!("{f}.to"), r.to.as_deref(), &namespace)?,
-                    ports: ports(&object, &format!("{f}.ports"), r.ports.as_deref())?,
-                });
-            }
-            egress = Some(rules);
-        }
+        let isolates = |d: &str| types.iter().any(|t| t == d);
+        let ingress = isolates("Ingress")
+            .then(|| {
+                (spec.ingress.iter().flatten().enumerate())
+                    .map(|(i, r)| {
+                        let f = format!("spec.ingress[{i}]");
+                        rule(
+                            &object,
+                            &f,
+                            "from",
+                            r.from.as_deref(),
+                            r.ports.as_deref(),
+                            &namespace,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let egress = isolates("Egress")
+            .then(|| {
+                (spec.egress.iter().flatten().enumerate())
+                    .map(|(i, r)| {
+                        let f = format!("spec.egress[{i}]");
+                        rule(
+                            &object,
+                            &f,
+                            "to",
+                            r.to.as_deref(),
+                            r.ports.as_deref(),
+                            &namespace,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         Ok(Policy {
             namespace,
             name,
@@ -346,6 +357,21 @@ impl Policy {
             egress,
         })
     }
+}
+
+/// One ingress or egress rule at `field` (`spec.ingress[i]`), its peers under `peer_field`.
+fn rule(
+    object: &str,
+    field: &str,
+    peer_field: &str,
+    peer_list: Option<&[NetworkPolicyPeer]>,
+    port_list: Option<&[NetworkPolicyPort]>,
+    own: &str,
+) -> Result<Rule, ModelError> {
+    Ok(Rule {
+        peers: peers(object, &format!("{field}.{peer_field}"), peer_list, own)?,
+        ports: ports(object, &format!("{field}.ports"), port_list)?,
+    })
 }
 
 fn peers(

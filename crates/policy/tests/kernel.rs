@@ -10,17 +10,7 @@ use policy::plan::Planner;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
-
-fn ip_cmd(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 struct Node {
     node: TempNetNs,
@@ -30,45 +20,14 @@ struct Node {
 /// A node with a bridge `cni0` (10.244.1.1/24) and `n` pods at 10.244.1.10 + i.
 fn node(n: usize) -> Node {
     let node = TempNetNs::new("fnt-pol").unwrap();
-    let nn = node.name().to_string();
-    ip_cmd(&["-n", &nn, "link", "add", "cni0", "type", "bridge"]);
-    ip_cmd(&["-n", &nn, "addr", "add", "10.244.1.1/24", "dev", "cni0"]);
-    ip_cmd(&["-n", &nn, "link", "set", "cni0", "up"]);
-    ip_cmd(&["-n", &nn, "link", "set", "lo", "up"]);
-    let mut pods = Vec::new();
-    for i in 0..n {
-        let pod = TempNetNs::new("fnt-polp").unwrap();
-        let ip = Ipv4Addr::new(10, 244, 1, 10 + i as u8);
-        let host = format!("veth{i}");
-        ip_cmd(&[
-            "-n",
-            &nn,
-            "link",
-            "add",
-            &host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ]);
-        ip_cmd(&["-n", &nn, "link", "set", &host, "master", "cni0", "up"]);
-        ip_cmd(&[
-            "-n",
-            pod.name(),
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip_cmd(&["-n", pod.name(), "link", "set", "eth0", "up"]);
-        ip_cmd(&["-n", pod.name(), "link", "set", "lo", "up"]);
-        pods.push((pod, ip));
+    let ips: Vec<Ipv4Addr> = (0..n)
+        .map(|i| Ipv4Addr::new(10, 244, 1, 10 + i as u8))
+        .collect();
+    let pods = policy::bench::bridged_pods(&node, "10.244.1.1/24", &ips).unwrap();
+    Node {
+        node,
+        pods: pods.into_iter().zip(ips).collect(),
     }
-    Node { node, pods }
 }
 
 fn facts(name: &str, ip: Ipv4Addr) -> PodFacts {

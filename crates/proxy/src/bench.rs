@@ -65,21 +65,7 @@ const ROUNDS: usize = 6;
 /// Makes `tmp` a place to dial Service 0 from: its endpoints are local, a default route lets
 /// ClusterIPs leave (DNAT then reroutes to the endpoint), a listener on :8080 accepts.
 fn prepare_dialing(tmp: &netns::TempNetNs) -> Result<(), String> {
-    let ip = |args: &[&str]| -> Result<(), String> {
-        let out = std::process::Command::new("ip")
-            .args(["-n", tmp.name()])
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    };
+    let ip = |args: &[&str]| tmp.ip(args);
     ip(&["link", "set", "lo", "up"])?;
     ip(&[
         "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
