@@ -242,6 +242,9 @@ impl Agent {
             to_node: node_ips.contains(&dst),
         };
         let mut out = format!("on {}: {}", self.node, proxy::explain(&rules, &pkt));
+        let src_node = (snap.nodes.iter())
+            .find(|n| n.ip == src)
+            .map(|n| n.name.as_str());
         let mut policies = policy::plan::Planner::new(&self.node, Some(me.pod_cidr));
         policies.take_store(store);
         for (ip, port) in proxy::destinations(&rules, &pkt) {
@@ -252,7 +255,7 @@ impl Agent {
                 port,
             };
             out += "\n";
-            out += &policies.cluster.verdict_text(&reached, &node_ips);
+            out += &policies.cluster.verdict_text(&reached, src_node);
         }
         Ok(out)
     }

@@ -69,6 +69,9 @@ pub enum LabCmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Run a node's probes (the lab starts one per node, in the node's namespace).
+    #[command(hide = true)]
+    Kubelet { node: String },
     /// Write a picture of the lab (SVG).
     Graph {
         #[arg(short, long, default_value = "lab.svg")]
@@ -129,12 +132,21 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
                 started.elapsed().as_secs_f64()
             );
         }
-        LabCmd::Apply { files } => find()?.apply(&files)?,
+        LabCmd::Apply { files } => {
+            let lab = find()?;
+            let _lock = lab.lock()?;
+            lab.apply(&files)?
+        }
         LabCmd::Delete {
             kind,
             object,
             namespace,
-        } => find()?.delete(&kind, &object, &namespace)?,
+        } => {
+            let lab = find()?;
+            let _lock = lab.lock()?;
+            lab.delete(&kind, &object, &namespace)?
+        }
+        LabCmd::Kubelet { node } => crate::kubelet::run(&find()?, &node)?,
         LabCmd::Status { output } => {
             let json = match output.as_deref() {
                 None | Some("wide") => false,
@@ -167,12 +179,22 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
                         .ok_or_else(|| format!("--label {l:?}: use key=value"))
                 })
                 .collect::<Result<_, _>>()?;
-            find()?.node_add(&node, subnet, labels)?;
+            let lab = find()?;
+            let _lock = lab.lock()?;
+            lab.node_add(&node, subnet, labels)?;
         }
         LabCmd::Node {
             op: NodeOp::Remove { node },
-        } => find()?.node_remove(&node)?,
-        LabCmd::Down => find()?.down()?,
+        } => {
+            let lab = find()?;
+            let _lock = lab.lock()?;
+            lab.node_remove(&node)?
+        }
+        LabCmd::Down => {
+            let lab = find()?;
+            let _lock = lab.lock()?;
+            lab.down()?
+        }
         LabCmd::Explain { from, to, node } => {
             println!("{}", find()?.explain(&from, &to, node.as_deref())?)
         }

@@ -188,8 +188,9 @@ pub fn pod_objects(pods: &[PodRecord]) -> Vec<(String, String)> {
             let pod = json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
                 "spec": {"nodeName": p.node, "hostname": p.hostname, "subdomain": p.subdomain,
-                         "containers": [{"name": "main", "ports": ports}]},
-                "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}});
+                         "hostNetwork": p.host_network, "containers": [{"name": "main", "ports": ports}]},
+                "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+                           "conditions": [{"type": "Ready", "status": if p.is_ready() { "True" } else { "False" }}]}});
             Some((format!("{}.{}.json", p.namespace, p.name), pod.to_string()))
         })
         .collect()

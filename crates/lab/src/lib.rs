@@ -22,13 +22,15 @@ pub mod cli;
 pub mod dns;
 pub mod graph;
 pub mod infra;
+mod kubelet;
 pub mod plan;
+mod pods;
 pub mod policies;
+pub mod probes;
 pub mod services;
 
 use cluster::manifests::namespaced;
 use cluster::{LabSpec, Manifests, NodeInfo};
-use cni_harness::conflist::{Attachment, NetList, Runtime};
 use infra::{ns_name, Proc};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
@@ -40,7 +42,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_ROOT: &str = "/var/lib/flatnet/lab";
@@ -73,11 +74,37 @@ pub struct PodRecord {
     pub hostname: Option<String>,
     #[serde(default)]
     pub subdomain: Option<String>,
+    /// Runs in its node's namespace with the node's address (no CNI, nothing of its own to
+    /// remove but its processes).
+    #[serde(default)]
+    pub host_network: bool,
+    /// The containers as started (the prober restarts one from here), probes included.
+    #[serde(default)]
+    pub workloads: Vec<plan::Workload>,
+    /// Containers whose readiness probe has not passed (yet, or any more); none: Ready.
+    #[serde(default)]
+    pub not_ready: Vec<String>,
+    /// Container restarts after failed liveness probes.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl PodRecord {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the pod serves: running and every readiness probe passing.
+    pub fn is_ready(&self) -> bool {
+        self.not_ready.is_empty() && self.status() == "Running"
+    }
+
+    /// `kubectl get pods`' READY: running containers whose readiness probe (if any) passes.
+    pub fn ready_column(&self) -> String {
+        let ready = (self.workloads.iter().zip(&self.procs))
+            .filter(|(w, p)| p.alive() && !self.not_ready.contains(&w.container))
+            .count();
+        format!("{ready}/{}", self.procs.len().max(self.workloads.len()))
     }
 
     /// `kubectl get pods`' STATUS: Running while every process runs.
@@ -97,6 +124,9 @@ pub struct State {
     pub spec: LabSpec,
     pub nodes: Vec<NodePlan>,
     pub agents: BTreeMap<String, Proc>,
+    /// Each node's prober (the kubelet's probe runner).
+    #[serde(default)]
+    pub kubelets: BTreeMap<String, Proc>,
     pub internet: Option<Proc>,
     /// The lab internet's DNS server (`example.com`, the cluster DNS's upstream).
     #[serde(default)]
@@ -200,7 +230,38 @@ impl Lab {
         serde_json::from_str(&text).map_err(|e| io(p.display(), e))
     }
 
-    fn save(&self, s: &State) -> Result<(), String> {
+    /// Holds the lab's lock (beside its directory, so `down` cannot pull it from under a
+    /// waiter) until dropped: every command that changes the lab, and the probers, take it.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+        use nix::fcntl::{Flock, FlockArg};
+        Flock::lock(self.lock_file()?, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io("locking the lab", e))
+    }
+
+    /// [`Lab::lock`] if nobody holds it now.
+    fn try_lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, String> {
+        use nix::fcntl::{Flock, FlockArg};
+        match Flock::lock(self.lock_file()?, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io("locking the lab", e)),
+        }
+    }
+
+    fn lock_file(&self) -> Result<std::fs::File, String> {
+        let path = self.dir.with_extension("lock");
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent.display(), e))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(path.display(), e))
+    }
+
+    pub(crate) fn save(&self, s: &State) -> Result<(), String> {
         write_atomic(
             &self.dir.join("state.json"),
             &serde_json::to_string_pretty(s).expect("serializable"),
@@ -233,6 +294,7 @@ impl Lab {
         let wants = plan::desired_pods(&m, &spec.nodes).map_err(|e| e.to_string())?;
         plan::check_node_names(&wants, &spec.nodes).map_err(|e| e.to_string())?;
         let lab = Lab::find(root, Some(&spec.name))?;
+        let _lock = lab.lock()?;
         if let Ok(s) = lab.load() {
             if s.complete && s.spec == spec && lab.infra_alive(&s) {
                 lab.restart_dead_agents()?;
@@ -254,6 +316,7 @@ impl Lab {
             spec,
             nodes,
             agents: BTreeMap::new(),
+            kubelets: BTreeMap::new(),
             internet: None,
             internet_dns: None,
             pods: Vec::new(),
@@ -317,6 +380,15 @@ impl Lab {
             );
             let agent = self.spawn_agent(&ns, &n.name)?;
             s.agents.insert(n.name.clone(), agent);
+            restarted = true;
+        }
+        for n in &s.nodes.clone() {
+            if s.kubelets.get(&n.name).is_some_and(Proc::alive) {
+                continue;
+            }
+            let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
+            let kubelet = self.spawn_kubelet(&ns, &n.name)?;
+            s.kubelets.insert(n.name.clone(), kubelet);
             restarted = true;
         }
         if restarted {
@@ -456,6 +528,8 @@ impl Lab {
         )?;
         let agent = self.spawn_agent(&ns, &n.name)?;
         s.agents.insert(n.name.clone(), agent);
+        let kubelet = self.spawn_kubelet(&ns, &n.name)?;
+        s.kubelets.insert(n.name.clone(), kubelet);
         Ok(())
     }
 
@@ -483,6 +557,32 @@ impl Lab {
             ],
             &[],
             &self.dir.join(format!("logs/agent-{node}.log")),
+            None,
+        )
+    }
+
+    /// Starts `node`'s prober in its namespace (the probes come from the node, as the kubelet's).
+    fn spawn_kubelet(&self, ns: &netns::NetNs, node: &str) -> Result<Proc, String> {
+        let argv = [
+            self.exe.display().to_string(),
+            "lab".into(),
+            "--root".into(),
+            self.dir
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .display()
+                .to_string(),
+            "--name".into(),
+            self.name(),
+            "kubelet".into(),
+            node.to_string(),
+        ];
+        infra::spawn(
+            ns,
+            node,
+            &argv,
+            &[],
+            &self.dir.join(format!("logs/kubelet-{node}.log")),
             None,
         )
     }
@@ -559,10 +659,8 @@ impl Lab {
         })
     }
 
-    /// Makes the running pods match the manifests: creates missing ones, removes extra or changed
-    /// ones (pods keep their node while it exists).
-    pub fn reconcile(&self) -> Result<(), String> {
-        let mut s = self.load()?;
+    /// The manifests as applied, with the lab's own (the cluster DNS).
+    fn cluster_manifests(&self, s: &State) -> Result<Manifests, String> {
         let mut m = self.manifests()?;
         dns::add_builtin(
             &mut m,
@@ -571,6 +669,14 @@ impl Lab {
             &self.dir,
             INTERNET_HOST.parse().expect("valid"),
         )?;
+        Ok(m)
+    }
+
+    /// Makes the running pods match the manifests: creates missing ones, removes extra or changed
+    /// ones (pods keep their node while it exists).
+    pub fn reconcile(&self) -> Result<(), String> {
+        let mut s = self.load()?;
+        let m = self.cluster_manifests(&s)?;
         // Policies first: a new pod they select is isolated from its first packet.
         if self.publish_policies(&m)? {
             self.wait_synced(&s)?;
@@ -615,48 +721,6 @@ impl Lab {
         } else {
             Err(errors.join("\n"))
         }
-    }
-
-    /// Creates pods with a few workers in parallel; returns the failures.
-    fn create_pods(&self, s: &mut State, todo: Vec<(PodWant, NodePlan)>) -> Vec<String> {
-        let total = todo.len();
-        if total == 0 {
-            return Vec::new();
-        }
-        let queue = Mutex::new(todo.into_iter().collect::<std::collections::VecDeque<_>>());
-        let done = Mutex::new(Vec::new());
-        let errors = Mutex::new(Vec::new());
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get() * 2)
-            .unwrap_or(4)
-            .min(8);
-        std::thread::scope(|sc| {
-            for _ in 0..workers {
-                sc.spawn(|| loop {
-                    let Some((w, n)) = queue.lock().expect("queue").pop_front() else {
-                        return;
-                    };
-                    match self.add_pod(&s.spec, &w, &n) {
-                        Ok(rec) => {
-                            let mut d = done.lock().expect("done");
-                            d.push(rec);
-                            progress("pods", d.len(), total);
-                        }
-                        Err(e) => errors
-                            .lock()
-                            .expect("errors")
-                            .push(format!("pod {}: {e}", w.key())),
-                    }
-                });
-            }
-        });
-        s.pods.extend(done.into_inner().expect("done"));
-        s.pods.sort_by_key(|p| p.key());
-        let mut errors = errors.into_inner().expect("errors");
-        if let Err(e) = self.save(s) {
-            errors.push(e);
-        }
-        errors
     }
 
     /// Checks Services as an agent will (errors name the Service and field) and fills in what
@@ -712,7 +776,11 @@ impl Lab {
     }
 
     /// Writes the Services and their EndpointSlices where the agents read them.
-    fn publish_services(&self, s: &mut State, services: &[Service]) -> Result<(), String> {
+    pub(crate) fn publish_services(
+        &self,
+        s: &mut State,
+        services: &[Service],
+    ) -> Result<(), String> {
         let filled = Lab::checked_services(s, services)?;
         let mut want: BTreeMap<PathBuf, String> = BTreeMap::new();
         for svc in &filled {
@@ -823,167 +891,6 @@ impl Lab {
             batch.push(netlink::Request::replace_route(&r));
         }
         nl.apply(batch).map(drop).map_err(|e| e.to_string())
-    }
-
-    fn runtime_parts(&self, node: &str) -> Result<(NetList, netns::NetNs), String> {
-        let list = NetList::load(&self.node_dir(node).join("net.d/10-flatnet.conflist"))?;
-        let ns = infra::open_ns(&ns_name(&self.name(), &format!("node.{node}")))?;
-        Ok((list, ns))
-    }
-
-    fn attachment(&self, w_ns: &str, w_name: &str, netns: &str) -> Attachment {
-        use sha2::Digest;
-        let id = sha2::Sha256::digest(format!("{}/{w_ns}/{w_name}", self.name()).as_bytes());
-        Attachment {
-            container_id: id.iter().map(|b| format!("{b:02x}")).collect(),
-            netns: Some(netns::named_path(netns)),
-            ifname: "eth0".into(),
-            args: Some(format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={w_ns};K8S_POD_NAME={w_name}"
-            )),
-        }
-    }
-
-    /// Creates one pod: its namespace, its network through the CNI plugin, its processes.
-    fn add_pod(&self, spec: &LabSpec, w: &PodWant, n: &NodePlan) -> Result<PodRecord, String> {
-        let lab = self.name();
-        let netns = ns_name(&lab, &format!("pod.{}.{}", w.namespace, w.name));
-        if netns::named_path(&netns).exists() {
-            self.clear_leftover_pod(spec, w, &netns);
-        }
-        let ns = infra::create_ns(&netns)?;
-        let (list, node_ns) = self.runtime_parts(&n.name)?;
-        let rt = Runtime {
-            bin_dirs: vec![self.dir.join("bin")],
-            node: Some(&node_ns),
-            runtime_config: json!({}),
-        };
-        let att = self.attachment(&w.namespace, &w.name, &netns);
-        let result = match rt.add(&list, CNI_VERSION, &att) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = netns::delete_named(&netns);
-                return Err(format!("CNI ADD: {e}"));
-            }
-        };
-        let ip = result["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| {
-                i["address"]
-                    .as_str()?
-                    .split('/')
-                    .next()?
-                    .parse::<Ipv4Addr>()
-                    .ok()
-            })
-            .next();
-        let mut rec = PodRecord {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-            node: n.name.clone(),
-            netns,
-            container_id: att.container_id.clone(),
-            ip,
-            hash: w.hash.clone(),
-            result,
-            procs: Vec::new(),
-            error: None,
-            labels: w.labels.clone(),
-            ports: w.ports.clone(),
-            hostname: w.hostname.clone(),
-            subdomain: w.subdomain.clone(),
-        };
-        let resolv = self.resolv_conf_path(&w.namespace, &w.name);
-        write_atomic(
-            &resolv,
-            &dns::resolv_conf(
-                &w.namespace,
-                &w.dns,
-                dns::service_ip(spec.service_cidr),
-                INTERNET_HOST.parse().expect("valid"),
-            ),
-        )?;
-        for wl in &w.workloads {
-            let argv = if wl.argv.is_empty() {
-                vec![
-                    self.exe.display().to_string(),
-                    "serve".into(),
-                    "--http".into(),
-                    wl.http_port.to_string(),
-                ]
-            } else {
-                wl.argv.clone()
-            };
-            let mut env = vec![
-                (
-                    "PATH".to_string(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-                ),
-                ("POD_NAME".into(), w.name.clone()),
-                ("POD_NAMESPACE".into(), w.namespace.clone()),
-                ("NODE_NAME".into(), n.name.clone()),
-                (
-                    "POD_IP".into(),
-                    ip.map(|i| i.to_string()).unwrap_or_default(),
-                ),
-            ];
-            env.extend(wl.env.iter().cloned());
-            let log = self.dir.join(format!(
-                "logs/pod-{}-{}-{}.log",
-                w.namespace, w.name, wl.container
-            ));
-            let hostname = w.hostname.as_deref().unwrap_or(&w.name);
-            match infra::spawn(&ns, hostname, &argv, &env, &log, Some(&resolv)) {
-                Ok(p) => rec.procs.push(p),
-                Err(e) => rec.error = Some(format!("container {}: {e}", wl.container)),
-            }
-        }
-        Ok(rec)
-    }
-
-    /// A pod namespace no record names: a run killed after creating the pod and before saving
-    /// it. Its processes, its attachment (released on every node: the record of which node
-    /// held it died with the run) and the namespace go.
-    fn clear_leftover_pod(&self, spec: &LabSpec, w: &PodWant, netns: &str) {
-        infra::kill_inside(&[netns.to_string()]);
-        let att = self.attachment(&w.namespace, &w.name, netns);
-        for node in &spec.nodes {
-            if let Ok((list, node_ns)) = self.runtime_parts(&node.name) {
-                let rt = Runtime {
-                    bin_dirs: vec![self.dir.join("bin")],
-                    node: Some(&node_ns),
-                    runtime_config: json!({}),
-                };
-                let _ = rt.del(&list, CNI_VERSION, &att, None);
-            }
-        }
-        let _ = netns::delete_named(netns);
-    }
-
-    fn remove_pod(&self, p: &PodRecord) {
-        for proc_ in &p.procs {
-            proc_.kill();
-        }
-        infra::kill_inside(std::slice::from_ref(&p.netns));
-        if let Ok((list, node_ns)) = self.runtime_parts(&p.node) {
-            let rt = Runtime {
-                bin_dirs: vec![self.dir.join("bin")],
-                node: Some(&node_ns),
-                runtime_config: json!({}),
-            };
-            let att = self.attachment(&p.namespace, &p.name, &p.netns);
-            let _ = rt.del(&list, CNI_VERSION, &att, Some(&p.result));
-        }
-        let _ = netns::delete_named(&p.netns);
-        let _ = std::fs::remove_file(self.resolv_conf_path(&p.namespace, &p.name));
-    }
-
-    /// The pod's /etc/resolv.conf (mounted there for its processes and `lab exec`).
-    fn resolv_conf_path(&self, namespace: &str, name: &str) -> PathBuf {
-        self.dir
-            .join(format!("pods/{namespace}.{name}.resolv.conf"))
     }
 
     /// Adds the objects in `files` to the lab (same name: replaced) and reconciles.
@@ -1146,8 +1053,11 @@ impl Lab {
     /// Takes a node's agent, Node object, namespace, wire and files away.
     fn remove_node_infra(&self, s: &mut State, name: &str) -> Result<(), String> {
         let lab = self.name();
-        if let Some(a) = s.agents.remove(name) {
-            a.kill();
+        for p in [s.agents.remove(name), s.kubelets.remove(name)]
+            .into_iter()
+            .flatten()
+        {
+            p.kill();
         }
         let _ = std::fs::remove_file(self.dir.join(format!("cluster/nodes/{name}.json")));
         let node_ns = ns_name(&lab, &format!("node.{name}"));
@@ -1237,6 +1147,7 @@ impl Lab {
             for p in s
                 .agents
                 .values()
+                .chain(s.kubelets.values())
                 .chain(s.internet.iter())
                 .chain(s.internet_dns.iter())
                 .chain(s.pods.iter().flat_map(|p| &p.procs))
@@ -1298,10 +1209,14 @@ impl Lab {
         let mut out = format!("on {node}: ");
         out += &proxy::explain(&rs, &pkt);
         // The policies see the packet after DNAT: each endpoint it may go to.
-        let node_ips: Vec<Ipv4Addr> = s.nodes.iter().map(|n| n.ip).collect();
+        let src_node = s
+            .nodes
+            .iter()
+            .find(|n| n.ip == src)
+            .map(|n| n.name.as_str());
         for (ip, port) in proxy::destinations(&rs, &pkt) {
             out += "\n";
-            out += &policies::verdict(&store, src, ip, proto, port, &node_ips);
+            out += &policies::verdict(&store, src, ip, proto, port, src_node);
         }
         if let Some(owner) = s.nodes.iter().find(|n| n.pod_cidr.contains(&dst)) {
             out += &format!(
@@ -1313,37 +1228,6 @@ impl Lab {
         Ok(out)
     }
 
-    /// Runs `argv` inside a pod's network namespace (and its hostname), as `kubectl exec`.
-    pub fn exec(&self, pod: &str, namespace: &str, argv: &[String]) -> Result<i32, String> {
-        let s = self.load()?;
-        let p = s
-            .pods
-            .iter()
-            .find(|p| p.name == pod && p.namespace == namespace)
-            .ok_or_else(|| format!("pod {namespace}/{pod} not found (see `flatnet lab status`)"))?;
-        if argv.is_empty() {
-            return Err("nothing to run: lab exec POD -- COMMAND [ARGS…]".into());
-        }
-        let ns = infra::open_ns(&p.netns)?;
-        let mut cmd = std::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .env("POD_NAME", &p.name)
-            .env("NODE_NAME", &p.node);
-        let resolv = self.resolv_conf_path(&p.namespace, &p.name);
-        let hostname = p.hostname.as_deref().unwrap_or(&p.name);
-        infra::enter(
-            &mut cmd,
-            &ns,
-            hostname,
-            false,
-            resolv.exists().then_some(resolv.as_path()),
-        );
-        let status = cmd
-            .status()
-            .map_err(|e| io(format!("running {}", argv[0]), e))?;
-        Ok(status.code().unwrap_or(1))
-    }
-
     /// `kubectl get nodes,pods -o wide` in one table, or the state as JSON.
     pub fn status(&self, json_out: bool) -> Result<String, String> {
         let s = self.load()?;
@@ -1351,7 +1235,8 @@ impl Lab {
             let pods: Vec<Value> = s
                 .pods
                 .iter()
-                .map(|p| json!({"namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip, "status": p.status()}))
+                .map(|p| json!({"namespace": p.namespace, "name": p.name, "node": p.node, "ip": p.ip, "status": p.status(),
+                    "ready": p.is_ready(), "restarts": p.restarts, "hostNetwork": p.host_network}))
                 .chain(s.pending.iter().map(|(k, why)| json!({"key": k, "status": "Pending", "reason": why})))
                 .collect();
             let nodes: Vec<Value> = s
@@ -1399,15 +1284,17 @@ impl Lab {
             );
         }
         out += &format!(
-            "\n{:<12} {:<36} {:<10} {:<16} {}\n",
-            "NAMESPACE", "NAME", "STATUS", "IP", "NODE"
+            "\n{:<12} {:<36} {:<6} {:<10} {:<9} {:<16} {}\n",
+            "NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "IP", "NODE"
         );
         for p in &s.pods {
             out += &format!(
-                "{:<12} {:<36} {:<10} {:<16} {}\n",
+                "{:<12} {:<36} {:<6} {:<10} {:<9} {:<16} {}\n",
                 p.namespace,
                 p.name,
+                p.ready_column(),
                 p.status(),
+                p.restarts,
                 p.ip.map(|i| i.to_string()).unwrap_or_default(),
                 p.node
             );
@@ -1415,8 +1302,8 @@ impl Lab {
         for (k, why) in &s.pending {
             let (ns, name) = k.split_once('/').unwrap_or(("", k));
             out += &format!(
-                "{ns:<12} {name:<36} {:<10} {:<16} {why}\n",
-                "Pending", "<none>"
+                "{ns:<12} {name:<36} {:<6} {:<10} {:<9} {:<16} {why}\n",
+                "0/0", "Pending", 0, "<none>"
             );
         }
         out += &policies::table(&self.manifests()?);

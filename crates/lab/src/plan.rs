@@ -3,6 +3,7 @@
 //! the pods Deployments stand for, and which node each pod runs on (the scheduler's job, kept to
 //! nodeName, nodeSelector and spreading).
 
+use crate::probes::{self, Probe};
 use cluster::manifests::{describe, namespaced};
 use cluster::{LabSpec, Manifests, ModelError, NodeSpec};
 use ipnet::Ipv4Net;
@@ -112,6 +113,12 @@ pub struct Workload {
     pub env: Vec<(String, String)>,
     /// The HTTP port `flatnet serve` listens on (the first declared containerPort, else 8080).
     pub http_port: u16,
+    /// `readinessProbe`: until it succeeds, the pod is not a ready endpoint.
+    #[serde(default)]
+    pub readiness: Option<Probe>,
+    /// `livenessProbe`: when it fails, the kubelet restarts the container.
+    #[serde(default)]
+    pub liveness: Option<Probe>,
 }
 
 /// A pod as the lab runs it.
@@ -137,6 +144,9 @@ pub struct PodWant {
     /// `spec.dnsPolicy` and `spec.dnsConfig`, checked: what the pod's resolv.conf is made of.
     #[serde(default)]
     pub dns: PodDns,
+    /// `spec.hostNetwork`: the pod runs in its node's namespace, with the node's address.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// A pod's DNS settings as the kubelet reads them.
@@ -152,7 +162,10 @@ pub struct PodDns {
 
 /// Reads and checks `spec.dnsPolicy` and `spec.dnsConfig` (the API server's rules).
 fn pod_dns(object: &str, spec: &PodSpec) -> Result<PodDns, ModelError> {
+    // The kubelet gives a hostNetwork pod the node's resolver unless it asks for the cluster's.
+    let host_network = spec.host_network == Some(true);
     let policy = match spec.dns_policy.as_deref().unwrap_or("ClusterFirst") {
+        "ClusterFirst" if host_network => "Default",
         "ClusterFirst" | "ClusterFirstWithHostNet" => "ClusterFirst",
         "Default" => "Default",
         "None" => "None",
@@ -254,11 +267,17 @@ impl PodWant {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// `(hostPort, protocol)` pairs: two pods holding the same one cannot share a node.
+    /// `(hostPort, protocol)` pairs: two pods holding the same one cannot share a node (a
+    /// hostNetwork pod's containerPorts are its hostPorts, as the API server defaults them).
     fn host_ports(&self) -> impl Iterator<Item = (u16, &str)> {
-        self.ports
-            .iter()
-            .filter_map(|p| Some((p.host_port?, p.protocol.as_str())))
+        self.ports.iter().filter_map(|p| {
+            let port = if self.host_network {
+                Some(p.port)
+            } else {
+                p.host_port
+            };
+            Some((port?, p.protocol.as_str()))
+        })
     }
 }
 
@@ -287,7 +306,14 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
     }
     let mut serve_taken = false;
     let mut out = Vec::new();
-    for c in &spec.containers {
+    for (i, c) in spec.containers.iter().enumerate() {
+        let probe = |field: &str, p: &Option<k8s_openapi::api::core::v1::Probe>| {
+            p.as_ref()
+                .map(|p| probes::parse(object, i, c, field, p))
+                .transpose()
+        };
+        let readiness = probe("readinessProbe", &c.readiness_probe)?;
+        let liveness = probe("livenessProbe", &c.liveness_probe)?;
         let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
         argv.extend(c.args.clone().unwrap_or_default());
         if argv.is_empty() {
@@ -316,6 +342,8 @@ fn workloads(object: &str, spec: &PodSpec) -> Result<Vec<Workload>, ModelError> 
             argv,
             env,
             http_port,
+            readiness,
+            liveness,
         });
     }
     Ok(out)
@@ -350,6 +378,7 @@ pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, M
                     &spec.hostname,
                     &spec.subdomain,
                     host_ports(&ports),
+                    spec.host_network,
                 ),
                 10,
             ),
@@ -361,6 +390,7 @@ pub fn desired_pods(m: &Manifests, nodes: &[NodeSpec]) -> Result<Vec<PodWant>, M
             hostname: spec.hostname.clone(),
             subdomain: spec.subdomain.clone(),
             dns,
+            host_network: spec.host_network == Some(true),
         });
     }
     for d in &m.deployments {
@@ -472,6 +502,7 @@ impl<'a> Template<'a> {
                 &spec.node_selector,
                 &dns,
                 host_ports(&ports),
+                spec.host_network,
             ),
             10,
         );
@@ -504,6 +535,7 @@ impl<'a> Template<'a> {
             hostname: self.spec.hostname.clone(),
             subdomain: self.spec.subdomain.clone(),
             dns: self.dns.clone(),
+            host_network: self.spec.host_network == Some(true),
         }
     }
 }

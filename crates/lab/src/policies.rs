@@ -83,7 +83,7 @@ pub fn verdict(
     dst: Ipv4Addr,
     proto: cluster::Proto,
     port: u16,
-    node_ips: &[Ipv4Addr],
+    src_node: Option<&str>,
 ) -> String {
     let mut planner = policy::plan::Planner::new("", None);
     planner.take_store(store);
@@ -93,5 +93,5 @@ pub fn verdict(
         proto: proto.number(),
         port,
     };
-    planner.cluster.verdict_text(&pkt, node_ips)
+    planner.cluster.verdict_text(&pkt, src_node)
 }

@@ -168,7 +168,7 @@ pub fn endpoint_slice(svc: &Service, pods: &[PodRecord]) -> Option<EndpointSlice
     let endpoints: Vec<_> = members
         .iter()
         .map(|p| {
-            let r = p.status() == "Running";
+            let r = p.is_ready();
             // The EndpointSlice controller's rule: a pod whose subdomain names this Service
             // is known by its hostname.
             let hostname = p.hostname.as_ref().filter(|_| p.subdomain.as_deref() == Some(name.as_str()));

@@ -163,10 +163,17 @@ impl Cluster {
 
     /// The verdict on a packet that reaches `dst:port` (after any DNAT) in words, for `explain`:
     /// allowed, or denied naming the policies that isolate the pod and why none of their rules
-    /// matched. Traffic from a node (`node_ips`) to its pods always passes.
-    pub fn verdict_text(&self, pkt: &Packet, node_ips: &[Ipv4Addr]) -> String {
-        if node_ips.contains(&pkt.src) {
-            return "policy: allowed (traffic from a node to its pods always passes)".into();
+    /// matched. `src_node` names the node when the source is one (or a hostNetwork pod on it):
+    /// a node's traffic to its own pods never crosses the forward hook and always passes; to
+    /// another node's pods it is an address like any other.
+    pub fn verdict_text(&self, pkt: &Packet, src_node: Option<&str>) -> String {
+        if let Some(node) = src_node {
+            let dst_node = self.pod_at(pkt.dst).and_then(|d| d.node.as_deref());
+            if dst_node == Some(node) {
+                return format!(
+                    "policy: allowed (traffic from node {node} to its own pods always passes)"
+                );
+            }
         }
         if pkt.src == pkt.dst {
             return "policy: allowed (a pod's traffic to itself never leaves it)".into();

@@ -164,7 +164,7 @@ pub fn plan_service(
     Ok(rs)
 }
 
-/// A pod's `hostPort`s, when it runs on this node with an IPv4 address: each mapping a chain that
+/// A pod's `hostPort`s, when it runs on this node with an IPv4 address and its own network: each mapping a chain that
 /// DNATs to the pod (masquerading the pod reaching itself), entered from `service-nodeports` on
 /// every node address, or from `service-ips` on its `hostIP`. Errors name the pod and field (a
 /// hostPort another Service or pod holds here). `taken` says who holds a port, if anyone.
@@ -179,6 +179,8 @@ pub fn plan_host_ports(
         .spec
         .as_ref()
         .filter(|s| s.node_name.as_deref() == Some(&cfg.node))
+        // A hostNetwork pod listens on the node's ports itself: nothing to forward.
+        .filter(|s| s.host_network != Some(true))
     else {
         return Ok(rs);
     };

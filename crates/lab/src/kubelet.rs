@@ -1,0 +1,250 @@
+//! The lab's kubelet prober: one process per node, in the node's namespace, running the
+//! readiness and liveness probes of the node's pods from there, as the kubelet does (so an
+//! `httpGet` probe comes from the node's address, which NetworkPolicy never filters).
+//!
+//! A readiness change flips the pod's Ready condition and its endpoints' `ready` in the
+//! EndpointSlices it is in (the EndpointSlice controller's part); a liveness failure restarts the
+//! container. Both are written under the lab's lock, like every other change to the lab.
+
+use crate::probes::{ExecIn, Probe};
+use crate::{infra, Lab, PodRecord, State};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often the prober looks for due probes and for a changed lab state.
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Readiness,
+    Liveness,
+}
+
+/// One probe of one container of one pod instance.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    pod: String,
+    container: String,
+    kind: Kind,
+}
+
+/// A probe's schedule and counters, for the container instance it was made for.
+struct Tracker {
+    /// The container's process and the pod's hash: a new one starts the probe afresh.
+    instance: (i32, String),
+    probe: Probe,
+    next: Instant,
+    running: bool,
+    successes: u32,
+    failures: u32,
+}
+
+/// What a probe result asks of the lab.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Change {
+    Ready(bool),
+    Restart,
+}
+
+/// Runs the prober of `node` until killed.
+pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
+    let mut trackers: BTreeMap<Key, Tracker> = BTreeMap::new();
+    let mut seen: Option<SystemTime> = None;
+    let mut pods: Vec<PodRecord> = Vec::new();
+    let mut pending: BTreeMap<(String, String), Change> = BTreeMap::new();
+    let (tx, rx) = mpsc::channel::<(Key, (i32, String), Result<String, String>)>();
+    loop {
+        let modified = std::fs::metadata(lab.dir.join("state.json"))
+            .and_then(|m| m.modified())
+            .ok();
+        if modified != seen {
+            seen = modified;
+            if let Ok(s) = lab.load() {
+                pods = s.pods.into_iter().filter(|p| p.node == node).collect();
+                track(&mut trackers, &pods);
+            }
+        }
+        let now = Instant::now();
+        for (key, t) in trackers.iter_mut() {
+            if t.running || now < t.next {
+                continue;
+            }
+            let Some(p) = pods.iter().find(|p| p.key() == key.pod) else {
+                continue;
+            };
+            t.running = true;
+            t.next = now + t.probe.period;
+            let (key, instance, probe, tx) =
+                (key.clone(), t.instance.clone(), t.probe.clone(), tx.clone());
+            let pod = p.clone();
+            let dir = lab.resolv_conf_path(&p.namespace, &p.name);
+            std::thread::spawn(move || {
+                let result = probe_once(&pod, &probe, &dir);
+                let _ = tx.send((key, instance, result));
+            });
+        }
+        while let Ok((key, instance, result)) = rx.try_recv() {
+            let Some(t) = trackers.get_mut(&key).filter(|t| t.instance == instance) else {
+                continue;
+            };
+            t.running = false;
+            if let Some(change) = judge(t, &key, &result) {
+                pending.insert((key.pod.clone(), key.container.clone()), change);
+            }
+        }
+        if !pending.is_empty() {
+            if let Ok(Some(_lock)) = lab.try_lock() {
+                let done = std::mem::take(&mut pending);
+                if let Err(e) = commit(lab, &done) {
+                    eprintln!("prober: {e}");
+                }
+                // Restarted containers are new instances: their probes start again.
+                seen = None;
+            }
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+/// Keeps one tracker per probe of the pods here, new ones for new container instances.
+fn track(trackers: &mut BTreeMap<Key, Tracker>, pods: &[PodRecord]) {
+    let mut live = BTreeSet::new();
+    let now = Instant::now();
+    for p in pods {
+        for (i, w) in p.workloads.iter().enumerate() {
+            let Some(proc_) = p.procs.get(i) else {
+                continue;
+            };
+            let instance = (proc_.pid, p.hash.clone());
+            for (kind, probe) in [
+                (Kind::Readiness, &w.readiness),
+                (Kind::Liveness, &w.liveness),
+            ] {
+                let Some(probe) = probe else { continue };
+                let key = Key {
+                    pod: p.key(),
+                    container: w.container.clone(),
+                    kind,
+                };
+                live.insert(key.clone());
+                if trackers.get(&key).is_some_and(|t| t.instance == instance) {
+                    continue;
+                }
+                trackers.insert(
+                    key,
+                    Tracker {
+                        instance: instance.clone(),
+                        probe: probe.clone(),
+                        next: now + probe.initial_delay,
+                        running: false,
+                        successes: 0,
+                        failures: 0,
+                    },
+                );
+            }
+        }
+    }
+    trackers.retain(|k, _| live.contains(k));
+}
+
+/// One probe run, from this namespace (the node's); `exec` in the pod's.
+fn probe_once(p: &PodRecord, probe: &Probe, resolv: &std::path::Path) -> Result<String, String> {
+    let ip: IpAddr = p.ip.ok_or("the pod has no address")?.into();
+    let ns = infra::open_ns(&p.netns)?;
+    probe.run(
+        ip,
+        &ExecIn {
+            netns: &ns,
+            hostname: Lab::pod_hostname(p),
+            resolv_conf: resolv.exists().then_some(resolv),
+        },
+    )
+}
+
+/// Counts a result against the thresholds: what changes, if anything (logged like the kubelet's
+/// events).
+fn judge(t: &mut Tracker, key: &Key, result: &Result<String, String>) -> Option<Change> {
+    let what = match key.kind {
+        Kind::Readiness => "Readiness",
+        Kind::Liveness => "Liveness",
+    };
+    match result {
+        Ok(_) => {
+            t.failures = 0;
+            t.successes = t.successes.saturating_add(1);
+            (key.kind == Kind::Readiness && t.successes == t.probe.success_threshold)
+                .then_some(Change::Ready(true))
+        }
+        Err(why) => {
+            eprintln!(
+                "Unhealthy pod {} container {}: {what} probe failed: {why}",
+                key.pod, key.container
+            );
+            t.successes = 0;
+            t.failures = t.failures.saturating_add(1);
+            if t.failures != t.probe.failure_threshold {
+                return None;
+            }
+            Some(match key.kind {
+                Kind::Readiness => Change::Ready(false),
+                Kind::Liveness => {
+                    eprintln!(
+                        "Killing pod {} container {}: failed liveness probe, will be restarted",
+                        key.pod, key.container
+                    );
+                    Change::Restart
+                }
+            })
+        }
+    }
+}
+
+/// Writes the changes into the lab state (under the caller's lock): readiness into the pod and
+/// its EndpointSlices, restarts as new processes.
+fn commit(lab: &Lab, changes: &BTreeMap<(String, String), Change>) -> Result<(), String> {
+    let mut s: State = lab.load()?;
+    let mut ready_changed = false;
+    for ((pod, container), change) in changes {
+        let Some(p) = s.pods.iter_mut().find(|p| &p.key() == pod) else {
+            continue;
+        };
+        match change {
+            Change::Ready(ready) => {
+                let was = p.not_ready.contains(container);
+                if *ready {
+                    p.not_ready.retain(|c| c != container);
+                } else if !was {
+                    p.not_ready.push(container.clone());
+                }
+                ready_changed |= was == *ready;
+            }
+            Change::Restart => {
+                let Some(i) = p.workloads.iter().position(|w| &w.container == container) else {
+                    continue;
+                };
+                if let Some(old) = p.procs.get(i) {
+                    old.kill();
+                }
+                let ns = infra::open_ns(&p.netns)?;
+                let started = lab.start_container(p, &ns, &p.workloads[i].clone())?;
+                if let Some(slot) = p.procs.get_mut(i) {
+                    *slot = started;
+                }
+                p.restarts += 1;
+                // A restarted container is not ready until its readiness probe says so.
+                if p.workloads[i].readiness.is_some() && !p.not_ready.contains(container) {
+                    p.not_ready.push(container.clone());
+                    ready_changed = true;
+                }
+            }
+        }
+    }
+    lab.save(&s)?;
+    if ready_changed {
+        let m = lab.cluster_manifests(&s)?;
+        lab.publish_services(&mut s, &m.services)?;
+    }
+    Ok(())
+}
