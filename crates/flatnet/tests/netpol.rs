@@ -269,3 +269,197 @@ fn policies_isolate_explain_log_and_cut() {
     }
     matrix(&lab, &pods, |_, _| true);
 }
+
+/// Polls `cond` for up to `secs` seconds; the failure shows the probers' logs.
+fn eventually(lab: &TestLab, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        if Instant::now() > deadline {
+            let logs = lab.root.path().join(&lab.name).join("logs");
+            let tails: String = ["kubelet-node-1.log", "kubelet-node-2.log"]
+                .iter()
+                .map(|f| std::fs::read_to_string(logs.join(f)).unwrap_or_default())
+                .collect();
+            panic!("{what} within {secs} s; probers:\n{tails}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pod_field(lab: &TestLab, ns: &str, name: &str, key: &str) -> serde_json::Value {
+    lab.status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name && p["namespace"] == ns)
+        .unwrap_or_else(|| panic!("no pod {ns}/{name}"))[key]
+        .clone()
+}
+
+/// The kubelet's part under a default-deny policy: readiness probes (exec, tcpSocket) decide
+/// the endpoints, liveness probes (httpGet, exec) restart a container, both from the node, so
+/// the policy does not stop them. A hostNetwork pod runs with its node's address, reaches a pod
+/// on another node without NAT, and no policy of its namespace selects it.
+#[test]
+fn probes_pass_default_deny_and_host_network_pods_use_the_node() {
+    let Some(lab) = TestLab::new() else { return };
+    let ready = lab.root.path().join("ready");
+    let alive = lab.root.path().join("alive");
+    std::fs::write(&alive, "").unwrap();
+    let serve = "image: flatnet-serve, ports: [{name: http, containerPort: 8080}]";
+    let workloads = format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: p}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: q}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: default-deny, namespace: p}}
+spec: {{podSelector: {{}}, policyTypes: [Ingress, Egress]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: web-from-q, namespace: p}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: q}}}}}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: p, labels: {{app: web}}}}
+spec:
+  nodeName: node-1
+  containers:
+  - {{name: web, {serve},
+     readinessProbe: {{exec: {{command: [test, -e, "{ready}"]}}, periodSeconds: 1, failureThreshold: 1}},
+     livenessProbe: {{httpGet: {{port: http, path: /healthz}}, periodSeconds: 1, failureThreshold: 2}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: live, namespace: p}}
+spec:
+  nodeName: node-1
+  containers:
+  - {{name: live, {serve},
+     readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}},
+     livenessProbe: {{exec: {{command: [test, -e, "{alive}"]}}, periodSeconds: 1, failureThreshold: 2}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hostpod, namespace: p}}
+spec:
+  nodeName: node-2
+  hostNetwork: true
+  containers: [{{name: c, image: busybox, command: [sleep, infinity]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: target, namespace: q}}
+spec:
+  nodeName: node-1
+  containers: [{{name: c, {serve}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: p}}
+spec:
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: http}}]
+"#,
+        ready = ready.display(),
+        alive = alive.display()
+    );
+    let f = lab.file("{nodes: 2, backend: host-gw}", &workloads);
+    lab.up(&f);
+    let slice = lab
+        .root
+        .path()
+        .join(&lab.name)
+        .join("cluster/endpointslices/p.web.json");
+    let web_ready_in_slice = || {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&slice).unwrap()).unwrap();
+        s["endpoints"][0]["conditions"]["ready"] == true
+    };
+
+    // Not ready until its probe passes: the Service has no endpoint to send to.
+    assert_eq!(pod_field(&lab, "p", "web", "ready"), false);
+    assert!(!web_ready_in_slice());
+    assert!(curl(&lab, "q/target", "http://web.p/").is_none());
+    // A tcpSocket probe from the node gets through the default deny.
+    eventually(&lab, 10, "live ready", || {
+        pod_field(&lab, "p", "live", "ready") == true
+    });
+
+    std::fs::write(&ready, "").unwrap();
+    eventually(&lab, 10, "web ready", || {
+        pod_field(&lab, "p", "web", "ready") == true
+    });
+    assert!(web_ready_in_slice());
+    eventually(&lab, 10, "the Service reaching web", || {
+        curl(&lab, "q/target", "http://web.p/").is_some_and(|o| o.contains("pod=web"))
+    });
+    std::fs::remove_file(&ready).unwrap();
+    eventually(&lab, 10, "web not ready again", || !web_ready_in_slice());
+    assert_eq!(pod_field(&lab, "p", "web", "ready"), false);
+
+    // A failing liveness probe restarts the container.
+    std::fs::remove_file(&alive).unwrap();
+    eventually(&lab, 15, "live restarted", || {
+        pod_field(&lab, "p", "live", "restarts").as_u64() >= Some(1)
+    });
+    std::fs::write(&alive, "").unwrap();
+    eventually(&lab, 10, "live ready after its restart", || {
+        pod_field(&lab, "p", "live", "ready") == true
+    });
+    // web's httpGet liveness probe passed all along, under the default deny.
+    assert_eq!(pod_field(&lab, "p", "web", "restarts"), 0);
+
+    // hostNetwork: the node's address and name; reaches a pod on the other node unNATed, and
+    // p's default deny (which would stop its egress) does not select it.
+    let node2 = lab.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-2")
+        .unwrap()["ip"]
+        .clone();
+    assert_eq!(pod_field(&lab, "p", "hostpod", "ip"), node2);
+    assert_eq!(pod_field(&lab, "p", "hostpod", "hostNetwork"), true);
+    let out = lab.flatnet(&["exec", "-n", "p", "hostpod", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "node-2");
+    let target = pod_field(&lab, "q", "target", "ip");
+    let target = target.as_str().unwrap();
+    let got = curl(&lab, "p/hostpod", &format!("http://{target}:8080/"))
+        .expect("hostpod reaches q/target");
+    assert_eq!(
+        field(&got, "client").rsplit_once(':').unwrap().0,
+        node2.as_str().unwrap(),
+        "{got}"
+    );
+    let out = lab.flatnet(&["explain", "hostpod", &format!("{target}:8080")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("policy: allowed"), "{text}");
+    // … while the policy-selected web still refuses it (another node's address, not web's own).
+    let web = pod_field(&lab, "p", "web", "ip");
+    assert!(curl(
+        &lab,
+        "p/hostpod",
+        &format!("http://{}:8080/", web.as_str().unwrap())
+    )
+    .is_none());
+    let out = lab.flatnet(&[
+        "explain",
+        "hostpod",
+        &format!("{}:8080", web.as_str().unwrap()),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("policy: DENIED") && text.contains("p/default-deny"),
+        "{text}"
+    );
+}

@@ -39,25 +39,37 @@ struct Tracker {
     running: bool,
     successes: u32,
     failures: u32,
+    /// A readiness probe's verdict once a threshold was reached.
+    ready: Option<bool>,
 }
 
 /// What a probe result asks of the lab.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, PartialEq, Eq)]
 enum Change {
     Ready(bool),
     Restart,
 }
 
+/// A change for one container instance (its process): void once that process is replaced.
+struct Pending {
+    pod: String,
+    container: String,
+    pid: i32,
+    change: Change,
+}
+
 /// Runs the prober of `node` until killed.
 pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
     let mut trackers: BTreeMap<Key, Tracker> = BTreeMap::new();
-    let mut seen: Option<SystemTime> = None;
+    let mut seen: Option<(u64, SystemTime)> = None;
     let mut pods: Vec<PodRecord> = Vec::new();
-    let mut pending: BTreeMap<(String, String), Change> = BTreeMap::new();
+    let mut pending: Vec<Pending> = Vec::new();
     let (tx, rx) = mpsc::channel::<(Key, (i32, String), Result<String, String>)>();
     loop {
+        // Every write of state.json is a new file (written aside, renamed over): a new inode
+        // even when two writes fall in one tick of the file-time clock.
         let modified = std::fs::metadata(lab.dir.join("state.json"))
-            .and_then(|m| m.modified())
+            .and_then(|m| Ok((std::os::unix::fs::MetadataExt::ino(&m), m.modified()?)))
             .ok();
         if modified != seen {
             seen = modified;
@@ -90,8 +102,32 @@ pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
                 continue;
             };
             t.running = false;
-            if let Some(change) = judge(t, &key, &result) {
-                pending.insert((key.pod.clone(), key.container.clone()), change);
+            if judge(t, &key, &result) {
+                pending.push(Pending {
+                    pod: key.pod.clone(),
+                    container: key.container.clone(),
+                    pid: instance.0,
+                    change: Change::Restart,
+                });
+            }
+        }
+        // Readiness is compared with the lab's record, not sent once: a change that could not
+        // be written (or was written over) is sent again.
+        for (key, t) in trackers.iter().filter(|(k, _)| k.kind == Kind::Readiness) {
+            let (Some(want), Some(p)) = (t.ready, pods.iter().find(|p| p.key() == key.pod)) else {
+                continue;
+            };
+            let change = Change::Ready(want);
+            let queued = pending
+                .iter()
+                .any(|x| x.pod == key.pod && x.container == key.container && x.change == change);
+            if want == p.not_ready.contains(&key.container) && !queued {
+                pending.push(Pending {
+                    pod: key.pod.clone(),
+                    container: key.container.clone(),
+                    pid: t.instance.0,
+                    change,
+                });
             }
         }
         if !pending.is_empty() {
@@ -141,6 +177,7 @@ fn track(trackers: &mut BTreeMap<Key, Tracker>, pods: &[PodRecord]) {
                         running: false,
                         successes: 0,
                         failures: 0,
+                        ready: None,
                     },
                 );
             }
@@ -163,79 +200,78 @@ fn probe_once(p: &PodRecord, probe: &Probe, resolv: &std::path::Path) -> Result<
     )
 }
 
-/// Counts a result against the thresholds: what changes, if anything (logged like the kubelet's
-/// events).
-fn judge(t: &mut Tracker, key: &Key, result: &Result<String, String>) -> Option<Change> {
-    let what = match key.kind {
-        Kind::Readiness => "Readiness",
-        Kind::Liveness => "Liveness",
-    };
+/// Counts a result against the thresholds (logged like the kubelet's events): a readiness
+/// probe's verdict is kept in the tracker; whether a liveness probe asks for a restart.
+fn judge(t: &mut Tracker, key: &Key, result: &Result<String, String>) -> bool {
     match result {
         Ok(_) => {
             t.failures = 0;
             t.successes = t.successes.saturating_add(1);
-            (key.kind == Kind::Readiness && t.successes == t.probe.success_threshold)
-                .then_some(Change::Ready(true))
+            if t.successes >= t.probe.success_threshold {
+                t.ready = Some(true);
+            }
+            false
         }
         Err(why) => {
+            let what = match key.kind {
+                Kind::Readiness => "Readiness",
+                Kind::Liveness => "Liveness",
+            };
             eprintln!(
                 "Unhealthy pod {} container {}: {what} probe failed: {why}",
                 key.pod, key.container
             );
             t.successes = 0;
             t.failures = t.failures.saturating_add(1);
-            if t.failures != t.probe.failure_threshold {
-                return None;
+            if t.failures < t.probe.failure_threshold {
+                return false;
             }
-            Some(match key.kind {
-                Kind::Readiness => Change::Ready(false),
-                Kind::Liveness => {
-                    eprintln!(
-                        "Killing pod {} container {}: failed liveness probe, will be restarted",
-                        key.pod, key.container
-                    );
-                    Change::Restart
-                }
-            })
+            t.ready = Some(false);
+            let restart = key.kind == Kind::Liveness && t.failures == t.probe.failure_threshold;
+            if restart {
+                eprintln!(
+                    "Killing pod {} container {}: failed liveness probe, will be restarted",
+                    key.pod, key.container
+                );
+            }
+            restart
         }
     }
 }
 
 /// Writes the changes into the lab state (under the caller's lock): readiness into the pod and
 /// its EndpointSlices, restarts as new processes.
-fn commit(lab: &Lab, changes: &BTreeMap<(String, String), Change>) -> Result<(), String> {
+fn commit(lab: &Lab, changes: &[Pending]) -> Result<(), String> {
     let mut s: State = lab.load()?;
     let mut ready_changed = false;
-    for ((pod, container), change) in changes {
-        let Some(p) = s.pods.iter_mut().find(|p| &p.key() == pod) else {
+    for c in changes {
+        let Some(p) = s.pods.iter_mut().find(|p| p.key() == c.pod) else {
             continue;
         };
-        match change {
+        let Some(i) = p.workloads.iter().position(|w| w.container == c.container) else {
+            continue;
+        };
+        if p.procs.get(i).map(|x| x.pid) != Some(c.pid) {
+            continue; // about a process already replaced
+        }
+        match c.change {
             Change::Ready(ready) => {
-                let was = p.not_ready.contains(container);
-                if *ready {
-                    p.not_ready.retain(|c| c != container);
-                } else if !was {
-                    p.not_ready.push(container.clone());
+                let was_not = p.not_ready.contains(&c.container);
+                if ready {
+                    p.not_ready.retain(|x| x != &c.container);
+                } else if !was_not {
+                    p.not_ready.push(c.container.clone());
                 }
-                ready_changed |= was == *ready;
+                ready_changed |= was_not == ready;
             }
             Change::Restart => {
-                let Some(i) = p.workloads.iter().position(|w| &w.container == container) else {
-                    continue;
-                };
-                if let Some(old) = p.procs.get(i) {
-                    old.kill();
-                }
+                p.procs[i].kill();
                 let ns = infra::open_ns(&p.netns)?;
-                let started = lab.start_container(p, &ns, &p.workloads[i].clone())?;
-                if let Some(slot) = p.procs.get_mut(i) {
-                    *slot = started;
-                }
+                p.procs[i] = lab.start_container(p, &ns, &p.workloads[i].clone())?;
                 p.restarts += 1;
                 // A restarted container is not ready until its readiness probe says so.
-                if p.workloads[i].readiness.is_some() && !p.not_ready.contains(container) {
-                    p.not_ready.push(container.clone());
+                if p.workloads[i].readiness.is_some() && !p.not_ready.contains(&c.container) {
+                    p.not_ready.push(c.container.clone());
                     ready_changed = true;
                 }
             }
