@@ -842,6 +842,31 @@ spec:
     }
 
     #[test]
+    fn host_network_pods_use_the_nodes_resolver_and_ports() {
+        let spec = lab(serde_json::json!(1));
+        let nodes = allocate_nodes(&spec, &[]).unwrap();
+        let pod = |name: &str, extra: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec: {{hostNetwork: true, {extra} containers: [{{name: c, image: x, ports: [{{containerPort: 9100}}]}}]}}\n---\n")
+        };
+        let m = manifests(&(pod("a", "") + &pod("b", "dnsPolicy: ClusterFirstWithHostNet,")));
+        let wants = desired_pods(&m, &spec.nodes).unwrap();
+        assert!(wants.iter().all(|w| w.host_network));
+        // The kubelet's rule: ClusterFirst means the node's resolver for a hostNetwork pod.
+        assert_eq!(wants[0].dns.policy, "Default");
+        assert_eq!(wants[1].dns.policy, "ClusterFirst");
+        // Both listen on the node's 9100: they cannot share the only node.
+        let placed = place(&wants, &nodes, &BTreeMap::new());
+        assert_eq!(placed.bound.len(), 1, "{placed:?}");
+        assert_eq!(placed.pending.len(), 1, "{placed:?}");
+        // A probe the API server refuses names the container and field.
+        let bad = manifests("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: x, livenessProbe: {httpGet: {port: web}}}]}\n");
+        assert_eq!(
+            desired_pods(&bad, &spec.nodes).unwrap_err().to_string(),
+            "Pod default/p: spec.containers[0].livenessProbe.httpGet.port: \"web\": no containerPort of this container has that name"
+        );
+    }
+
+    #[test]
     fn running_pods_stay_put() {
         let spec = lab(serde_json::json!(3));
         let nodes = allocate_nodes(&spec, &[]).unwrap();
