@@ -463,3 +463,309 @@ spec:
         "{text}"
     );
 }
+
+/// The upstream suite's shape (`test/e2e/network/netpol`): namespaces x, y, z, pods a, b, c in
+/// each (a and c on node-1, b on node-2), serving TCP and UDP on 80 and 81, one Service per pod.
+fn upstream_workloads() -> String {
+    let mut out = String::new();
+    for ns in ["x", "y", "z"] {
+        out += &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: \"{ns}\", labels: {{ns: \"{ns}\"}}}}\n---\n"
+        );
+        for pod in ["a", "b", "c"] {
+            out += &upstream_pod(ns, pod, pod);
+            out += &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s-{ns}-{pod}, namespace: \"{ns}\"}}\nspec:\n  selector: {{pod: {pod}}}\n  ports: [{{name: t80, port: 80}}, {{name: t81, port: 81}}, {{name: u80, port: 80, protocol: UDP}}, {{name: u81, port: 81, protocol: UDP}}]\n---\n"
+            );
+        }
+    }
+    out
+}
+
+/// Pod `ns/pod` labelled `pod: <label>`.
+fn upstream_pod(ns: &str, pod: &str, label: &str) -> String {
+    let node = if pod == "b" { "node-2" } else { "node-1" };
+    let serve = |port: u16| {
+        format!(
+            "{{name: c{port}, command: [{BIN}, serve, --http, \"8{port:03}\", --tcp, \"{port}\", --udp, \"{port}\"], ports: [{{name: serve-{port}-tcp, containerPort: {port}}}, {{name: serve-{port}-udp, containerPort: {port}, protocol: UDP}}]}}"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: \"{ns}\", labels: {{pod: {label}}}}}\nspec:\n  nodeName: {node}\n  containers: [{}, {}]\n---\n",
+        serve(80),
+        serve(81)
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Via {
+    PodIp,
+    ClusterIp,
+}
+
+/// One probe from the source's namespace: a TCP connection answered by the echo's greeting, or
+/// a UDP datagram answered.
+fn reach(to: IpAddr, port: u16, udp: bool) -> bool {
+    let addr = SocketAddr::new(to, port);
+    if udp {
+        let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            return false;
+        };
+        let mut buf = [0u8; 256];
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.connect(addr).is_ok()
+            && s.send(b"x").is_ok()
+            && matches!(s.recv(&mut buf), Ok(n) if buf[..n].starts_with(b"pod="))
+    } else {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok_and(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("pod=")
+        })
+    }
+}
+
+/// The 9×9 matrix (self pairs left out) over TCP 80, TCP 81, UDP 80 and UDP 81 by pod IP, and
+/// TCP 80 and UDP 81 by ClusterIP, checked against the decision function on the lab's own
+/// cluster state (which `policy`'s pure tests check against written truth tables). A matrix
+/// that differs is probed again, as upstream does, three rounds at most.
+fn upstream_matrix(lab: &TestLab, case: &str) {
+    let dir = lab.root.path().join(&lab.name).join("cluster");
+    let st = lab.status();
+    let pods: Vec<(String, IpAddr)> = st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| ["x", "y", "z"].contains(&p["namespace"].as_str().unwrap_or("")))
+        .map(|p| {
+            (
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ),
+                p["ip"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(pods.len(), 9, "{st}");
+    // The ClusterIP in front of each pod that is its Service's only endpoint (a relabelled pod
+    // may leave its Service for another's).
+    let vips: std::collections::BTreeMap<IpAddr, IpAddr> =
+        std::fs::read_dir(dir.join("endpointslices"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let slice: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
+                let svc = slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str()?;
+                let ns = slice["metadata"]["namespace"].as_str()?;
+                let [ep] = slice["endpoints"].as_array()?.as_slice() else {
+                    return None;
+                };
+                let row = st["services"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["name"] == svc && s["namespace"] == ns)?;
+                Some((
+                    ep["addresses"][0].as_str()?.parse().ok()?,
+                    row["clusterIP"].as_str()?.parse().ok()?,
+                ))
+            })
+            .collect();
+    assert!(vips.len() >= 7, "ClusterIPs to probe: {vips:?}");
+    let mut store = cluster::Store::new();
+    store.apply(state::file::load(&dir));
+    let mut planner = policy::plan::Planner::new("", None);
+    planner.take_store(&store);
+    let v4 = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let probes: [(u16, bool, Via); 6] = [
+        (80, false, Via::PodIp),
+        (81, false, Via::PodIp),
+        (80, true, Via::PodIp),
+        (81, true, Via::PodIp),
+        (80, false, Via::ClusterIp),
+        (81, true, Via::ClusterIp),
+    ];
+    let mut wrong = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        wrong = std::thread::scope(|sc| {
+            let handles: Vec<_> = pods
+                .iter()
+                .map(|(from, src)| {
+                    let (pods, planner, vips) = (&pods, &planner, &vips);
+                    sc.spawn(move || {
+                        let mut wrong = Vec::new();
+                        let ns = pod_ns(lab, from);
+                        for (to, dst) in pods.iter().filter(|(k, _)| k != from) {
+                            for (port, udp, via) in probes {
+                                let want = planner
+                                    .cluster
+                                    .decide(&policy::Packet {
+                                        src: v4(*src),
+                                        dst: v4(*dst),
+                                        proto: if udp { 17 } else { 6 },
+                                        port,
+                                    })
+                                    .allowed();
+                                let addr = match via {
+                                    Via::PodIp => *dst,
+                                    Via::ClusterIp => match vips.get(dst) {
+                                        Some(vip) => *vip,
+                                        None => continue,
+                                    },
+                                };
+                                let got = ns.run(|| reach(addr, port, udp)).unwrap();
+                                if got != want {
+                                    let proto = if udp { "udp" } else { "tcp" };
+                                    wrong.push(format!(
+                                        "{from} -> {to} {port}/{proto} by {via:?}: got {got}, want {want}"
+                                    ));
+                                }
+                            }
+                        }
+                        wrong
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        if wrong.is_empty() {
+            return;
+        }
+    }
+    panic!("case {case}: {} wrong:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+/// Upstream-shaped cases in the lab, each probed whole: every isolated and every allowed pair
+/// matches the decision function; the model itself is held to truth tables in `policy`'s tests.
+#[test]
+fn upstream_matrix_in_the_kernel_matches_the_model() {
+    let Some(lab) = TestLab::new() else { return };
+    let f = lab.file("{nodes: 2, backend: host-gw}", &upstream_workloads());
+    lab.up(&f);
+    upstream_matrix(&lab, "no policies");
+
+    // Ingress into x only from y, and only to a on its named port serve-80-tcp; b and c of x
+    // from anyone on UDP 81. z may send only to y, on 81 by number with endPort, both protocols.
+    let policies = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-ingress, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-from-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: "y"}}}], ports: [{port: serve-80-tcp}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bc-udp-81, namespace: x}
+spec:
+  podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [a]}]}
+  ingress: [{ports: [{port: 81, protocol: UDP}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: z-to-y-81, namespace: z}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress: [{to: [{namespaceSelector: {matchExpressions: [{key: ns, operator: In, values: ["y"]}]}}], ports: [{port: 81, endPort: 81}, {port: 81, protocol: UDP}]}]
+"#;
+    lab.apply_text(policies);
+    upstream_matrix(&lab, "selectors, named ports, endPort, UDP");
+
+    // The same answer from the agent on a node, as an operator would ask it.
+    let cluster_dir = lab.root.path().join(&lab.name).join("cluster");
+    let net_conf = lab.root.path().join(&lab.name).join("net-conf.json");
+    let ip = |key: &str| {
+        let (ns, name) = key.split_once('/').unwrap();
+        pod_field(&lab, ns, name, "ip")
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let agent_explain = |from: &str, to: &str| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "agent", "--node", "node-1", "--source", "file", "--http", "",
+            ])
+            .arg("--dir")
+            .arg(&cluster_dir)
+            .arg("--net-conf")
+            .arg(&net_conf)
+            .args(["--explain", from, to])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = agent_explain(&ip("z/b"), &format!("{}:80", ip("x/a")));
+    assert!(
+        text.contains("policy: DENIED")
+            && text.contains("z/z-to-y-81")
+            && text.contains("x/deny-ingress"),
+        "{text}"
+    );
+    let text = agent_explain(&ip("y/b"), &format!("{}:80", ip("x/a")));
+    assert!(
+        text.contains("allowed by NetworkPolicy x/a-from-y ingress[0]"),
+        "{text}"
+    );
+
+    // By DNS name: the Service's name resolves in the pod and the connection gets the verdict
+    // of the endpoint behind it.
+    let by_name = |from: &str, name: &str| {
+        let (ns, pod) = from.split_once('/').unwrap();
+        let script = format!("exec 3<>/dev/tcp/{name}/80 && head -c 4 <&3");
+        let out = lab.flatnet(&[
+            "exec", "-n", ns, pod, "--", "timeout", "3", "bash", "-c", &script,
+        ]);
+        out.status.success() && out.stdout.starts_with(b"pod=")
+    };
+    assert!(by_name("y/c", "s-x-a.x.svc.cluster.local"));
+    assert!(!by_name("z/c", "s-x-a.x.svc.cluster.local"));
+    assert!(!by_name("y/c", "s-x-b.x"));
+
+    // Updates: a pod relabelled in place (x/b now `pod: a`: a-from-y selects it, bc-udp-81 no
+    // longer does); y loses its namespace label and z gains it.
+    let before = pod_field(&lab, "x", "b", "ip");
+    lab.apply_text(&upstream_pod("x", "b", "a"));
+    assert_eq!(
+        pod_field(&lab, "x", "b", "ip"),
+        before,
+        "relabelled, not recreated"
+    );
+    upstream_matrix(&lab, "pod relabelled");
+    lab.apply_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: \"y\", labels: {ns: other}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: z, labels: {ns: \"y\"}}\n",
+    );
+    upstream_matrix(&lab, "namespaces relabelled");
+    lab.flatnet(&["delete", "networkpolicy", "a-from-y", "-n", "x"]);
+    upstream_matrix(&lab, "a policy deleted");
+    for (name, ns) in [
+        ("deny-ingress", "x"),
+        ("bc-udp-81", "x"),
+        ("z-to-y-81", "z"),
+    ] {
+        lab.flatnet(&["delete", "networkpolicy", name, "-n", ns]);
+    }
+    upstream_matrix(&lab, "all deleted");
+}

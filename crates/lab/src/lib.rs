@@ -692,6 +692,12 @@ impl Lab {
                 && placement.bound.get(&p.key()) == Some(&p.node)
         });
         s.pods = keep;
+        // Labels change in place, as `kubectl label` does: selectors and policies follow.
+        for p in &mut s.pods {
+            if let Some(w) = want_by_key.get(&p.key()) {
+                p.labels.clone_from(&w.labels);
+            }
+        }
         if !drop.is_empty() {
             // Like a terminating pod: out of the EndpointSlices first; the pod goes only once
             // every agent has the new endpoints (no new connection can reach it), and after a
