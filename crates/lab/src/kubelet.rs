@@ -266,6 +266,11 @@ fn commit(lab: &Lab, changes: &[Pending]) -> Result<(), String> {
             }
             Change::Restart => {
                 p.procs[i].kill();
+                // Its sockets close only once it is gone; the new one binds the same ports.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while p.procs[i].alive() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let ns = infra::open_ns(&p.netns)?;
                 p.procs[i] = lab.start_container(p, &ns, &p.workloads[i].clone())?;
                 p.restarts += 1;
