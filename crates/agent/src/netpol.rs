@@ -1,20 +1,23 @@
 //! The agent's network-policy part: the planner takes the store's changes, the applier sends the
 //! elements they changed. A failed transaction makes the next sync load the table whole (one
 //! transaction again: never a window). Denied packets the kernel copies to the policy's nflog
-//! group (rate-limited there) are explained here, logged naming the policies that isolate the
-//! pod, and counted by namespace and policy.
+//! group (rate-limited there) are explained here and logged naming the policies that isolate the
+//! pod; every denied packet is counted by namespace and policy from the kernel's per-address
+//! counters (the table's `*-denied` sets), which no rate limit thins.
 
 use cluster::store::{Change, Store};
 use ipnet::Ipv4Net;
+use nft::netlink::FAMILY_IPV4;
 use policy::apply::Applier;
 use policy::model::Direction;
-use policy::plan::{Planner, LOG_GROUP};
+use policy::plan::{Planner, LOG_GROUP, TABLE_NAME};
 use policy::{Packet, Side};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -25,7 +28,8 @@ pub struct DeniedLabel {
 }
 
 /// `flatnet_policy_denied_total`: denied packets by the namespace and name of each policy that
-/// isolates the pod (direction `unknown-pod`: a pod the agent had not planned yet).
+/// isolates the pod (direction `unknown-pod`: a pod the agent had not planned yet, counted as far
+/// as the drop log's rate limit passes them).
 #[derive(Default)]
 pub struct DenyMetrics {
     pub denied: Family<DeniedLabel, Counter>,
@@ -35,7 +39,7 @@ impl DenyMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "flatnet_policy_denied",
-            "Packets denied by network policy (as far as the drop log's rate limit passes them), by isolating policy",
+            "Packets denied by network policy, by isolating policy and direction",
             self.denied.clone(),
         );
     }
@@ -127,7 +131,62 @@ impl PolicyPart {
                 return;
             }
         };
-        std::thread::spawn(move || drop_log(&node, group, &planner, &metrics));
+        let (p, m) = (planner.clone(), metrics.clone());
+        std::thread::spawn(move || drop_log(&node, group, &p, &m));
+        std::thread::spawn(move || count_denied(&planner, &metrics));
+    }
+}
+
+/// How often the kernel's denied-address counters are read into the metric.
+const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Adds each denied address's counter growth to the policies that isolate its pod. The work is
+/// the addresses denied in the last 10 minutes, whatever the number of pods and policies.
+fn count_denied(planner: &Mutex<Planner>, metrics: &DenyMetrics) {
+    let Ok(mut conn) = nft::netlink::Conn::open() else {
+        return;
+    };
+    let mut last: HashMap<(Direction, Ipv4Addr), u64> = HashMap::new();
+    loop {
+        std::thread::sleep(COUNT_EVERY);
+        let mut now = HashMap::new();
+        for (set, d) in [
+            ("egress-denied", Direction::Egress),
+            ("ingress-denied", Direction::Ingress),
+        ] {
+            // No table yet (or being replaced): read again next time.
+            let Ok(counted) = conn.counted_elements(FAMILY_IPV4, TABLE_NAME, set) else {
+                continue;
+            };
+            for (key, packets) in counted {
+                let Ok(octets) = <[u8; 4]>::try_from(key) else {
+                    continue;
+                };
+                let ip = Ipv4Addr::from(octets);
+                let before = last.get(&(d, ip)).copied().unwrap_or(0);
+                // A counter below its last reading is a new element (the old one timed out).
+                let grown = packets.checked_sub(before).unwrap_or(packets);
+                now.insert((d, ip), packets);
+                if grown == 0 {
+                    continue;
+                }
+                let planner = planner.lock().expect("planner");
+                let Some(pod) = planner.cluster.pod_at(ip) else {
+                    continue;
+                };
+                for (namespace, policy) in planner.cluster.isolating(pod, d) {
+                    metrics
+                        .denied
+                        .get_or_create(&DeniedLabel {
+                            namespace,
+                            policy,
+                            direction: d.as_str(),
+                        })
+                        .inc_by(grown);
+                }
+            }
+        }
+        last = now;
     }
 }
 
@@ -180,16 +239,6 @@ fn drop_log(
             };
             match side {
                 Some((pod, Side::Denied { policies, .. })) => {
-                    for (ns, name) in &policies {
-                        metrics
-                            .denied
-                            .get_or_create(&DeniedLabel {
-                                namespace: ns.clone(),
-                                policy: name.clone(),
-                                direction: dir.as_str(),
-                            })
-                            .inc();
-                    }
                     let names: Vec<String> =
                         policies.iter().map(|(n, p)| format!("{n}/{p}")).collect();
                     tracing::info!(

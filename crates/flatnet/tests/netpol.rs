@@ -202,6 +202,43 @@ fn policies_isolate_explain_log_and_cut() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // Every denied packet is counted, past the log's rate limit: 120 refused connections in a
+    // burst add at least 120 to each isolating policy's counter on xa's node.
+    let denied = |policy: &str| -> u64 {
+        let text = lab
+            .ns("node.node-1")
+            .run(|| -> std::io::Result<String> {
+                let mut s = TcpStream::connect("127.0.0.1:10256")?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut s, &mut t)?;
+                Ok(t)
+            })
+            .unwrap()
+            .unwrap();
+        let series = format!(
+            "flatnet_policy_denied_total{{namespace=\"x\",policy=\"{policy}\",direction=\"ingress\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = [denied("default-deny"), denied("from-y")];
+    let xb = pod_ns(&lab, "x/xb");
+    for _ in 0..120 {
+        assert!(try_hello(&xb, pods.ip("x/xa"), 9000, Duration::from_secs(1)).is_err());
+    }
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while denied("default-deny") < before[0] + 120 || denied("from-y") < before[1] + 120 {
+        assert!(
+            Instant::now() < deadline,
+            "counted {} and {} after {before:?}",
+            denied("default-deny"),
+            denied("from-y")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
     // A new pod a policy selects never gets a packet out; one it does not select does.
     lab.apply_text(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: new-no-egress, namespace: \"y\"}\nspec: {podSelector: {matchLabels: {role: new}}, policyTypes: [Egress]}\n",

@@ -859,6 +859,23 @@ impl Conn {
             .collect())
     }
 
+    /// The elements of a set whose elements carry a counter (`counter` in its declaration),
+    /// each with its packet count.
+    pub fn counted_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+    ) -> Result<Vec<(Vec<u8>, u64)>, String> {
+        let mut a = Attrs::default();
+        a.str(1, table).str(2, set);
+        Ok(self
+            .dump(GETSETELEM, family, &a)?
+            .iter()
+            .flat_map(|body| parse_counted(body))
+            .collect())
+    }
+
     /// The elements of `set` with these keys, as the kernel holds them (`None`: not there),
     /// asked for by key — a hash lookup each — in rounds of requests of many keys: unlike a
     /// dump, whose every round walks the set from its start again, the cost is linear.
@@ -1010,6 +1027,37 @@ fn error_code(m: &Msg) -> Option<i32> {
 }
 
 /// The elements in a NEWSETELEM message body.
+/// Key and packet count of each element: the counter is the element's expression
+/// (`NFTA_SET_ELEM_EXPR`, or the first of `NFTA_SET_ELEM_EXPRESSIONS`) named "counter".
+fn parse_counted(body: &[u8]) -> Vec<(Vec<u8>, u64)> {
+    let counter = |expr: &[u8]| {
+        let e = attrs(expr);
+        (attr(&e, 1).map(string).as_deref() == Some("counter"))
+            .then(|| attr(&attrs(attr(&e, 2)?), 2)?.try_into().ok())
+            .flatten()
+            .map(u64::from_be_bytes)
+    };
+    let mut out = Vec::new();
+    for (ty, list) in attrs(body) {
+        if ty != 3 {
+            continue;
+        }
+        for (_, el) in attrs(list) {
+            let el = attrs(el);
+            let key = attr(&el, 1)
+                .and_then(|k| attr(&attrs(k), 1))
+                .unwrap_or_default()
+                .to_vec();
+            let single = attr(&el, 7).and_then(counter);
+            let listed = || attrs(attr(&el, 10)?).iter().find_map(|(_, x)| counter(x));
+            if let Some(packets) = single.or_else(listed) {
+                out.push((key, packets));
+            }
+        }
+    }
+    out
+}
+
 fn parse_elements(body: &[u8]) -> Vec<Element> {
     let mut out = Vec::new();
     for (ty, list) in attrs(body) {

@@ -161,6 +161,14 @@ impl Cluster {
         self.by_ip.get(&ip).and_then(|k| self.pods.get(k))
     }
 
+    /// The policies that isolate `pod` in direction `d` (select it and have that policy type).
+    pub fn isolating(&self, pod: &PodFacts, d: Direction) -> Vec<Key> {
+        (self.policies.values())
+            .filter(|p| p.selects(pod) && p.rules(d).is_some())
+            .map(|p| p.key())
+            .collect()
+    }
+
     /// The verdict on a packet that reaches `dst:port` (after any DNAT) in words, for `explain`:
     /// allowed, or denied naming the policies that isolate the pod and why none of their rules
     /// matched. `src_node` names the node when the source is one (or a hostNetwork pod on it):

@@ -39,7 +39,7 @@ use std::net::Ipv4Addr;
 
 pub const TABLE_NAME: &str = "flatnet-policy";
 /// The table's comment: the version of its fixed part. A table with another is replaced.
-pub const VERSION: &str = "flatnet network policy v1";
+pub const VERSION: &str = "flatnet network policy v2";
 /// The nflog group denied packets are copied to.
 pub const LOG_GROUP: u16 = 4021;
 
@@ -178,6 +178,16 @@ pub const SETS: [(&str, &str); 12] = [
     ),
 ];
 
+/// Sets the packet path fills, never the planner: each pod address denied in a direction,
+/// with a counter per element (the agent turns their growth into `…_policy_denied_total`,
+/// exactly, where the drop log is rate-limited). An address denied nothing for 10 minutes goes.
+pub const DENIED_SETS: [(&str, &str); 2] = [
+    ("egress-denied", DENIED_DECLARATION),
+    ("ingress-denied", DENIED_DECLARATION),
+];
+const DENIED_DECLARATION: &str =
+    "type ipv4_addr; size 65536; flags dynamic,timeout; timeout 10m; counter";
+
 /// The table with its fixed chains and empty sets, except `guard`, which starts closed
 /// (`0.0.0.0/0`): until the first load lands, no forwarded packet of an unknown pod passes.
 ///
@@ -187,7 +197,7 @@ pub const SETS: [(&str, &str); 12] = [
 /// that matters after this hook, the service proxy's masquerade bit, read at postrouting.
 pub fn skeleton() -> String {
     let mut o = format!("table ip {TABLE_NAME} {{\n  comment \"{VERSION}\"\n");
-    for (name, declaration) in SETS {
+    for (name, declaration) in SETS.iter().chain(&DENIED_SETS) {
         let kind = if declaration.contains(" : ") {
             "map"
         } else {
@@ -197,7 +207,7 @@ pub fn skeleton() -> String {
         for line in declaration.split("; ") {
             let _ = writeln!(o, "    {line}");
         }
-        if name == "guard" {
+        if *name == "guard" {
             o.push_str("    elements = { 0.0.0.0/0 . 0.0.0.0/0 }\n");
         }
         o.push_str("  }\n");
@@ -230,6 +240,7 @@ pub fn skeleton() -> String {
     meta mark . ip daddr @egress-any return
     meta mark . ip daddr . meta l4proto . th dport @egress-ports return
     meta mark . ip daddr . meta l4proto . th dport @egress-ranges return
+    update @egress-denied {{ ip saddr }}
     limit rate 20/second burst 50 packets log prefix "egress " group {LOG_GROUP}
     goto deny
   }}
@@ -238,6 +249,7 @@ pub fn skeleton() -> String {
     meta mark . ip saddr @ingress-any return
     meta mark . ip saddr . meta l4proto . th dport @ingress-ports return
     meta mark . ip saddr . meta l4proto . th dport @ingress-ranges return
+    update @ingress-denied {{ ip daddr }}
     limit rate 20/second burst 50 packets log prefix "ingress " group {LOG_GROUP}
     goto deny
   }}

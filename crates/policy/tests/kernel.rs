@@ -151,6 +151,24 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
             assert!(!echo(&mut kept), "a newly denied established connection is cut");
             assert!(connect(b, *a_ip, 80).is_err());
             assert!(connect(c, *b_ip, 81).is_err());
+            // Every denied packet is counted per address, in the direction that denied it.
+            let mut conn = nft::netlink::Conn::open().unwrap();
+            let count = |conn: &mut nft::netlink::Conn, set: &str, ip: &Ipv4Addr| {
+                conn.counted_elements(nft::netlink::FAMILY_IPV4, "flatnet-policy", set)
+                    .unwrap()
+                    .into_iter()
+                    .find(|(k, _)| k[..] == ip.octets())
+                    .map_or(0, |(_, n)| n)
+            };
+            // Into a, one SYN each while a-from-b stood: b to 81, c to 80. (After the deny, b's
+            // own egress refuses first: the egress set counts those.)
+            assert!(count(&mut conn, "ingress-denied", a_ip) >= 2);
+            assert!(count(&mut conn, "egress-denied", b_ip) >= 1);
+            // Out of c after the deny (its egress is isolated now; b's ingress would be too).
+            let c_out = count(&mut conn, "egress-denied", c_ip);
+            assert!(c_out >= 1);
+            assert!(connect(c, *a_ip, 80).is_err());
+            assert_eq!(count(&mut conn, "egress-denied", c_ip), c_out + 1, "one SYN, one count");
 
             // A restarted agent loads the same elements in one transaction; the table reads
             // back in nft's own syntax.
@@ -166,7 +184,9 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
             assert!(connect(c, *b_ip, 81).is_ok());
             assert!(connect(d, *a_ip, 80).is_ok());
             let text = nft::list_table("ip flatnet-policy").unwrap().unwrap();
-            assert_eq!(text.matches("elements").count(), 3, "only known-pods and the generation have elements: {text}");
+            // (The denied addresses' counters stay until they time out.)
+            let planned = text.split("set egress-denied").next().unwrap();
+            assert_eq!(planned.matches("elements").count(), 3, "only known-pods and the generation have elements: {text}");
         })
         .unwrap();
 }
