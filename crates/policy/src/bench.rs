@@ -50,6 +50,16 @@ fn pod(i: usize, app: usize) -> PodFacts {
     }
 }
 
+/// Pod `i`'s app: this node's pods take their namespace's digit, so that the namespace-selector
+/// policies of their namespace select them and a namespace relabel reaches this node.
+fn app_of(i: usize) -> usize {
+    if i.is_multiple_of(PER_NAMESPACE) {
+        (i / PER_NAMESPACE) % 10
+    } else {
+        i % 10
+    }
+}
+
 fn np(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
     serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}))
         .expect("a NetworkPolicy")
@@ -64,7 +74,7 @@ fn policy(k: usize, namespaces: usize, port: &str) -> NetworkPolicy {
         1 => json!({"podSelector": {"matchLabels": {"tier": "t-1"}},
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", k % 10)}}}], "ports": [{"port": port}]}]}),
         2 => json!({"podSelector": {"matchLabels": {"app": format!("app-{}", k % 10)}},
-            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", k % 7)}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", (k % namespaces) % 7)}},
                                    "podSelector": {"matchLabels": {"tier": "t-1"}}}], "ports": [{"port": 8080}]}]}),
         3 => json!({"podSelector": {"matchLabels": {"tier": "t-2"}}, "policyTypes": ["Egress"],
             "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}], "ports": [{"port": 443}, {"port": 53, "protocol": "UDP"}]}]}),
@@ -228,7 +238,7 @@ pub fn run(pods: usize, policies: usize, changes: usize) -> Result<(), String> {
         p.namespace_changed(&format!("ns-{j}"), Some(&namespace(j, j % 7)));
     }
     for i in 0..pods {
-        let f = pod(i, i % 10);
+        let f = pod(i, app_of(i));
         p.pod_changed(&f.key(), Some(f));
     }
     let mut all: Vec<NetworkPolicy> = (0..policies)
@@ -329,7 +339,7 @@ pub fn run(pods: usize, policies: usize, changes: usize) -> Result<(), String> {
     // The same node with no policy: the table holds only its pods (what every node has).
     let mut empty_planner = Planner::new("bench", Some("10.244.0.0/24".parse().expect("cidr")));
     for i in [0, PER_NAMESPACE] {
-        let f = pod(i, i % 10);
+        let f = pod(i, app_of(i));
         empty_planner.pod_changed(&f.key(), Some(f));
     }
     empty_planner.clear_pending();
