@@ -62,7 +62,7 @@ struct Pending {
 pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
     let mut trackers: BTreeMap<Key, Tracker> = BTreeMap::new();
     let mut seen: Option<(u64, SystemTime)> = None;
-    let mut pods: Vec<PodRecord> = Vec::new();
+    let mut pods: BTreeMap<String, PodRecord> = BTreeMap::new();
     let mut pending: Vec<Pending> = Vec::new();
     let (tx, rx) = mpsc::channel::<(Key, (i32, String), Result<String, String>)>();
     loop {
@@ -74,8 +74,11 @@ pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
         if modified != seen {
             seen = modified;
             if let Ok(s) = lab.load() {
-                pods = s.pods.into_iter().filter(|p| p.node == node).collect();
-                track(&mut trackers, &pods);
+                pods = (s.pods.into_iter())
+                    .filter(|p| p.node == node)
+                    .map(|p| (p.key(), p))
+                    .collect();
+                track(&mut trackers, pods.values());
             }
         }
         let now = Instant::now();
@@ -83,7 +86,7 @@ pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
             if t.running || now < t.next {
                 continue;
             }
-            let Some(p) = pods.iter().find(|p| p.key() == key.pod) else {
+            let Some(p) = pods.get(&key.pod) else {
                 continue;
             };
             t.running = true;
@@ -91,9 +94,9 @@ pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
             let (key, instance, probe, tx) =
                 (key.clone(), t.instance.clone(), t.probe.clone(), tx.clone());
             let pod = p.clone();
-            let dir = lab.resolv_conf_path(&p.namespace, &p.name);
+            let resolv = lab.resolv_conf_path(&p.namespace, &p.name);
             std::thread::spawn(move || {
-                let result = probe_once(&pod, &probe, &dir);
+                let result = probe_once(&pod, &probe, &resolv);
                 let _ = tx.send((key, instance, result));
             });
         }
@@ -114,7 +117,7 @@ pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
         // Readiness is compared with the lab's record, not sent once: a change that could not
         // be written (or was written over) is sent again.
         for (key, t) in trackers.iter().filter(|(k, _)| k.kind == Kind::Readiness) {
-            let (Some(want), Some(p)) = (t.ready, pods.iter().find(|p| p.key() == key.pod)) else {
+            let (Some(want), Some(p)) = (t.ready, pods.get(&key.pod)) else {
                 continue;
             };
             let change = Change::Ready(want);
@@ -145,7 +148,7 @@ pub fn run(lab: &Lab, node: &str) -> Result<(), String> {
 }
 
 /// Keeps one tracker per probe of the pods here, new ones for new container instances.
-fn track(trackers: &mut BTreeMap<Key, Tracker>, pods: &[PodRecord]) {
+fn track<'a>(trackers: &mut BTreeMap<Key, Tracker>, pods: impl Iterator<Item = &'a PodRecord>) {
     let mut live = BTreeSet::new();
     let now = Instant::now();
     for p in pods {

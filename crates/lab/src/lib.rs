@@ -371,25 +371,24 @@ impl Lab {
         let lab = self.name();
         let mut restarted = false;
         for n in &s.nodes.clone() {
-            if s.agents.get(&n.name).is_some_and(Proc::alive) {
+            let agent_up = s.agents.get(&n.name).is_some_and(Proc::alive);
+            let kubelet_up = s.kubelets.get(&n.name).is_some_and(Proc::alive);
+            if agent_up && kubelet_up {
                 continue;
             }
             let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
-            eprintln!(
-                "lab {lab}: agent of {} was not running; restarting it",
-                n.name
-            );
-            let agent = self.spawn_agent(&ns, &n.name)?;
-            s.agents.insert(n.name.clone(), agent);
-            restarted = true;
-        }
-        for n in &s.nodes.clone() {
-            if s.kubelets.get(&n.name).is_some_and(Proc::alive) {
-                continue;
+            if !agent_up {
+                eprintln!(
+                    "lab {lab}: agent of {} was not running; restarting it",
+                    n.name
+                );
+                s.agents
+                    .insert(n.name.clone(), self.spawn_agent(&ns, &n.name)?);
             }
-            let ns = infra::open_ns(&ns_name(&lab, &format!("node.{}", n.name)))?;
-            let kubelet = self.spawn_kubelet(&ns, &n.name)?;
-            s.kubelets.insert(n.name.clone(), kubelet);
+            if !kubelet_up {
+                s.kubelets
+                    .insert(n.name.clone(), self.spawn_kubelet(&ns, &n.name)?);
+            }
             restarted = true;
         }
         if restarted {

@@ -1026,7 +1026,22 @@ fn error_code(m: &Msg) -> Option<i32> {
         .then(|| i32::from_ne_bytes(m.payload[..4].try_into().expect("4")))
 }
 
-/// The elements in a NEWSETELEM message body.
+/// Each element's key and attributes in a NEWSETELEM message body.
+fn element_attrs(body: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<(u16, &[u8])>)> {
+    attrs(body)
+        .into_iter()
+        .filter(|(ty, _)| *ty == 3)
+        .flat_map(|(_, list)| attrs(list))
+        .map(|(_, el)| {
+            let el = attrs(el);
+            let key = attr(&el, 1)
+                .and_then(|k| attr(&attrs(k), 1))
+                .unwrap_or_default()
+                .to_vec();
+            (key, el)
+        })
+}
+
 /// Key and packet count of each element: the counter is the element's expression
 /// (`NFTA_SET_ELEM_EXPR`, or the first of `NFTA_SET_ELEM_EXPRESSIONS`) named "counter".
 fn parse_counted(body: &[u8]) -> Vec<(Vec<u8>, u64)> {
@@ -1037,39 +1052,19 @@ fn parse_counted(body: &[u8]) -> Vec<(Vec<u8>, u64)> {
             .flatten()
             .map(u64::from_be_bytes)
     };
-    let mut out = Vec::new();
-    for (ty, list) in attrs(body) {
-        if ty != 3 {
-            continue;
-        }
-        for (_, el) in attrs(list) {
-            let el = attrs(el);
-            let key = attr(&el, 1)
-                .and_then(|k| attr(&attrs(k), 1))
-                .unwrap_or_default()
-                .to_vec();
-            let single = attr(&el, 7).and_then(counter);
+    element_attrs(body)
+        .filter_map(|(key, el)| {
             let listed = || attrs(attr(&el, 10)?).iter().find_map(|(_, x)| counter(x));
-            if let Some(packets) = single.or_else(listed) {
-                out.push((key, packets));
-            }
-        }
-    }
-    out
+            let packets = attr(&el, 7).and_then(counter).or_else(listed)?;
+            Some((key, packets))
+        })
+        .collect()
 }
 
+/// The elements in a NEWSETELEM message body.
 fn parse_elements(body: &[u8]) -> Vec<Element> {
-    let mut out = Vec::new();
-    for (ty, list) in attrs(body) {
-        if ty != 3 {
-            continue;
-        }
-        for (_, el) in attrs(list) {
-            let el = attrs(el);
-            let key = attr(&el, 1)
-                .and_then(|k| attr(&attrs(k), 1))
-                .unwrap_or_default()
-                .to_vec();
+    element_attrs(body)
+        .map(|(key, el)| {
             let data = attr(&el, 2).map(attrs).unwrap_or_default();
             let data = if let Some(v) = attr(&data, 2) {
                 let v = attrs(v);
@@ -1091,15 +1086,14 @@ fn parse_elements(body: &[u8]) -> Vec<Element> {
                 Data::None
             };
             let comment = attr(&el, 6).map(|u| udata_comment(Some(u)));
-            out.push(Element {
+            Element {
                 key,
                 key_end: None,
                 data,
                 comment,
-            });
-        }
-    }
-    out
+            }
+        })
+        .collect()
 }
 
 /// A packet copied to an nflog group (`log group N` in a rule): the rule's prefix and the first

@@ -314,41 +314,37 @@ impl Policy {
                 ));
             }
         }
-        let isolates = |d: &str| types.iter().any(|t| t == d);
-        let ingress = isolates("Ingress")
-            .then(|| {
-                (spec.ingress.iter().flatten().enumerate())
-                    .map(|(i, r)| {
-                        let f = format!("spec.ingress[{i}]");
-                        rule(
-                            &object,
-                            &f,
-                            "from",
-                            r.from.as_deref(),
-                            r.ports.as_deref(),
-                            &namespace,
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
-        let egress = isolates("Egress")
-            .then(|| {
-                (spec.egress.iter().flatten().enumerate())
-                    .map(|(i, r)| {
-                        let f = format!("spec.egress[{i}]");
-                        rule(
-                            &object,
-                            &f,
-                            "to",
-                            r.to.as_deref(),
-                            r.ports.as_deref(),
-                            &namespace,
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
+        // Each direction's rules as (peers, ports), read only when its type isolates.
+        let rules = |d: &str, list: Vec<(Option<&[_]>, Option<&[_]>)>| {
+            let (field, peers) = match d {
+                "Ingress" => ("ingress", "from"),
+                _ => ("egress", "to"),
+            };
+            types
+                .iter()
+                .any(|t| t == d)
+                .then(|| {
+                    (list.into_iter().enumerate())
+                        .map(|(i, (from, ports))| {
+                            let f = format!("spec.{field}[{i}]");
+                            rule(&object, &f, peers, from, ports, &namespace)
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()
+        };
+        let ingress = rules(
+            "Ingress",
+            (spec.ingress.iter().flatten())
+                .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+                .collect(),
+        )?;
+        let egress = rules(
+            "Egress",
+            (spec.egress.iter().flatten())
+                .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+                .collect(),
+        )?;
         Ok(Policy {
             namespace,
             name,
