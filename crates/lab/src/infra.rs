@@ -157,14 +157,23 @@ fn stat(pid: i32) -> Option<(char, u64)> {
     Some((state, fields.nth(18)?.parse().ok()?))
 }
 
+/// How many threads process `pid` still has (its entries under /proc/PID/task).
+fn threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
 fn start_time(pid: i32) -> Option<u64> {
     stat(pid).map(|(_, start)| start)
 }
 
 impl Proc {
-    /// Still this process (not a recycled pid) and not a zombie.
+    /// Still this process (not a recycled pid) and not fully exited. A multi-threaded process's
+    /// leader shows as a zombie while its other threads, which share its sockets, are still
+    /// exiting: it counts as alive until it is the last thread left.
     pub fn alive(&self) -> bool {
-        stat(self.pid).is_some_and(|(state, start)| start == self.start && state != 'Z')
+        stat(self.pid).is_some_and(|(state, start)| {
+            start == self.start && (state != 'Z' || threads(self.pid) > 1)
+        })
     }
 
     /// Kills the process group (a workload's children too), if it is still this process.

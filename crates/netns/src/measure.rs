@@ -42,6 +42,15 @@ pub fn settle() {
     }
 }
 
+/// Keeps the calling thread on CPU `cpu` (when the machine has it): a latency figure taken on
+/// one CPU is not spread by the scheduler moving the thread between rounds.
+pub fn pin_to_cpu(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
 /// p50 and p99 of a non-empty sample.
 pub fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
     v.sort();

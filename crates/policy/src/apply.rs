@@ -65,6 +65,12 @@ pub fn element(e: &Entry) -> Element {
             k.extend_from_slice(&ip.octets());
             Element::new(k, Data::None)
         }
+        Entry::Allow(_, id, Allow::Proto(ip, proto)) => {
+            let mut k = mark(*id).to_vec();
+            k.extend_from_slice(&ip.octets());
+            k.extend_from_slice(&[*proto, 0, 0, 0]);
+            Element::new(k, Data::None)
+        }
         Entry::Allow(_, id, Allow::Port(ip, proto, port)) => {
             Element::new(addr_key(mark(*id), *ip, *proto, *port), Data::None)
         }

@@ -39,7 +39,7 @@ use std::net::Ipv4Addr;
 
 pub const TABLE_NAME: &str = "flatnet-policy";
 /// The table's comment: the version of its fixed part. A table with another is replaced.
-pub const VERSION: &str = "flatnet network policy v2";
+pub const VERSION: &str = "flatnet network policy v3";
 /// The nflog group denied packets are copied to.
 pub const LOG_GROUP: u16 = 4021;
 
@@ -48,6 +48,9 @@ pub const LOG_GROUP: u16 = 4021;
 pub enum Allow {
     /// A peer address, every protocol and port.
     Any(Ipv4Addr),
+    /// A peer address, every port of one protocol (a rule's `protocol` without `port`): a hash
+    /// lookup, where the same as a range costs a set of concatenated ranges' walk.
+    Proto(Ipv4Addr, u8),
     /// A peer address, one protocol and port.
     Port(Ipv4Addr, u8, u16),
     /// Address, protocol and port ranges, inclusive.
@@ -62,6 +65,7 @@ impl Allow {
     fn admits(&self, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
         match *self {
             Allow::Any(a) => a == peer,
+            Allow::Proto(a, p) => a == peer && p == proto,
             Allow::Port(a, p, n) => a == peer && p == proto && n == port,
             Allow::Range {
                 addr,
@@ -85,7 +89,7 @@ pub enum Entry {
     Known(Ipv4Addr),
     /// `ingress-ids` / `egress-ids`: an isolated local pod's address and its group's id.
     Id(Direction, Ipv4Addr, u32),
-    /// A group's allowed peer (`…-any`, `…-ports` or `…-ranges`).
+    /// A group's allowed peer (`…-any`, `…-protos`, `…-ports` or `…-ranges`).
     Allow(Direction, u32, Allow),
     /// `current-generation`: connections stamped with it were allowed by the rules in force.
     Current(u32),
@@ -104,6 +108,8 @@ impl Entry {
             Entry::Id(Egress, ..) => "egress-ids",
             Entry::Allow(Ingress, _, Allow::Any(_)) => "ingress-any",
             Entry::Allow(Egress, _, Allow::Any(_)) => "egress-any",
+            Entry::Allow(Ingress, _, Allow::Proto(..)) => "ingress-protos",
+            Entry::Allow(Egress, _, Allow::Proto(..)) => "egress-protos",
             Entry::Allow(Ingress, _, Allow::Port(..)) => "ingress-ports",
             Entry::Allow(Egress, _, Allow::Port(..)) => "egress-ports",
             Entry::Allow(Ingress, _, Allow::Range { .. }) => "ingress-ranges",
@@ -136,6 +142,7 @@ impl Entry {
             Entry::Known(ip) => ip.to_string(),
             Entry::Id(_, ip, id) => format!("{ip} : {id:#010x}"),
             Entry::Allow(_, id, Allow::Any(ip)) => format!("{id:#010x} . {ip}"),
+            Entry::Allow(_, id, Allow::Proto(ip, p)) => format!("{id:#010x} . {ip} . {p}"),
             Entry::Allow(_, id, Allow::Port(ip, p, port)) => {
                 format!("{id:#010x} . {ip} . {p} . {port}")
             }
@@ -151,7 +158,7 @@ impl Entry {
 
 /// The sets and maps of the table, with their declarations, in the order [`skeleton`] declares
 /// them.
-pub const SETS: [(&str, &str); 12] = [
+pub const SETS: [(&str, &str); 14] = [
     ("guard", "type ipv4_addr . ipv4_addr; flags interval"),
     ("known-pods", "type ipv4_addr"),
     ("current-generation", "typeof ct mark . meta protocol"),
@@ -159,6 +166,7 @@ pub const SETS: [(&str, &str); 12] = [
     ("ingress-ids", "type ipv4_addr : mark"),
     ("egress-ids", "type ipv4_addr : mark"),
     ("ingress-any", "type mark . ipv4_addr"),
+    ("ingress-protos", "type mark . ipv4_addr . inet_proto"),
     (
         "ingress-ports",
         "type mark . ipv4_addr . inet_proto . inet_service",
@@ -168,6 +176,7 @@ pub const SETS: [(&str, &str); 12] = [
         "type mark . ipv4_addr . inet_proto . inet_service; flags interval",
     ),
     ("egress-any", "type mark . ipv4_addr"),
+    ("egress-protos", "type mark . ipv4_addr . inet_proto"),
     (
         "egress-ports",
         "type mark . ipv4_addr . inet_proto . inet_service",
@@ -231,23 +240,23 @@ pub fn skeleton() -> String {
     meta mark set {MASQUERADE_MARK:#010x}
   }}
   chain check {{
-    ip saddr @egress-ids jump egress
-    ip daddr @ingress-ids jump ingress
+    meta mark set ip saddr map @egress-ids jump egress
+    meta mark set ip daddr map @ingress-ids jump ingress
     ct mark set meta protocol map @generation
   }}
   chain egress {{
-    meta mark set ip saddr map @egress-ids
     meta mark . ip daddr @egress-any return
     meta mark . ip daddr . meta l4proto . th dport @egress-ports return
+    meta mark . ip daddr . meta l4proto @egress-protos return
     meta mark . ip daddr . meta l4proto . th dport @egress-ranges return
     update @egress-denied {{ ip saddr }}
     limit rate 20/second burst 50 packets log prefix "egress " group {LOG_GROUP}
     goto deny
   }}
   chain ingress {{
-    meta mark set ip daddr map @ingress-ids
     meta mark . ip saddr @ingress-any return
     meta mark . ip saddr . meta l4proto . th dport @ingress-ports return
+    meta mark . ip saddr . meta l4proto @ingress-protos return
     meta mark . ip saddr . meta l4proto . th dport @ingress-ranges return
     update @ingress-denied {{ ip daddr }}
     limit rate 20/second burst 50 packets log prefix "ingress " group {LOG_GROUP}
@@ -436,6 +445,7 @@ fn allow(addr: (Ipv4Addr, Ipv4Addr), proto: Option<Proto>, ports: (u16, u16)) ->
             port: (0, 65535),
         },
         Some(p) if single && ports.0 == ports.1 => Allow::Port(addr.0, p.number(), ports.0),
+        Some(p) if single && ports == (0, 65535) => Allow::Proto(addr.0, p.number()),
         Some(p) => Allow::Range {
             addr,
             proto: (p.number(), p.number()),

@@ -7,7 +7,7 @@ use netns::TempNetNs;
 use policy::apply::Applier;
 use policy::model::PodFacts;
 use policy::plan::Planner;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
@@ -99,6 +99,7 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
     for (pod, ip) in &n.pods {
         serve(pod, *ip, 80);
         serve(pod, *ip, 81);
+        serve(pod, *ip, 83);
     }
     n.node
         .ns()
@@ -132,16 +133,23 @@ fn policies_hold_in_the_kernel_from_the_first_packet_and_cut_what_they_deny() {
             assert!(connect(d, *b_ip, 80).is_err());
             assert!(connect(b, *d_ip, 80).is_err());
 
-            // Ranges: c reaches a on every TCP port from an ipBlock (a range element).
-            p.policy_changed(
-                &("x".into(), "a-from-c".into()),
-                Some(&np("a-from-c", json!({"podSelector": {"matchLabels": {"pod": "a"}},
-                    "ingress": [{"from": [{"ipBlock": {"cidr": format!("{c_ip}/32")}}], "ports": [{"protocol": "TCP"}]}]}))),
-            );
+            // Ranges: c reaches a on ports 81-82 from an ipBlock (a range element), then on
+            // every TCP port (a protocol element).
+            let from_c = |ports: Value| {
+                np("a-from-c", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": format!("{c_ip}/32")}}], "ports": ports}]}))
+            };
+            p.policy_changed(&("x".into(), "a-from-c".into()), Some(&from_c(json!([{"port": 81, "endPort": 82}]))));
             sync(&mut p, &mut ap);
             let text = nft::list_table("ip flatnet-policy").unwrap().unwrap();
-            assert!(text.contains(&format!("0x00000001 . {c_ip} . tcp . 0-65535")), "{text}");
+            assert!(text.contains(&format!("0x00000001 . {c_ip} . tcp . 81-82")), "{text}");
             assert!(connect(c, *a_ip, 81).is_ok(), "c reaches a through a range");
+            assert!(connect(c, *a_ip, 83).is_err(), "83 is past the range");
+            p.policy_changed(&("x".into(), "a-from-c".into()), Some(&from_c(json!([{"protocol": "TCP"}]))));
+            sync(&mut p, &mut ap);
+            let text = nft::list_table("ip flatnet-policy").unwrap().unwrap();
+            assert!(text.contains(&format!("0x00000001 . {c_ip} . tcp }}")), "{text}");
+            assert!(connect(c, *a_ip, 83).is_ok(), "c reaches a on every TCP port");
             p.policy_changed(&("x".into(), "a-from-c".into()), None);
 
             // Deny everything in x: the open connection from b is cut at its next packet.
