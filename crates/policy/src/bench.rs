@@ -4,8 +4,9 @@
 //! an ipBlock with an except; an `endPort` range from a set of apps) is planned and loaded cold;
 //! then policy, pod-label and namespace-label changes are timed from the change to the kernel
 //! holding it (the commit returns once the kernel enforces it); then the data path between two
-//! real pods of this node that the policies select: TCP connections per second and iperf3
-//! throughput, with the table and without it, alternately.
+//! real pods of a node that the policies select: TCP connections per second and iperf3
+//! throughput, beside a node whose table holds no policy and one with no table, built side by
+//! side and measured in turn.
 
 use crate::apply::Applier;
 use crate::model::PodFacts;

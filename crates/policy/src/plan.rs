@@ -8,9 +8,10 @@
 //!   `egress-ids` map each isolated local pod's address to its group's id (a mark value
 //!   for the lookups that follow).
 //! - a group's allows are keyed by its id: `…-any` (`id . peer`), for peers allowed on every
-//!   port; `…-ports` (`id . peer . l4proto . port`); `…-ranges` (the same fields as ranges, for
-//!   ipBlocks, whole protocols and `endPort`s). A peer pod is its address; an ipBlock minus its
-//!   excepts is a few address ranges.
+//!   port; `…-ports` (`id . peer . l4proto . port`); `…-protos` (`id . peer . l4proto`, every
+//!   port of a protocol); `…-ranges` (the same fields as ranges, for ipBlocks, and protocols and
+//!   `endPort`s of them). A peer pod is its address; an ipBlock minus its excepts is a few
+//!   address ranges.
 //! - `known-pods` holds this node's pods, `guard` the node's pod CIDR while any policy exists.
 //!
 //! How it scales: a group's allows are the sum of its policies' contributions, counted (two
