@@ -22,8 +22,9 @@
 //!   an ICMP administratively-prohibited.
 //! - per packet: a map lookup per end (`ingress-ids`/`egress-ids`: local pod address → the id of
 //!   its group, the pods selected by the same policies, carried in the packet's mark) and at
-//!   most three set lookups keyed by that id (`…-any`: peer address; `…-ports`: peer address, protocol, port; `…-ranges`:
-//!   address, protocol and port ranges). Nothing walks a rule per pod or per policy, and a change
+//!   most four set lookups keyed by that id (`…-any`: peer address; `…-ports`: peer address,
+//!   protocol, port; `…-protos`: peer address, protocol; `…-ranges`: address, protocol and port
+//!   ranges). Nothing walks a rule per pod or per policy, and a change
 //!   is elements of these sets and maps only: no rule, chain or jump element is ever added after
 //!   the table is made, so no change makes the kernel re-validate the table.
 //! - no window: while any policy exists, a local pod address the agent does not know yet

@@ -1,0 +1,8 @@
+//! `flatnet ingress`'s routing: Ingress and Gateway API objects compiled into one immutable
+//! route table ([`table::Table`]), looked up per request. The proxy holds the table behind one
+//! atomic pointer and swaps a new one in on a change, so requests in flight finish on the table
+//! they started with.
+
+pub mod host;
+pub mod ingress;
+pub mod table;
