@@ -7,6 +7,7 @@
 
 pub mod lab;
 pub mod manifests;
+pub mod selector;
 pub mod slim;
 pub mod source;
 pub mod store;
