@@ -276,21 +276,20 @@ pub struct RequestView<'a> {
 
 impl<'a> RequestView<'a> {
     /// The view of a request's head: its host from the URI's authority (HTTP/2) or `Host`.
-    pub fn of(parts: &'a http::request::Parts, host: &'a mut String) -> RequestView<'a> {
+    pub fn of<B>(req: &'a http::Request<B>, host: &'a mut String) -> RequestView<'a> {
         *host = normalize(
-            parts
-                .uri
+            req.uri()
                 .authority()
                 .map(|a| a.as_str())
-                .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+                .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
                 .unwrap_or(""),
         );
         RequestView {
             host,
-            method: &parts.method,
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &parts.headers,
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
         }
     }
 }
