@@ -5,6 +5,7 @@
 //! Errors name the object, the field and what would be valid, e.g.
 //! `Pod default/web: spec.nodeName: no node "node-9" (nodes: node-1, node-2)`.
 
+pub mod gateway;
 pub mod lab;
 pub mod manifests;
 pub mod selector;

@@ -22,7 +22,9 @@ pub struct Manifests {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub network_policies: Vec<NetworkPolicy>,
-    /// Other kinds (ConfigMap, Ingress, …), for the parts that will read them.
+    /// The edge's kinds (Ingress, IngressClass, Secret and the Gateway API's), typed.
+    pub edge: Vec<Object>,
+    /// Other kinds (ConfigMap, …), for the parts that will read them.
     pub other: Vec<Value>,
 }
 
@@ -157,6 +159,14 @@ impl Manifests {
             "NetworkPolicy" => self
                 .network_policies
                 .push(serde_json::from_value(doc).map_err(typed)?),
+            "Ingress" | "IngressClass" | "Secret" | "GatewayClass" | "Gateway" | "HTTPRoute"
+            | "ReferenceGrant" => {
+                let kind = crate::store::Kind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == kind)
+                    .expect("a store kind");
+                self.edge.push(Object::from_value(kind, doc)?)
+            }
             _ => self.other.push(doc),
         }
         Ok(())
@@ -225,6 +235,7 @@ impl Manifests {
             services,
             endpoint_slices,
             network_policies,
+            edge,
             ..
         } = self;
         (nodes.into_iter().map(Resource::into_object))
@@ -237,6 +248,7 @@ impl Manifests {
                     .map(|s| crate::slim::EndpointSlice::from(s).into_object()),
             )
             .chain(network_policies.into_iter().map(Resource::into_object))
+            .chain(edge)
     }
 }
 

@@ -13,11 +13,12 @@
 //! Cost: applying an update is a hash lookup and one comparison of the object with the one held
 //! (an unchanged object, as a resync brings, changes nothing); a re-list costs the listing.
 
+use crate::gateway::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
 use crate::slim::EndpointSlice;
 use crate::source::ClusterState;
 use crate::ModelError;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
@@ -32,16 +33,30 @@ pub enum Kind {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    Ingress,
+    IngressClass,
+    Secret,
+    GatewayClass,
+    Gateway,
+    HttpRoute,
+    ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Node,
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::NetworkPolicy,
+        Kind::Ingress,
+        Kind::IngressClass,
+        Kind::Secret,
+        Kind::GatewayClass,
+        Kind::Gateway,
+        Kind::HttpRoute,
+        Kind::ReferenceGrant,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +67,13 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Ingress => "Ingress",
+            Kind::IngressClass => "IngressClass",
+            Kind::Secret => "Secret",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 
@@ -64,11 +86,38 @@ impl Kind {
             Kind::Service => ("", "services"),
             Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
             Kind::NetworkPolicy => ("networking.k8s.io", "networkpolicies"),
+            Kind::Ingress => ("networking.k8s.io", "ingresses"),
+            Kind::IngressClass => ("networking.k8s.io", "ingressclasses"),
+            Kind::Secret => ("", "secrets"),
+            Kind::GatewayClass => (crate::gateway::GROUP, "gatewayclasses"),
+            Kind::Gateway => (crate::gateway::GROUP, "gateways"),
+            Kind::HttpRoute => (crate::gateway::GROUP, "httproutes"),
+            Kind::ReferenceGrant => (crate::gateway::GROUP, "referencegrants"),
+        }
+    }
+
+    /// The API version read and watched: `v1`, but for ReferenceGrant, which the Gateway
+    /// API's standard channel serves as `v1beta1`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Kind::ReferenceGrant => "v1beta1",
+            _ => "v1",
+        }
+    }
+
+    /// `apiVersion` as manifests write it: `v1`, or `group/version`.
+    pub fn api_version(self) -> String {
+        match self.api_resource().0 {
+            "" => self.version().to_string(),
+            group => format!("{group}/{}", self.version()),
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node | Kind::Namespace)
+        !matches!(
+            self,
+            Kind::Node | Kind::Namespace | Kind::IngressClass | Kind::GatewayClass
+        )
     }
 }
 
@@ -87,6 +136,13 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     NetworkPolicy(Box<NetworkPolicy>),
+    Ingress(Box<Ingress>),
+    IngressClass(Box<IngressClass>),
+    Secret(Box<Secret>),
+    GatewayClass(Box<GatewayClass>),
+    Gateway(Box<Gateway>),
+    HttpRoute(Box<HttpRoute>),
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 impl Update {
@@ -105,6 +161,13 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Ingress(_) => Kind::Ingress,
+            Object::IngressClass(_) => Kind::IngressClass,
+            Object::Secret(_) => Kind::Secret,
+            Object::GatewayClass(_) => Kind::GatewayClass,
+            Object::Gateway(_) => Kind::Gateway,
+            Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -116,6 +179,13 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::Ingress(o) => &o.metadata,
+            Object::IngressClass(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
+            Object::GatewayClass(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -132,14 +202,8 @@ impl Object {
 
     /// An object of `kind` from its JSON form (the API's wire format); errors name the object.
     pub fn from_value(kind: Kind, mut v: serde_json::Value) -> Result<Object, ModelError> {
-        let (group, _) = kind.api_resource();
         if let Some(fields) = v.as_object_mut() {
-            let version = if group.is_empty() {
-                "v1".to_string()
-            } else {
-                format!("{group}/v1")
-            };
-            fields.insert("apiVersion".into(), version.into());
+            fields.insert("apiVersion".into(), kind.api_version().into());
             fields.insert("kind".into(), kind.name().into());
         }
         let name = |v: &serde_json::Value, f: &str| {
@@ -169,7 +233,42 @@ impl Object {
             Kind::NetworkPolicy => {
                 NetworkPolicy::into_object(serde_json::from_value(v).map_err(bad)?)
             }
+            Kind::Ingress => Ingress::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::IngressClass => {
+                IngressClass::into_object(serde_json::from_value(v).map_err(bad)?)
+            }
+            Kind::Secret => Secret::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::GatewayClass => {
+                GatewayClass::into_object(serde_json::from_value(v).map_err(bad)?)
+            }
+            Kind::Gateway => Gateway::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::HttpRoute => HttpRoute::into_object(serde_json::from_value(v).map_err(bad)?),
+            Kind::ReferenceGrant => {
+                ReferenceGrant::into_object(serde_json::from_value(v).map_err(bad)?)
+            }
         })
+    }
+
+    /// The object's JSON form, with its `kind` and `apiVersion`.
+    pub fn to_value(&self) -> serde_json::Result<serde_json::Value> {
+        let mut v = match self {
+            Object::Node(x) => serde_json::to_value(x),
+            Object::Namespace(x) => serde_json::to_value(x),
+            Object::Pod(x) => serde_json::to_value(x),
+            Object::Service(x) => serde_json::to_value(x),
+            Object::EndpointSlice(x) => serde_json::to_value(x),
+            Object::NetworkPolicy(x) => serde_json::to_value(x),
+            Object::Ingress(x) => serde_json::to_value(x),
+            Object::IngressClass(x) => serde_json::to_value(x),
+            Object::Secret(x) => serde_json::to_value(x),
+            Object::GatewayClass(x) => serde_json::to_value(x),
+            Object::Gateway(x) => serde_json::to_value(x),
+            Object::HttpRoute(x) => serde_json::to_value(x),
+            Object::ReferenceGrant(x) => serde_json::to_value(x),
+        }?;
+        v["kind"] = self.kind().name().into();
+        v["apiVersion"] = self.kind().api_version().into();
+        Ok(v)
     }
 
     /// "Kind namespace/name", for messages.
@@ -262,6 +361,13 @@ resource!(Pod);
 resource!(Service);
 resource!(EndpointSlice);
 resource!(NetworkPolicy);
+resource!(Ingress);
+resource!(IngressClass);
+resource!(Secret);
+resource!(GatewayClass);
+resource!(Gateway);
+resource!(HttpRoute);
+resource!(ReferenceGrant);
 
 /// What a source reports.
 #[derive(Debug, Clone, PartialEq)]

@@ -609,7 +609,7 @@ impl LiveZone {
                 Kind::Pod => {
                     pods.insert(c.key.clone());
                 }
-                Kind::Node | Kind::Namespace | Kind::NetworkPolicy => {}
+                _ => {}
             }
         }
         let mut changed = false;

@@ -38,6 +38,9 @@ enum Cmd {
         #[command(flatten)]
         args: dns::cli::DnsArgs,
     },
+    /// The HTTP edge: Ingress and Gateway API routes over HTTP/1.1, HTTP/2 and TLS, straight to
+    /// the endpoints; route changes swap in without dropping a request.
+    Ingress(ingress::daemon::Options),
     /// Copies this binary into a CNI plugin directory as `flatnet` (atomically), as the
     /// DaemonSet's init container does on every node.
     InstallCni {
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::main(a),
         Cmd::Dns { tool: Some(t), .. } => dns::cli::tool(t),
         Cmd::Dns { tool: None, args } => dns::cli::main(args),
+        Cmd::Ingress(o) => report(ingress::daemon::run(o).map(|()| "drained".into())),
         Cmd::State {
             tool:
                 StateTool::Bench {

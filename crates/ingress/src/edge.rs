@@ -36,6 +36,33 @@ use tokio::sync::watch;
 
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The rule (`Ingress ns/name rule i`, `HTTPRoute ns/name rule i`), or `none`.
+    pub route: String,
+    pub code: u16,
+}
+
+/// Requests by route and status, and how long upstreams took to answer.
+pub struct EdgeMetrics {
+    pub requests: prometheus_client::metrics::family::Family<
+        RequestLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub upstream_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        EdgeMetrics {
+            requests: Default::default(),
+            upstream_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.5, 14),
+            ),
+        }
+    }
+}
+
 /// Limits and defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -75,6 +102,7 @@ pub struct Edge {
     /// Round-robin positions: backends by weight, endpoints.
     weighted: AtomicUsize,
     next_endpoint: AtomicUsize,
+    pub metrics: EdgeMetrics,
 }
 
 fn text(status: StatusCode, why: &str) -> Response<Body> {
@@ -193,6 +221,7 @@ impl Edge {
             client,
             weighted: AtomicUsize::new(0),
             next_endpoint: AtomicUsize::new(0),
+            metrics: EdgeMetrics::default(),
         })
     }
 
@@ -279,7 +308,36 @@ impl Edge {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "requests",
+            "Requests by route and status code",
+            self.metrics.requests.clone(),
+        );
+        r.register(
+            "upstream_response_seconds",
+            "Time from sending a request upstream to its response head",
+            self.metrics.upstream_seconds.clone(),
+        );
+    }
+
+    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+        let mut route = None;
+        let resp = self.forward(req, conn, &mut route).await;
+        let labels = RequestLabels {
+            route: route.unwrap_or_else(|| "none".into()),
+            code: resp.status().as_u16(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        route: &mut Option<String>,
+    ) -> Response<Body> {
         let routes = self.routes.load_full();
         let (rule, matcher, host) = {
             let mut host = String::new();
@@ -292,6 +350,7 @@ impl Edge {
                 Found::Rule { rule, matcher } => (rule.clone(), matcher.cloned(), host),
             }
         };
+        *route = Some(rule.origin.to_string());
         let scheme = if conn.https { "https" } else { "http" };
         let (backends, rewrite, timeout) = match &rule.action {
             Action::Redirect(r) => {
@@ -437,7 +496,14 @@ impl Edge {
                     .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed_unsync()),
             );
             *up.uri_mut() = uri;
-            match tokio::time::timeout(wait, self.client.request(up)).await {
+            let sent = std::time::Instant::now();
+            let answer = tokio::time::timeout(wait, self.client.request(up)).await;
+            if let Ok(Ok(_)) = &answer {
+                self.metrics
+                    .upstream_seconds
+                    .observe(sent.elapsed().as_secs_f64());
+            }
+            match answer {
                 Err(_) => {
                     return text(
                         StatusCode::GATEWAY_TIMEOUT,

@@ -8,13 +8,13 @@
 //! `sectionName` and `port`) that allow its namespace and kind and whose hostname intersects
 //! one of its own; each rule is served for each intersection.
 
-use crate::gateway_types::*;
 use crate::host::{HostPattern, Star};
 use crate::ingress::{TlsBinding, CONTROLLER};
 use crate::table::{
     Action, Backend, Entry, HeaderEdit, Match, Origin, PathChange, PathMatch, Precedence, Redirect,
     Rewrite, Rule, ServicePort, Table, Target,
 };
+use cluster::gateway::*;
 use cluster::selector::{Labels, Selector};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{BTreeMap, BTreeSet};

@@ -3,10 +3,10 @@
 //! atomic pointer and swaps a new one in on a change, so requests in flight finish on the table
 //! they started with.
 
+pub mod daemon;
 pub mod edge;
 pub mod endpoints;
 pub mod gateway;
-pub mod gateway_types;
 pub mod host;
 pub mod ingress;
 pub mod table;

@@ -2,13 +2,13 @@
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use cluster::gateway::*;
 use cluster::slim::EndpointSlice;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ingress::edge::{Config, Edge};
 use ingress::endpoints::Endpoints;
-use ingress::gateway_types::*;
 use ingress::ingress::{Classes, Ports, CONTROLLER};
 use ingress::table::{Action, PathMatch, ServicePort, Table, Target};
 use ingress::tls::{self, Certs};

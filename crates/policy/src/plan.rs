@@ -697,7 +697,7 @@ impl Planner {
                     self.pod_changed(&c.key, c.new_as::<Pod>().and_then(PodFacts::from_pod))
                 }
                 Kind::NetworkPolicy => self.policy_changed(&c.key, c.new_as::<NetworkPolicy>()),
-                Kind::Node | Kind::Service | Kind::EndpointSlice => {}
+                _ => {}
             }
         }
     }

@@ -234,7 +234,7 @@ impl Proxy {
                     Some(pod) => self.upsert_pod(pod),
                     None => self.delete_pod(&pod_key(&c.key.0, &c.key.1)),
                 },
-                Kind::Node | Kind::Namespace | Kind::NetworkPolicy => {}
+                _ => {}
             }
         }
     }

@@ -68,7 +68,10 @@ pub async fn client(c: &Connection) -> Result<Client, String> {
 /// The API resource of a kind.
 pub fn resource(kind: Kind) -> ApiResource {
     let (group, plural) = kind.api_resource();
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind.name()), plural)
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, kind.version(), kind.name()),
+        plural,
+    )
 }
 
 fn key(kind: Kind, o: &DynamicObject) -> Key {

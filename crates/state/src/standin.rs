@@ -62,13 +62,6 @@ fn kind_of(name: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.name() == name)
 }
 
-fn api_version(kind: Kind) -> String {
-    match kind.api_resource().0 {
-        "" => "v1".into(),
-        g => format!("{g}/v1"),
-    }
-}
-
 fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
            "message": message, "reason": reason, "code": code})
@@ -200,17 +193,7 @@ impl ApiServer {
         let m = cluster::Manifests::parse(text, "manifests").map_err(|e| e.to_string())?;
         let mut n = 0;
         for o in m.into_objects() {
-            let mut v = match &o {
-                cluster::Object::Node(x) => serde_json::to_value(x),
-                cluster::Object::Namespace(x) => serde_json::to_value(x),
-                cluster::Object::Pod(x) => serde_json::to_value(x),
-                cluster::Object::Service(x) => serde_json::to_value(x),
-                cluster::Object::EndpointSlice(x) => serde_json::to_value(x),
-                cluster::Object::NetworkPolicy(x) => serde_json::to_value(x),
-            }
-            .map_err(|e| e.to_string())?;
-            v["kind"] = o.kind().name().into();
-            v["apiVersion"] = api_version(o.kind()).into();
+            let v = o.to_value().map_err(|e| e.to_string())?;
             self.apply(v)?;
             n += 1;
         }
@@ -422,7 +405,7 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
     }
     respond(
         StatusCode::OK,
-        &json!({"apiVersion": api_version(kind), "kind": format!("{}List", kind.name()),
+        &json!({"apiVersion": kind.api_version(), "kind": format!("{}List", kind.name()),
                 "metadata": meta, "items": items}),
     )
 }
@@ -468,7 +451,7 @@ fn watch_response(
                     }
                 }
                 if text.is_empty() && bookmarks && woke.is_err() {
-                    let mark = json!({"kind": kind.name(), "apiVersion": api_version(kind),
+                    let mark = json!({"kind": kind.name(), "apiVersion": kind.api_version(),
                                       "metadata": {"resourceVersion": s.rv.to_string()}});
                     text = json!({"type": "BOOKMARK", "object": mark}).to_string() + "\n";
                 }

@@ -1,5 +1,5 @@
-//! The Gateway API's v1 standard-channel objects (`gateway.networking.k8s.io/v1`), the fields
-//! this controller reads. Written here rather than taken from the `gateway-api` crate, which
+//! The Gateway API's v1 standard-channel objects (`gateway.networking.k8s.io`), the fields the
+//! ingress controller reads. Written here rather than taken from the `gateway-api` crate, which
 //! pins other major versions of kube and k8s-openapi than the rest of flatnet (two copies of
 //! k8s-openapi would double its build and make its types incompatible). Unknown fields are
 //! ignored, as a client of the API server does.
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GatewayClass {
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -17,14 +17,14 @@ pub struct GatewayClass {
     pub spec: GatewayClassSpec,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayClassSpec {
     #[serde(default)]
     pub controller_name: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Gateway {
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -32,7 +32,7 @@ pub struct Gateway {
     pub spec: GatewaySpec,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewaySpec {
     #[serde(default)]
@@ -41,7 +41,7 @@ pub struct GatewaySpec {
     pub listeners: Vec<Listener>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listener {
     pub name: String,
@@ -52,7 +52,7 @@ pub struct Listener {
     pub allowed_routes: Option<AllowedRoutes>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerTls {
     pub mode: Option<String>,
@@ -61,7 +61,7 @@ pub struct ListenerTls {
 }
 
 /// A reference to an object (a certificate's Secret, a backend's Service).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectRef {
     pub group: Option<String>,
@@ -70,14 +70,14 @@ pub struct ObjectRef {
     pub namespace: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedRoutes {
     pub namespaces: Option<RouteNamespaces>,
     pub kinds: Option<Vec<RouteGroupKind>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteNamespaces {
     /// `All`, `Same` (the default) or `Selector`.
@@ -85,14 +85,14 @@ pub struct RouteNamespaces {
     pub selector: Option<LabelSelector>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteGroupKind {
     pub group: Option<String>,
     pub kind: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HttpRoute {
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -100,7 +100,7 @@ pub struct HttpRoute {
     pub spec: HttpRouteSpec,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     #[serde(default)]
@@ -122,7 +122,7 @@ pub struct ParentRef {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteRule {
     #[serde(default)]
@@ -134,7 +134,7 @@ pub struct HttpRouteRule {
     pub timeouts: Option<HttpRouteTimeouts>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteMatch {
     pub path: Option<HttpPathMatch>,
@@ -145,7 +145,7 @@ pub struct HttpRouteMatch {
     pub method: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpPathMatch {
     /// `Exact`, `PathPrefix` (the default) or `RegularExpression`.
@@ -155,7 +155,7 @@ pub struct HttpPathMatch {
 }
 
 /// A header or query parameter match.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ValueMatch {
     #[serde(rename = "type")]
@@ -164,7 +164,7 @@ pub struct ValueMatch {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteFilter {
     #[serde(rename = "type")]
@@ -175,7 +175,7 @@ pub struct HttpRouteFilter {
     pub url_rewrite: Option<UrlRewrite>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderModifier {
     #[serde(default)]
@@ -186,13 +186,13 @@ pub struct HeaderModifier {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HeaderValuePair {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestRedirect {
     pub scheme: Option<String>,
@@ -202,14 +202,14 @@ pub struct RequestRedirect {
     pub status_code: Option<u16>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UrlRewrite {
     pub hostname: Option<String>,
     pub path: Option<PathModifier>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PathModifier {
     /// `ReplaceFullPath` or `ReplacePrefixMatch`.
@@ -219,7 +219,7 @@ pub struct PathModifier {
     pub replace_prefix_match: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpBackendRef {
     pub group: Option<String>,
@@ -230,14 +230,14 @@ pub struct HttpBackendRef {
     pub weight: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteTimeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReferenceGrant {
     #[serde(default)]
     pub metadata: ObjectMeta,
@@ -245,7 +245,7 @@ pub struct ReferenceGrant {
     pub spec: ReferenceGrantSpec,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReferenceGrantSpec {
     #[serde(default)]
     pub from: Vec<GrantFrom>,
@@ -253,7 +253,7 @@ pub struct ReferenceGrantSpec {
     pub to: Vec<GrantTo>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GrantFrom {
     #[serde(default)]
     pub group: String,
@@ -261,7 +261,7 @@ pub struct GrantFrom {
     pub namespace: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GrantTo {
     #[serde(default)]
     pub group: String,
