@@ -85,9 +85,9 @@ pub struct ReloadHistogram(pub Histogram);
 
 impl Default for ReloadHistogram {
     fn default() -> Self {
-        ReloadHistogram(Histogram::new(
-            [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5],
-        ))
+        ReloadHistogram(Histogram::new([
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+        ]))
     }
 }
 
@@ -270,8 +270,10 @@ pub fn run(opts: Options) -> Result<(), String> {
         let bind = |a: SocketAddr| async move {
             tokio::net::TcpListener::bind(a).await.map_err(|e| format!("binding {a}: {e}"))
         };
-        tokio::spawn(edge.clone().serve(bind(opts.http).await?, 80, false, stop.clone()));
-        tokio::spawn(edge.clone().serve(bind(opts.https).await?, 443, true, stop.clone()));
+        let mut servers = vec![
+            tokio::spawn(edge.clone().serve(bind(opts.http).await?, 80, false, stop.clone())),
+            tokio::spawn(edge.clone().serve(bind(opts.https).await?, 443, true, stop.clone())),
+        ];
         tracing::info!("edge on {} (HTTP) and {} (HTTPS), status on {}", opts.http, opts.https, opts.status);
         let mut bound: BTreeSet<u16> = BTreeSet::new();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -283,7 +285,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                     for (port, tls) in ports {
                         if bound.insert(port) {
                             match bind(SocketAddr::new(opts.http.ip(), port)).await {
-                                Ok(l) => { tokio::spawn(edge.clone().serve(l, port, tls, stop.clone())); }
+                                Ok(l) => servers.push(tokio::spawn(edge.clone().serve(l, port, tls, stop.clone()))),
                                 Err(e) => tracing::warn!("Gateway listener port {port}: {e}"),
                             }
                         }
@@ -294,12 +296,12 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
         tracing::info!("SIGTERM: draining");
         let _ = stop_tx.send(true);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Each server stops accepting and waits for its connections (up to the drain time).
+        for s in servers {
+            let _ = s.await;
+        }
         Ok::<(), String>(())
-    })?;
-    // Let the servers' drains run out (they hold the runtime until their connections end).
-    rt.shutdown_timeout(Config::default().drain);
-    Ok(())
+    })
 }
 
 fn follow(
