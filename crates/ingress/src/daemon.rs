@@ -168,13 +168,13 @@ pub fn build(
     table.seal();
     let mut ports = BTreeMap::new();
     for g in &gateways {
+        let (ns, name) = key(&g.metadata);
+        let ours = gc
+            .gateways
+            .iter()
+            .any(|s| s.namespace == ns && s.name == name);
         for l in &g.spec.listeners {
-            if gc
-                .gateways
-                .iter()
-                .any(|s| s.name == g.metadata.name.clone().unwrap_or_default())
-                && !matches!(l.port, 80 | 443)
-            {
+            if ours && !matches!(l.port, 80 | 443) {
                 ports.insert(l.port, l.protocol == "HTTPS");
             }
         }
