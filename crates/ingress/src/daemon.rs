@@ -14,6 +14,7 @@ use crate::tls::{self, Certs};
 use arc_swap::ArcSwap;
 use clap::Args;
 use cluster::gateway::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
+use cluster::manifests::namespaced;
 use cluster::selector::Labels;
 use cluster::slim::EndpointSlice;
 use cluster::store::{Kind, Store, Update};
@@ -57,22 +58,22 @@ pub struct Options {
 }
 
 /// The kinds the edge watches.
+pub const KINDS: [Kind; 10] = [
+    Kind::Namespace,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Ingress,
+    Kind::IngressClass,
+    Kind::Secret,
+    Kind::GatewayClass,
+    Kind::Gateway,
+    Kind::HttpRoute,
+    Kind::ReferenceGrant,
+];
+
+/// What the edge watches: every object of [`KINDS`].
 pub fn watches() -> Vec<Watch> {
-    [
-        Kind::Namespace,
-        Kind::Service,
-        Kind::EndpointSlice,
-        Kind::Ingress,
-        Kind::IngressClass,
-        Kind::Secret,
-        Kind::GatewayClass,
-        Kind::Gateway,
-        Kind::HttpRoute,
-        Kind::ReferenceGrant,
-    ]
-    .into_iter()
-    .map(Watch::all)
-    .collect()
+    KINDS.into_iter().map(Watch::all).collect()
 }
 
 #[derive(Default)]
@@ -127,10 +128,10 @@ pub fn build(
         },
         &mut table,
     );
-    let gclasses: Vec<GatewayClass> = store.list::<GatewayClass>().cloned().collect();
-    let gateways: Vec<Gateway> = store.list::<Gateway>().cloned().collect();
-    let routes: Vec<HttpRoute> = store.list::<HttpRoute>().cloned().collect();
-    let grants: Vec<ReferenceGrant> = store.list::<ReferenceGrant>().cloned().collect();
+    let gclasses: Vec<&GatewayClass> = store.list::<GatewayClass>().collect();
+    let gateways: Vec<&Gateway> = store.list::<Gateway>().collect();
+    let routes: Vec<&HttpRoute> = store.list::<HttpRoute>().collect();
+    let grants: Vec<&ReferenceGrant> = store.list::<ReferenceGrant>().collect();
     let namespaces: BTreeMap<String, Labels> = store
         .list::<Namespace>()
         .map(|n| {
@@ -140,18 +141,14 @@ pub fn build(
             )
         })
         .collect();
-    let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        (
-            m.namespace.clone().unwrap_or_else(|| "default".into()),
-            m.name.clone().unwrap_or_default(),
-        )
-    };
-    let services: BTreeSet<(String, String)> =
-        store.list::<Service>().map(|s| key(&s.metadata)).collect();
+    let services: BTreeSet<(String, String)> = store
+        .list::<Service>()
+        .map(|s| namespaced(&s.metadata))
+        .collect();
     let tls_secrets: BTreeSet<(String, String)> = store
         .list::<Secret>()
         .filter(|s| secret_pem(s).is_some())
-        .map(|s| key(&s.metadata))
+        .map(|s| namespaced(&s.metadata))
         .collect();
     let gc = gateway::compile(
         &Inputs {
@@ -168,7 +165,7 @@ pub fn build(
     table.seal();
     let mut ports = BTreeMap::new();
     for g in &gateways {
-        let (ns, name) = key(&g.metadata);
+        let (ns, name) = namespaced(&g.metadata);
         let ours = gc
             .gateways
             .iter()

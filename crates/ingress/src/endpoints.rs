@@ -3,6 +3,7 @@
 //! per request and retries a failed connection on another endpoint).
 
 use crate::table::ServicePort;
+use cluster::manifests::namespaced;
 use cluster::slim::EndpointSlice;
 use k8s_openapi::api::core::v1::Service;
 use std::collections::HashMap;
@@ -35,10 +36,11 @@ struct ServiceEndpoints {
     ready: HashMap<String, Arc<[SocketAddr]>>,
 }
 
-/// Ready endpoints of every Service, by namespace and name.
+/// Ready endpoints of every Service, by namespace, then name (looked up per request by `&str`,
+/// without building a key).
 #[derive(Debug, Default)]
 pub struct Endpoints {
-    services: HashMap<(String, String), ServiceEndpoints>,
+    services: HashMap<String, HashMap<String, ServiceEndpoints>>,
 }
 
 impl Endpoints {
@@ -48,10 +50,7 @@ impl Endpoints {
     ) -> Endpoints {
         let mut out = Endpoints::default();
         for s in services {
-            let key = (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
-            );
+            let (ns, name) = namespaced(&s.metadata);
             let ports = s
                 .spec
                 .iter()
@@ -63,7 +62,12 @@ impl Endpoints {
                     ))
                 })
                 .collect();
-            out.services.entry(key).or_default().ports = ports;
+            out.services
+                .entry(ns)
+                .or_default()
+                .entry(name)
+                .or_default()
+                .ports = ports;
         }
         let mut ready: HashMap<(String, String, String), Vec<SocketAddr>> = HashMap::new();
         for slice in slices {
@@ -75,7 +79,7 @@ impl Endpoints {
             else {
                 continue;
             };
-            let ns = slice.metadata.namespace.clone().unwrap_or_default();
+            let (ns, _) = namespaced(&slice.metadata);
             for port in slice.ports.iter().flatten() {
                 let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()) else {
                     continue;
@@ -104,7 +108,7 @@ impl Endpoints {
         for ((ns, svc, port), mut addrs) in ready {
             addrs.sort();
             addrs.dedup();
-            if let Some(s) = out.services.get_mut(&(ns, svc)) {
+            if let Some(s) = out.services.get_mut(&ns).and_then(|m| m.get_mut(&svc)) {
                 s.ready.insert(port, addrs.into());
             }
         }
@@ -120,7 +124,8 @@ impl Endpoints {
     ) -> Result<Arc<[SocketAddr]>, Unavailable> {
         let s = self
             .services
-            .get(&(namespace.to_string(), name.to_string()))
+            .get(namespace)
+            .and_then(|m| m.get(name))
             .ok_or(Unavailable::NoService)?;
         let port_name = s
             .ports

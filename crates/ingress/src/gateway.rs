@@ -10,6 +10,7 @@
 
 use crate::host::{HostPattern, Star};
 use crate::ingress::{TlsBinding, CONTROLLER};
+use crate::meta::{created, name_of, ns_of};
 use crate::table::{
     Action, Backend, Entry, HeaderEdit, Match, Origin, PathChange, PathMatch, Precedence, Redirect,
     Rewrite, Rule, ServicePort, Table, Target,
@@ -23,10 +24,10 @@ use std::time::Duration;
 
 /// What the Gateway API objects are compiled against.
 pub struct Inputs<'a> {
-    pub classes: &'a [GatewayClass],
-    pub gateways: &'a [Gateway],
-    pub routes: &'a [HttpRoute],
-    pub grants: &'a [ReferenceGrant],
+    pub classes: &'a [&'a GatewayClass],
+    pub gateways: &'a [&'a Gateway],
+    pub routes: &'a [&'a HttpRoute],
+    pub grants: &'a [&'a ReferenceGrant],
     /// Namespace labels, for `allowedRoutes.namespaces.from: Selector`.
     pub namespaces: &'a BTreeMap<String, Labels>,
     /// Services that exist (namespace, name).
@@ -65,22 +66,6 @@ pub struct Compiled {
     pub gateways: Vec<GatewayStatus>,
     pub routes: Vec<RouteStatus>,
     pub tls: Vec<TlsBinding>,
-}
-
-fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
-    meta.namespace.as_deref().unwrap_or("default")
-}
-
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
-    meta.name.as_deref().unwrap_or("")
-}
-
-fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.creation_timestamp
-        .as_ref()
-        .and_then(|t| serde_json::to_value(t).ok())
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 impl Inputs<'_> {

@@ -65,12 +65,15 @@ impl World {
     }
 
     fn compile(&self) -> (Table, Compiled) {
-        let classes = [class()];
+        let class = class();
+        let gateways: Vec<&Gateway> = self.gateways.iter().collect();
+        let routes: Vec<&HttpRoute> = self.routes.iter().collect();
+        let grants: Vec<&ReferenceGrant> = self.grants.iter().collect();
         let inputs = Inputs {
-            classes: &classes,
-            gateways: &self.gateways,
-            routes: &self.routes,
-            grants: &self.grants,
+            classes: &[&class],
+            gateways: &gateways,
+            routes: &routes,
+            grants: &grants,
             namespaces: &self.namespaces,
             services: &self.services,
             tls_secrets: &self.secrets,

@@ -12,11 +12,12 @@
 //! object and field; the rest of the Ingress is served.
 
 use crate::host::{HostPattern, Star};
+use crate::meta::{created, name_of, ns_of};
 use crate::table::{
     Action, Backend, Entry, HeaderEdit, Match, Origin, PathMatch, Precedence, Rewrite, Rule,
     ServicePort, Table, Target,
 };
-use cluster::ModelError;
+use cluster::{is_dns_label, ModelError};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use std::sync::Arc;
 
@@ -93,8 +94,8 @@ pub struct TlsBinding {
 fn object(ing: &Ingress) -> String {
     format!(
         "Ingress {}/{}",
-        ing.metadata.namespace.as_deref().unwrap_or("default"),
-        ing.metadata.name.as_deref().unwrap_or("")
+        ns_of(&ing.metadata),
+        name_of(&ing.metadata)
     )
 }
 
@@ -151,14 +152,7 @@ fn host(h: &str, obj: &str, field: &str) -> Result<HostPattern, ModelError> {
     let bare = h.strip_prefix("*.").unwrap_or(h);
     let valid = !bare.is_empty()
         && bare.parse::<std::net::IpAddr>().is_err()
-        && bare.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        });
+        && bare.split('.').all(is_dns_label);
     if !valid {
         return Err(ModelError::new(
             obj,
@@ -193,15 +187,15 @@ pub fn compile<'a>(
     // Oldest first: it keeps the default backend and wins equal matches.
     ours.sort_by_key(|i| {
         (
-            created(i),
+            created(&i.metadata),
             i.metadata.namespace.clone(),
             i.metadata.name.clone(),
         )
     });
     for ing in ours {
         let obj = object(ing);
-        let ns = ing.metadata.namespace.as_deref().unwrap_or("default");
-        let name = ing.metadata.name.as_deref().unwrap_or("");
+        let ns = ns_of(&ing.metadata);
+        let name = name_of(&ing.metadata);
         out.claimed.push((ns.to_string(), name.to_string()));
         let Some(spec) = &ing.spec else { continue };
         let origin = |rule: usize| Origin {
@@ -262,7 +256,7 @@ pub fn compile<'a>(
             }
             None => None,
         };
-        let created = created(ing);
+        let created = created(&ing.metadata);
         for port in [ports.http, ports.https] {
             let listener = table
                 .ports
@@ -305,15 +299,6 @@ pub fn compile<'a>(
         }
     }
     out
-}
-
-fn created(ing: &Ingress) -> String {
-    ing.metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| serde_json::to_value(t).ok())
-        .and_then(|v| v?.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -9,5 +9,6 @@ pub mod endpoints;
 pub mod gateway;
 pub mod host;
 pub mod ingress;
+mod meta;
 pub mod table;
 pub mod tls;

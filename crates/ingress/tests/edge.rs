@@ -183,9 +183,9 @@ async fn start(config: Config) -> Running {
         .collect();
     let g = ingress::gateway::compile(
         &ingress::gateway::Inputs {
-            classes: &[gclass],
-            gateways: &[gw],
-            routes: &[route],
+            classes: &[&gclass],
+            gateways: &[&gw],
+            routes: &[&route],
             grants: &[],
             namespaces: &BTreeMap::new(),
             services: &svc_names,
