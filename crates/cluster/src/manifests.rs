@@ -201,7 +201,22 @@ impl Manifests {
     /// Adds everything from `other` (later files win nothing: duplicates are kept for the caller
     /// to judge).
     pub fn extend(&mut self, other: Manifests) -> Result<(), ModelError> {
-        if let Some(l) = other.lab {
+        // Destructured, so a field added to `Manifests` cannot be forgotten here.
+        let Manifests {
+            lab,
+            pods,
+            deployments,
+            stateful_sets,
+            daemon_sets,
+            nodes,
+            namespaces,
+            services,
+            endpoint_slices,
+            network_policies,
+            edge,
+            other,
+        } = other;
+        if let Some(l) = lab {
             if self.lab.is_some() {
                 return Err(ModelError::new(
                     format!("Lab {}", l.name),
@@ -211,16 +226,17 @@ impl Manifests {
             }
             self.lab = Some(l);
         }
-        self.pods.extend(other.pods);
-        self.deployments.extend(other.deployments);
-        self.stateful_sets.extend(other.stateful_sets);
-        self.daemon_sets.extend(other.daemon_sets);
-        self.nodes.extend(other.nodes);
-        self.namespaces.extend(other.namespaces);
-        self.services.extend(other.services);
-        self.endpoint_slices.extend(other.endpoint_slices);
-        self.network_policies.extend(other.network_policies);
-        self.other.extend(other.other);
+        self.pods.extend(pods);
+        self.deployments.extend(deployments);
+        self.stateful_sets.extend(stateful_sets);
+        self.daemon_sets.extend(daemon_sets);
+        self.nodes.extend(nodes);
+        self.namespaces.extend(namespaces);
+        self.services.extend(services);
+        self.endpoint_slices.extend(endpoint_slices);
+        self.network_policies.extend(network_policies);
+        self.edge.extend(edge);
+        self.other.extend(other);
         Ok(())
     }
 }

@@ -85,6 +85,10 @@ pub struct DnsArgs {
     /// A fixed A/AAAA record, NAME=IP (repeatable).
     #[arg(long = "record", value_parser = parse_record)]
     pub records: Vec<(String, IpAddr)>,
+    /// A hosts file (`IP NAME [ALIAS…]` lines) whose names are answered too, re-read whenever
+    /// it changes, as CoreDNS's `hosts` plugin does. Only without a source.
+    #[arg(long)]
+    pub hosts: Option<PathBuf>,
     /// HTTP address for /health, /ready and /metrics (empty: none).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub http: String,
@@ -136,6 +140,12 @@ fn options(a: DnsArgs) -> Result<Options, String> {
     for (name, _) in &a.records {
         domain("--record", name)?;
     }
+    let has_source = a.source.source == state::SourceKind::Kube || a.source.dir.is_some();
+    if a.hosts.is_some() && has_source {
+        return Err(
+            "--hosts: only for a server without a source (no --dir, no --source kube)".into(),
+        );
+    }
     let upstreams = if a.no_forward {
         Vec::new()
     } else if a.upstreams.is_empty() {
@@ -158,8 +168,7 @@ fn options(a: DnsArgs) -> Result<Options, String> {
     Ok(Options {
         listen: a.listen,
         http,
-        source: (a.source.source == state::SourceKind::Kube || a.source.dir.is_some())
-            .then_some(a.source),
+        source: has_source.then_some(a.source),
         zone: ZoneConfig {
             domain: a.domain,
             ttl: a.ttl,
@@ -173,6 +182,7 @@ fn options(a: DnsArgs) -> Result<Options, String> {
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         status_dir: a.status_dir,
+        hosts: a.hosts,
     })
 }
 

@@ -44,6 +44,9 @@ pub struct Options {
     /// After each zone update, write the source's mark to `<dir>/<hostname>` (so a lab or a
     /// test can wait for every replica to catch up).
     pub status_dir: Option<PathBuf>,
+    /// A hosts file whose names the zone answers, re-read when it changes (without a source:
+    /// the lab internet's DNS, to which the lab publishes its Ingress hostnames).
+    pub hosts: Option<PathBuf>,
 }
 
 pub struct Server {
@@ -311,10 +314,7 @@ fn follow(
     cfg: ZoneConfig,
     status_dir: Option<PathBuf>,
 ) {
-    let status = status_dir.map(|d| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        d.join(host.trim())
-    });
+    let status = status_dir.map(|d| state::replica_status_path(&d, ""));
     let metrics = server.metrics.source.clone();
     let mut store = Store::new();
     let mut live: Option<LiveZone> = None;
@@ -354,6 +354,31 @@ fn follow(
         }
     }
     tracing::warn!("the source ended; serving the last zone");
+}
+
+/// Keeps the zone's fixed records in step with a hosts file; after each load, the file's mark
+/// goes to `<status dir>/<hostname>.hosts`.
+fn follow_hosts(server: Arc<Server>, path: &std::path::Path, opts: &Options) -> Result<(), String> {
+    let cfg = opts.zone.clone();
+    let status = opts
+        .status_dir
+        .as_deref()
+        .map(|d| state::replica_status_path(d, ".hosts"));
+    let shown = path.display().to_string();
+    state::file::watch_text(path.to_path_buf(), move |text| {
+        let (records, problems) = crate::zone::parse_hosts(text);
+        for p in problems {
+            tracing::warn!("{shown}: {p}");
+        }
+        let mut cfg = cfg.clone();
+        cfg.records.extend(records);
+        server.set_zone(Zone::new(&cfg));
+        if let Some(path) = &status {
+            if let Err(e) = state::write_atomic(path, &state::file::text_mark(text)) {
+                tracing::warn!("{}: {e}", path.display());
+            }
+        }
+    })
 }
 
 /// Runs the server until the process is killed.
@@ -403,7 +428,10 @@ pub fn run(opts: Options) -> Result<(), String> {
                 let (s, cfg, status) = (server.clone(), opts.zone.clone(), opts.status_dir.clone());
                 std::thread::spawn(move || follow(s, updates, cfg, status));
             }
-            None => server.set_zone(Zone::new(&opts.zone)),
+            None => match &opts.hosts {
+                Some(path) => follow_hosts(server.clone(), path, &opts)?,
+                None => server.set_zone(Zone::new(&opts.zone)),
+            },
         }
         tracing::info!(
             "{} on {} (UDP, TCP), upstreams {:?}",

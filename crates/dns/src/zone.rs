@@ -675,6 +675,37 @@ fn store_of(state: &ClusterState) -> Store {
     store
 }
 
+/// The address records of a hosts file (`/etc/hosts` format, as CoreDNS's `hosts` plugin reads
+/// it: `IP NAME [ALIAS…]`, `#` comments), and a message for each line that is not one, naming
+/// the line and what would be valid.
+pub fn parse_hosts(text: &str) -> (Vec<(String, IpAddr)>, Vec<String>) {
+    let mut records = Vec::new();
+    let mut problems = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut fields = line.split_whitespace();
+        let Some(ip) = fields.next() else { continue };
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            problems.push(format!(
+                "hosts line {}: {ip:?} is not an IP address (expected `IP NAME [ALIAS…]`)",
+                i + 1
+            ));
+            continue;
+        };
+        let names: Vec<&str> = fields.collect();
+        if names.is_empty() {
+            problems.push(format!("hosts line {}: {ip} names no host", i + 1));
+        }
+        for n in names {
+            match Name::from_ascii(n) {
+                Ok(_) => records.push((n.to_ascii_lowercase(), ip)),
+                Err(e) => problems.push(format!("hosts line {}: {n:?}: {e}", i + 1)),
+            }
+        }
+    }
+    (records, problems)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1053,5 +1084,28 @@ mod tests {
         let before = live.zone().serial;
         assert!(!live.apply(&store, &changes));
         assert_eq!(live.zone().serial, before);
+    }
+
+    #[test]
+    fn hosts_files_are_read_as_corednss_hosts_plugin_reads_them() {
+        let (records, problems) = parse_hosts(
+            "# the lab's ingress\n203.0.113.100 shop.example.com Video.example.com # both\n\nnot-an-ip x\n10.0.0.1\n",
+        );
+        let ip: IpAddr = "203.0.113.100".parse().unwrap();
+        assert_eq!(
+            records,
+            vec![
+                ("shop.example.com".to_string(), ip),
+                ("video.example.com".to_string(), ip)
+            ]
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("hosts line 4:"), "{problems:?}");
+        assert!(problems[1].contains("names no host"), "{problems:?}");
+        let mut cfg = ZoneConfig::default();
+        cfg.records = records;
+        let z = Zone::new(&cfg);
+        let q: Name = "VIDEO.example.com.".parse().unwrap();
+        assert!(matches!(z.lookup(&q, RecordType::A), Answer::Records(a, _) if a.len() == 1));
     }
 }

@@ -47,14 +47,47 @@ pub struct Options {
     pub status: SocketAddr,
     /// The address clients reach the edge at, published in Ingress `status.loadBalancer` and
     /// Gateway `status.addresses` (the LoadBalancer Service's address).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "publish_service")]
     pub publish_address: Option<String>,
-    /// Where `ingress-status.json` (statuses and problems) is written after each change.
+    /// NAMESPACE/NAME of the Service in front of the edge, whose load-balancer address (or
+    /// first external IP) is published, as ingress-nginx's `--publish-service`.
+    #[arg(long, value_parser = parse_service_ref)]
+    pub publish_service: Option<(String, String)>,
+    /// Where `ingress-status.json` (statuses and problems) is written after each change, and
+    /// `<hostname>`: the mark of the state loaded (so a lab can wait for every replica).
     #[arg(long)]
     pub status_dir: Option<PathBuf>,
     /// Seconds a client has to send a request's headers.
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
+}
+
+fn parse_service_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns.into(), name.into())),
+        _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),
+    }
+}
+
+/// The address to publish: `--publish-address`, or the `--publish-service` Service's
+/// load-balancer address (IP or hostname), else its first external IP.
+fn published(store: &Store, opts: &Options) -> Option<String> {
+    if let Some(a) = &opts.publish_address {
+        return Some(a.clone());
+    }
+    let (ns, name) = opts.publish_service.as_ref()?;
+    let svc = store.get::<Service>(ns, name)?;
+    let lb = (svc.status.as_ref())
+        .and_then(|st| {
+            st.load_balancer
+                .as_ref()?
+                .ingress
+                .as_ref()?
+                .first()
+                .cloned()
+        })
+        .and_then(|i| i.ip.or(i.hostname));
+    lb.or_else(|| svc.spec.as_ref()?.external_ips.as_ref()?.first().cloned())
 }
 
 /// The kinds the edge watches.
@@ -312,6 +345,7 @@ fn follow(
 ) {
     let mut store = Store::new();
     let mut first = true;
+    let mark_file = (opts.status_dir.as_ref()).map(|d| state::replica_status_path(d, ""));
     while let Ok(mut batch) = updates.recv() {
         while let Ok(more) = updates.try_recv() {
             batch.extend(more);
@@ -335,7 +369,7 @@ fn follow(
                 .store(Arc::new(Endpoints::build(services, slices)));
         }
         if first || changes.iter().any(|c| touches_routes(c.kind)) {
-            let b = build(&store, &default_cert, opts.publish_address.as_deref());
+            let b = build(&store, &default_cert, published(&store, &opts).as_deref());
             edge.routes.store(Arc::new(b.table));
             edge.certs.store(Arc::new(b.certs));
             let _ = ports.send(b.ports);
@@ -356,6 +390,11 @@ fn follow(
         }
         first = false;
         ready.store(true, Ordering::Relaxed);
+        if let (Some(path), Some(mark)) = (&mark_file, store.mark()) {
+            if let Err(e) = state::write_atomic(path, mark) {
+                tracing::warn!("{}: {e}", path.display());
+            }
+        }
     }
     tracing::warn!("the source ended; serving the last routes");
 }

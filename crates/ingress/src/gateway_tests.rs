@@ -639,3 +639,53 @@ fn durations() {
     assert_eq!(parse_duration(""), None);
     assert_eq!(parse_duration("10"), None);
 }
+
+/// An Ingress and a Gateway on the same port and address: the Ingress's exact host is a
+/// listener of its own (the Gateway's wider wildcard does not take it), its `defaultBackend`
+/// serves its host's other paths and every host no listener takes, and the Gateway's
+/// wildcard takes the hosts the Ingress does not name.
+#[test]
+fn ingresses_and_gateways_share_a_port() {
+    let gw = gateway(
+        "shared",
+        json!([http_listener("wild", Some("*.example.com"))]),
+    );
+    let r = route(
+        INFRA,
+        "store",
+        "shared",
+        json!([]),
+        json!([prefix("/", "infra-backend-v1")]),
+    );
+    let world = World::new(vec![gw], vec![r]);
+    let (mut t, _) = world.compile();
+    let class: k8s_openapi::api::networking::v1::IngressClass = obj(json!({
+        "metadata": {"name": "flatnet"}, "spec": {"controller": CONTROLLER}}));
+    let ing: k8s_openapi::api::networking::v1::Ingress = obj(json!({
+        "metadata": {"name": "shop", "namespace": INFRA},
+        "spec": {"ingressClassName": "flatnet",
+            "defaultBackend": {"service": {"name": "infra-backend-v3", "port": {"number": 8080}}},
+            "rules": [{"host": "shop.example.com", "http": {"paths": [
+                {"path": "/shop", "pathType": "Prefix",
+                 "backend": {"service": {"name": "infra-backend-v2", "port": {"number": 8080}}}}]}}]}}));
+    crate::ingress::compile(
+        [&ing],
+        &crate::ingress::Classes::new([&class]),
+        crate::ingress::Ports {
+            http: 80,
+            https: 443,
+        },
+        &mut t,
+    );
+    t.seal();
+    assert_eq!(
+        at(&t, "shop.example.com", "/shop/1", &[]),
+        "infra-backend-v2"
+    );
+    assert_eq!(
+        at(&t, "shop.example.com", "/other", &[]),
+        "infra-backend-v3"
+    );
+    assert_eq!(at(&t, "store.example.com", "/", &[]), "infra-backend-v1");
+    assert_eq!(at(&t, "elsewhere.test", "/", &[]), "infra-backend-v3");
+}

@@ -5,8 +5,10 @@
 //! `kubernetes.io/ingress.class` annotation naming such a class (or `flatnet`); else, with no
 //! class at all, when such a class carries `ingressclass.kubernetes.io/is-default-class: "true"`.
 //!
-//! Every rule is served on the HTTP and the HTTPS port, in one listener for every host; hosts
-//! are exact or `*.` plus a suffix matching exactly one label; `ImplementationSpecific` paths
+//! Every rule is served on the HTTP and the HTTPS port, each host as a listener of its own (so a
+//! Gateway's wildcard listener on the same port does not take an Ingress's exact host); hosts
+//! are exact or `*.` plus a suffix matching exactly one label; a `defaultBackend` serves what no
+//! rule of the Ingress's hosts matches, and every host no listener takes; `ImplementationSpecific` paths
 //! are prefixes. Across Ingresses, equal matches go to the oldest (then namespace/name), and so
 //! does the `defaultBackend`. A rule that cannot be served is left out and reported naming the
 //! object and field; the rest of the Ingress is served.
@@ -258,21 +260,25 @@ pub fn compile<'a>(
         };
         let created = created(&ing.metadata);
         for port in [ports.http, ports.https] {
-            let listener = table
-                .ports
-                .entry(port)
-                .or_default()
-                .listeners
-                .entry(&HostPattern::Any);
+            let listeners = &mut table.ports.entry(port).or_default().listeners;
+            // Each host is a listener of its own (a Gateway listener for a wider wildcard on
+            // the same port does not take it); the fallback serves every host of the Ingress.
+            let mut touched = vec![HostPattern::Any];
             for (k, (h, m, rule)) in rules.iter().enumerate() {
-                listener.hosts.entry(h).push(Entry {
+                listeners.entry(h).hosts.entry(h).push(Entry {
                     precedence: Precedence::new(m, &created, &rule.origin, k),
                     matcher: m.clone(),
                     rule: rule.clone(),
                 });
+                if !touched.contains(h) {
+                    touched.push(h.clone());
+                }
             }
-            if listener.fallback.is_none() {
-                listener.fallback = fallback.clone();
+            for h in &touched {
+                let listener = listeners.entry(h);
+                if listener.fallback.is_none() {
+                    listener.fallback = fallback.clone();
+                }
             }
         }
         for (i, t) in spec.tls.iter().flatten().enumerate() {

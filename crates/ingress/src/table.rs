@@ -4,7 +4,7 @@
 //!
 //! Lookup, most specific first at each step: the listening port; the listener whose hostname
 //! matches the request's host (a request is routed only by the routes of that listener, the
-//! Gateway API's listener isolation; the Ingresses form one listener matching every host); the
+//! Gateway API's listener isolation; each Ingress host is a listener too); the
 //! host pattern of the routes (exact, then the longest wildcard, then every host); then the
 //! first match in precedence order ([`Precedence`]); else the listener's fallback (an Ingress
 //! `defaultBackend`), else 404.

@@ -24,9 +24,15 @@ pub enum LabCmd {
         #[arg(short, long)]
         output: Option<String>,
     },
-    /// Run a command inside a pod's network namespace: `lab exec POD -- CMD…`.
+    /// Run a command inside a pod's network namespace: `lab exec POD -- CMD…`; or on the lab
+    /// internet's host (203.0.113.10, resolving through its DNS), outside the cluster: `lab exec
+    /// --internet -- curl https://shop.example.com/`.
     Exec {
-        pod: String,
+        #[arg(required_unless_present = "internet")]
+        pod: Option<String>,
+        /// Run on the lab internet's host instead of in a pod.
+        #[arg(long, conflicts_with = "pod")]
+        internet: bool,
         #[arg(short, long, default_value = "default")]
         namespace: String,
         #[arg(last = true, required = true)]
@@ -157,10 +163,15 @@ fn run_inner(a: LabArgs) -> Result<ExitCode, String> {
         }
         LabCmd::Exec {
             pod,
+            internet,
             namespace,
             command,
         } => {
-            let code = find()?.exec(&pod, &namespace, &command)?;
+            let lab = find()?;
+            let code = match pod {
+                Some(pod) if !internet => lab.exec(&pod, &namespace, &command)?,
+                _ => lab.exec_internet(&command)?,
+            };
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         LabCmd::Node {

@@ -140,8 +140,10 @@ pub fn add_builtin(
     m.add(deployment).map_err(|e| e.to_string())
 }
 
-/// The command line of the lab internet's DNS server (authoritative for `example.com`).
-pub fn internet_argv(exe: &Path, host: Ipv4Addr) -> Vec<String> {
+/// The command line of the lab internet's DNS server (authoritative for `example.com`, and
+/// answering the names of `hosts`, which the lab keeps; after each load of it, its mark goes to
+/// `status_dir`).
+pub fn internet_argv(exe: &Path, host: Ipv4Addr, hosts: &Path, status_dir: &Path) -> Vec<String> {
     let mut argv = vec![
         exe.display().to_string(),
         "dns".into(),
@@ -154,6 +156,10 @@ pub fn internet_argv(exe: &Path, host: Ipv4Addr) -> Vec<String> {
         String::new(),
         "--workers".into(),
         "1".into(),
+        "--hosts".into(),
+        hosts.display().to_string(),
+        "--status-dir".into(),
+        status_dir.display().to_string(),
     ];
     for name in [
         INTERNET_DOMAIN.to_string(),

@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod cli;
 pub mod dns;
+pub mod edge;
 pub mod graph;
 pub mod infra;
 mod kubelet;
@@ -436,9 +437,24 @@ impl Lab {
             Some(INTERNET_ROUTER.parse().expect("valid")),
         )?;
         infra::sysctl(&rt, "net/ipv4/ip_forward", "1")?;
-        for d in ["logs", "pods", "status/dns"] {
+        for d in [
+            "logs",
+            "pods",
+            "status/dns",
+            "status/ingress",
+            "status/internet-dns",
+            "internet",
+        ] {
             std::fs::create_dir_all(self.dir.join(d)).map_err(|e| io(d, e))?;
         }
+        write_atomic(
+            &self.internet_hosts(),
+            &edge::hosts(&Manifests::default(), &Value::Null),
+        )?;
+        write_atomic(
+            &self.dir.join("internet/resolv.conf"),
+            &format!("nameserver {INTERNET_HOST}\n"),
+        )?;
         s.internet = Some(infra::spawn(
             &inet,
             "internet",
@@ -458,7 +474,12 @@ impl Lab {
         s.internet_dns = Some(infra::spawn(
             &inet,
             "internet",
-            &dns::internet_argv(&self.exe, INTERNET_HOST.parse().expect("valid")),
+            &dns::internet_argv(
+                &self.exe,
+                INTERNET_HOST.parse().expect("valid"),
+                &self.internet_hosts(),
+                &self.dir.join("status/internet-dns"),
+            ),
             &[],
             &self.dir.join("logs/internet-dns.log"),
             None,
@@ -645,18 +666,26 @@ impl Lab {
                 .as_deref()
                 != Some(want.as_str())
         };
-        self.wait_for("agents and DNS pods did not load the cluster state", || {
-            let agents = s.nodes.iter().map(|n| n.name.clone());
-            let dns_pods = s
-                .pods
-                .iter()
-                .filter(|p| dns::is_dns_pod(p) && p.status() == "Running")
-                .map(|p| format!("dns/{}", p.name));
-            Ok(agents
-                .chain(dns_pods)
-                .filter(|f| behind(f.clone()))
-                .collect())
-        })
+        self.wait_for(
+            "agents, DNS and ingress pods did not load the cluster state",
+            || {
+                let agents = s.nodes.iter().map(|n| n.name.clone());
+                let running = s.pods.iter().filter(|p| p.status() == "Running");
+                let dns_pods = running.clone().filter_map(|p| {
+                    if dns::is_dns_pod(p) {
+                        Some(format!("dns/{}", p.name))
+                    } else if edge::is_controller_pod(p) {
+                        Some(format!("ingress/{}", p.name))
+                    } else {
+                        None
+                    }
+                });
+                Ok(agents
+                    .chain(dns_pods)
+                    .filter(|f| behind(f.clone()))
+                    .collect())
+            },
+        )
     }
 
     /// The manifests as applied, with the lab's own (the cluster DNS).
@@ -669,6 +698,7 @@ impl Lab {
             &self.dir,
             INTERNET_HOST.parse().expect("valid"),
         )?;
+        edge::add_builtin(&mut m, &self.exe, &self.dir)?;
         Ok(m)
     }
 
@@ -678,7 +708,8 @@ impl Lab {
         let mut s = self.load()?;
         let m = self.cluster_manifests(&s)?;
         // Policies first: a new pod they select is isolated from its first packet.
-        if self.publish_policies(&m)? {
+        let policies_changed = self.publish_policies(&m)?;
+        if self.publish_edge(&m)? || policies_changed {
             self.wait_synced(&s)?;
         }
         let wants = plan::desired_pods(&m, &s.spec.nodes).map_err(|e| e.to_string())?;
@@ -722,6 +753,7 @@ impl Lab {
         let errors = self.create_pods(&mut s, todo);
         self.publish_services(&mut s, &m.services)?;
         self.wait_synced(&s)?;
+        self.publish_hostnames(&m)?;
         if errors.is_empty() {
             Ok(())
         } else {
@@ -753,6 +785,43 @@ impl Lab {
             .map(|(f, text)| (self.dir.join("cluster").join(f), text))
             .collect();
         self.sync_files(&["cluster/namespaces", "cluster/networkpolicies"], &want)
+    }
+
+    /// Writes the Ingress, IngressClass, Secret and Gateway API objects where the ingress
+    /// controller reads them; whether any changed.
+    fn publish_edge(&self, m: &Manifests) -> Result<bool, String> {
+        let want: BTreeMap<PathBuf, String> = edge::objects(m)
+            .into_iter()
+            .map(|(f, text)| (self.dir.join("cluster").join(f), text))
+            .collect();
+        let dirs = edge::object_dirs();
+        self.sync_files(&dirs.iter().map(String::as_str).collect::<Vec<_>>(), &want)
+    }
+
+    /// The hosts file the lab internet's DNS serves.
+    fn internet_hosts(&self) -> PathBuf {
+        self.dir.join("internet/hosts")
+    }
+
+    /// Publishes the hostnames the ingress controller serves to the lab internet's DNS (see
+    /// [`edge::hosts`]) and waits until it answers them.
+    fn publish_hostnames(&self, m: &Manifests) -> Result<(), String> {
+        let text = edge::hosts(m, &self.edge_status());
+        let path = self.internet_hosts();
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            write_atomic(&path, &text)?;
+        }
+        let want = state::file::text_mark(&text);
+        let loaded = self.dir.join("status/internet-dns/internet.hosts");
+        self.wait_for("the lab internet's DNS did not load the hostnames", || {
+            Ok(
+                if std::fs::read_to_string(&loaded).ok().as_deref() == Some(want.as_str()) {
+                    Vec::new()
+                } else {
+                    vec!["internet-dns".to_string()]
+                },
+            )
+        })
     }
 
     /// Makes the files of `dirs` exactly `want` (unchanged files are not rewritten, so the

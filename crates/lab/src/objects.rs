@@ -3,6 +3,7 @@
 
 use crate::{io, plan, policies, read_files, write_atomic, Lab};
 use cluster::manifests::namespaced;
+use cluster::store::{Kind, Object};
 use cluster::Manifests;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
@@ -85,6 +86,11 @@ impl Lab {
         all.network_policies.extend(m.network_policies);
         // Refused before anything changes: errors name the policy and field.
         policies::check(&all)?;
+        // The edge's objects: replaced by kind, namespace and name.
+        let incoming_edge: Vec<_> = m.edge.iter().map(|o| (o.kind(), edge_key(o))).collect();
+        all.edge
+            .retain(|o| !incoming_edge.contains(&(o.kind(), edge_key(o))));
+        all.edge.extend(m.edge);
         all.other.extend(m.other);
         self.write_manifests(&all)?;
         self.reconcile()
@@ -111,6 +117,7 @@ impl Lab {
             v["kind"] = "NetworkPolicy".into();
             v
         }));
+        docs.extend(m.edge.iter().map(|o| o.to_value().expect("json")));
         docs.extend(m.other.iter().cloned());
         let text: Vec<String> = docs
             .iter()
@@ -125,8 +132,9 @@ impl Lab {
         write_atomic(&dir.join("00-applied.yaml"), &text.join("\n---\n"))
     }
 
-    /// Removes a Pod, Deployment, StatefulSet, DaemonSet, Service or NetworkPolicy by name and
-    /// reconciles.
+    /// Removes a Pod, Deployment, StatefulSet, DaemonSet, Service, NetworkPolicy or one of the
+    /// edge's kinds (Ingress, IngressClass, Secret, GatewayClass, Gateway, HTTPRoute,
+    /// ReferenceGrant) by name and reconciles.
     pub fn delete(&self, kind: &str, name: &str, namespace: &str) -> Result<(), String> {
         let mut all = self.manifests()?;
         let matches =
@@ -138,6 +146,7 @@ impl Lab {
                 + m.daemon_sets.len()
                 + m.services.len()
                 + m.network_policies.len()
+                + m.edge.len()
         };
         let before = count(&all);
         match kind.to_ascii_lowercase().as_str() {
@@ -153,11 +162,18 @@ impl Lab {
             "networkpolicy" | "networkpolicies" | "netpol" => {
                 all.network_policies.retain(|p| !matches(&p.metadata))
             }
-            other => {
-                return Err(format!(
-                    "kind {other:?}: the lab deletes pod, deployment, statefulset, daemonset, service or networkpolicy"
-                ))
-            }
+            other => match edge_kind(other) {
+                Some(kind) => {
+                    let ns = if kind.namespaced() { namespace } else { "" };
+                    let key = (ns.to_string(), name.to_string());
+                    all.edge.retain(|o| o.kind() != kind || edge_key(o) != key)
+                }
+                None => {
+                    return Err(format!(
+                        "kind {other:?}: the lab deletes pod, deployment, statefulset, daemonset, service, networkpolicy, ingress, ingressclass, secret, gatewayclass, gateway, httproute or referencegrant"
+                    ))
+                }
+            },
         }
         if count(&all) == before {
             return Err(format!("{kind} {namespace}/{name} not found"));
@@ -165,4 +181,36 @@ impl Lab {
         self.write_manifests(&all)?;
         self.reconcile()
     }
+}
+
+/// An edge object's namespace (defaulted, as the API server does) and name.
+fn edge_key(o: &Object) -> (String, String) {
+    let (ns, name) = o.key();
+    if o.kind().namespaced() && ns.is_empty() {
+        ("default".into(), name)
+    } else {
+        (ns, name)
+    }
+}
+
+/// The edge's kind `kubectl delete` would take by this name (kind, plural or short name).
+fn edge_kind(name: &str) -> Option<Kind> {
+    Kind::ALL.into_iter().find(|k| {
+        let plural = k.api_resource().1;
+        let short = match k {
+            Kind::Ingress => "ing",
+            Kind::Gateway => "gtw",
+            _ => "",
+        };
+        matches!(
+            k,
+            Kind::Ingress
+                | Kind::IngressClass
+                | Kind::Secret
+                | Kind::GatewayClass
+                | Kind::Gateway
+                | Kind::HttpRoute
+                | Kind::ReferenceGrant
+        ) && (name == k.name().to_ascii_lowercase() || name == plural || name == short)
+    })
 }

@@ -286,4 +286,20 @@ impl Lab {
             .map_err(|e| io(format!("running {}", argv[0]), e))?;
         Ok(status.code().unwrap_or(1))
     }
+
+    /// Runs a command on the lab internet's host: its network namespace, its DNS.
+    pub fn exec_internet(&self, argv: &[String]) -> Result<i32, String> {
+        if argv.is_empty() {
+            return Err("nothing to run: lab exec --internet -- COMMAND [ARGS…]".into());
+        }
+        let ns = infra::open_ns(&infra::ns_name(&self.name(), "internet"))?;
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        let resolv = self.dir.join("internet/resolv.conf");
+        infra::enter(&mut cmd, &ns, "internet", false, Some(&resolv));
+        let status = cmd
+            .status()
+            .map_err(|e| io(format!("running {}", argv[0]), e))?;
+        Ok(status.code().unwrap_or(1))
+    }
 }

@@ -2,7 +2,7 @@
 //! state as JSON.
 
 use crate::infra::Proc;
-use crate::{policies, services, Lab, INTERNET_HOST};
+use crate::{edge, policies, services, Lab, INTERNET_HOST};
 use cluster::manifests::namespaced;
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{json, Value};
@@ -33,7 +33,7 @@ impl Lab {
                 })
                 .collect();
             return Ok(serde_json::to_string_pretty(&json!({"lab": s.spec.name, "backend": s.spec.backend.as_str(), "services": services,
-                "networkPolicies": policies,
+                "networkPolicies": policies, "ingress": self.edge_status(),
                 "clusterCIDR": s.spec.cluster_cidr, "serviceCIDR": s.spec.service_cidr, "nodes": nodes, "pods": pods,
                 "internet": INTERNET_HOST}))
             .expect("json"));
@@ -86,7 +86,8 @@ impl Lab {
                 "0/0", "Pending", 0, "<none>"
             );
         }
-        out += &policies::table(&self.manifests()?);
+        let m = self.manifests()?;
+        out += &policies::table(&m);
         if !s.services.is_empty() {
             out += &format!(
                 "\n{:<12} {:<20} {:<13} {:<15} {:<15} {:<24} {}\n",
@@ -117,7 +118,16 @@ impl Lab {
                 );
             }
         }
+        out += &edge::table(&m, &self.edge_status());
         Ok(out)
+    }
+
+    /// The ingress controller's statuses (Ingress addresses, Gateway API conditions, problems).
+    pub(crate) fn edge_status(&self) -> Value {
+        std::fs::read_to_string(self.dir.join(edge::STATUS_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
     }
 }
 

@@ -245,6 +245,55 @@ fn run(dir: &Path, events: &Receiver<notify::Result<notify::Event>>, tx: &Sender
     }
 }
 
+/// A mark for a text file's content, for a reader to report what it loaded (the writer computes
+/// the same mark of what it wrote).
+pub fn text_mark(text: &str) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Calls `changed` with the text of `path` (empty while it does not exist) now and again each
+/// time the file is written, replaced or removed. The parent directory is watched, so an
+/// atomic replace (write aside, rename) is seen.
+pub fn watch_text(
+    path: PathBuf,
+    mut changed: impl FnMut(&str) + Send + 'static,
+) -> Result<(), String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let (ntx, nrx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(ntx).map_err(|e| format!("inotify: {e}"))?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let mut last = read(&path);
+    changed(&last);
+    std::thread::Builder::new()
+        .name("text-watch".into())
+        .spawn(move || {
+            let _watcher = watcher; // dropping it would end the events
+            while let Ok(ev) = nrx.recv() {
+                let ours = match ev {
+                    Ok(ev) => ev.need_rescan() || ev.paths.iter().any(|p| p == &path),
+                    Err(_) => true,
+                };
+                // Several events per replace: the content decides.
+                let now = read(&path);
+                if ours && now != last {
+                    changed(&now);
+                    last = now;
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,13 @@ pub fn gather(
 
 /// Writes `text` to `path` atomically: aside first, then renamed into place, so a reader (a
 /// runtime reading a CNI config, a lab reading a status file) sees the old or the new file whole.
+/// `<dir>/<hostname><suffix>`: where one replica of a daemon reports the state it loaded, so a
+/// lab or a test can wait for every replica.
+pub fn replica_status_path(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    dir.join(format!("{}{suffix}", host.trim()))
+}
+
 pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
