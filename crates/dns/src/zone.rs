@@ -1102,9 +1102,10 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("hosts line 4:"), "{problems:?}");
         assert!(problems[1].contains("names no host"), "{problems:?}");
-        let mut cfg = ZoneConfig::default();
-        cfg.records = records;
-        let z = Zone::new(&cfg);
+        let z = Zone::new(&ZoneConfig {
+            records,
+            ..ZoneConfig::default()
+        });
         let q: Name = "VIDEO.example.com.".parse().unwrap();
         assert!(matches!(z.lookup(&q, RecordType::A), Answer::Records(a, _) if a.len() == 1));
     }
