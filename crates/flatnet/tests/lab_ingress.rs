@@ -215,7 +215,7 @@ fn weighted_split_holds_and_route_flips_drop_no_request() {
     let script = format!(
         "while [ ! -e {} ]; do curl -s -w '%{{http_code}}\\n' {}; done",
         stop.display(),
-        vec!["http://flip.example.com/"; 10].join(" ")
+        ["http://flip.example.com/"; 10].join(" ")
     );
     let client = Command::new(BIN)
         .args(["lab", "--root"])
