@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub struct BenchOptions {
@@ -19,40 +19,7 @@ pub struct BenchOptions {
     pub client_cpu: usize,
 }
 
-/// A child process killed when dropped (only processes this bench started).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cpu: usize, argv: &[String], log: &Path) -> Result<Proc, String> {
-    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let child = Command::new("taskset")
-        .arg("-c")
-        .arg(cpu.to_string())
-        .args(argv)
-        .stdout(out.try_clone().map_err(|e| e.to_string())?)
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", argv[0]))?;
-    Ok(Proc(child))
-}
-
-fn need(cmd: &str, package: &str) -> Result<(), String> {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-        .unwrap_or(false);
-    if found {
-        Ok(())
-    } else {
-        Err(format!("{cmd} not found: apt-get install {package}"))
-    }
-}
+use netns::measure::{need, spawn_pinned as spawn};
 
 fn service_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 20 + i as u32)

@@ -39,8 +39,15 @@ enum Cmd {
         args: dns::cli::DnsArgs,
     },
     /// The HTTP edge: Ingress and Gateway API routes over HTTP/1.1, HTTP/2 and TLS, straight to
-    /// the endpoints; route changes swap in without dropping a request.
-    Ingress(ingress::daemon::Options),
+    /// the endpoints; route changes swap in without dropping a request (`flatnet ingress
+    /// bench`: against nginx and haproxy).
+    #[command(args_conflicts_with_subcommands = true)]
+    Ingress {
+        #[command(subcommand)]
+        tool: Option<ingress::bench::IngressTool>,
+        #[command(flatten)]
+        args: ingress::daemon::Options,
+    },
     /// Copies this binary into a CNI plugin directory as `flatnet` (atomically), as the
     /// DaemonSet's init container does on every node.
     InstallCni {
@@ -134,7 +141,10 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::main(a),
         Cmd::Dns { tool: Some(t), .. } => dns::cli::tool(t),
         Cmd::Dns { tool: None, args } => dns::cli::main(args),
-        Cmd::Ingress(o) => report(ingress::daemon::run(o).map(|()| "drained".into())),
+        Cmd::Ingress { tool: Some(t), .. } => ingress::bench::tool(t),
+        Cmd::Ingress { tool: None, args } => {
+            report(ingress::daemon::run(args).map(|()| "drained".into()))
+        }
         Cmd::State {
             tool:
                 StateTool::Bench {

@@ -57,6 +57,9 @@ pub struct Options {
     /// `<hostname>`: the mark of the state loaded (so a lab can wait for every replica).
     #[arg(long)]
     pub status_dir: Option<PathBuf>,
+    /// Worker threads serving connections; default: the CPUs this process may run on.
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Seconds a client has to send a request's headers.
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
@@ -281,7 +284,11 @@ pub fn run(opts: Options) -> Result<(), String> {
         out
     })
     .map_err(|e| format!("binding {}: {e}", opts.status))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = opts.workers {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;

@@ -3,6 +3,7 @@
 //! atomic pointer and swaps a new one in on a change, so requests in flight finish on the table
 //! they started with.
 
+pub mod bench;
 pub mod daemon;
 pub mod edge;
 pub mod endpoints;

@@ -61,3 +61,54 @@ pub fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
 pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
+
+/// A process a bench started, killed when dropped (a bench ends only what it started).
+pub struct Pinned(pub std::process::Child);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Pinned {
+    /// The process's resident memory now, KiB (0 once it is gone).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Starts `argv` on CPU `cpu` (through `taskset`), its output going to `log`.
+pub fn spawn_pinned(cpu: usize, argv: &[String], log: &std::path::Path) -> Result<Pinned, String> {
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let child = std::process::Command::new("taskset")
+        .arg("-c")
+        .arg(cpu.to_string())
+        .args(argv)
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(out)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", argv[0]))?;
+    Ok(Pinned(child))
+}
+
+/// Fails naming the Debian package when `cmd` is not on the PATH.
+pub fn need(cmd: &str, package: &str) -> Result<(), String> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(format!("{cmd} not found: apt-get install {package}"))
+    }
+}
+
