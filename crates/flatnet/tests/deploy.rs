@@ -1,11 +1,13 @@
 //! The manifests of `deploy/`: every document parses as its API type with no field the type
 //! lacks (a typo would be dropped silently by the API server's decoder too), and the RBAC rules
-//! of each component are exactly what the code watches (`agent::KINDS`, `dns::KINDS`): get,
+//! of each component are exactly what the code watches (`agent::KINDS`, `dns::KINDS`,
+//! `ingress::daemon::KINDS`): get,
 //! list and watch on each kind, nothing else. A new watch without its rule fails here.
 
 use cluster::Kind;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::IngressClass;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde_json::Value;
@@ -122,15 +124,36 @@ fn every_manifest_parses_as_its_api_type() {
                 let pod = d.spec.template.spec.unwrap();
                 assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
                 let probe = pod.containers[0].readiness_probe.as_ref().unwrap();
+                let ready = match d.metadata.name.as_deref() {
+                    Some("flatnet-dns") => "/ready",
+                    Some("flatnet-ingress") => "/readyz",
+                    other => panic!("{file}: a Deployment {other:?} the test does not know"),
+                };
                 assert_eq!(
                     probe.http_get.as_ref().unwrap().path.as_deref(),
-                    Some("/ready")
+                    Some(ready)
                 );
             }
             "Service" => {
                 let s = typed::<Service>(file, doc);
-                assert_eq!(s.metadata.name.as_deref(), Some("kube-dns"));
-                assert_eq!(s.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+                let spec = s.spec.unwrap();
+                match s.metadata.name.as_deref() {
+                    Some("kube-dns") => {
+                        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"))
+                    }
+                    Some("flatnet-ingress") => {
+                        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+                        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+                    }
+                    other => panic!("{file}: a Service {other:?} the test does not know"),
+                }
+            }
+            "IngressClass" => {
+                let c = typed::<IngressClass>(file, doc);
+                assert_eq!(
+                    c.spec.unwrap().controller.as_deref(),
+                    Some(ingress::ingress::CONTROLLER)
+                );
             }
             "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(file, doc)),
             other => panic!("{file}: a {other} the test does not know"),
@@ -190,11 +213,11 @@ fn wanted(kinds: &[Kind]) -> BTreeMap<(String, String), BTreeSet<String>> {
         .collect()
 }
 
-/// The service account each workload runs as.
-fn service_account(kind: &str) -> (String, String) {
+/// The service account the workload `kind`/`name` runs as.
+fn service_account(kind: &str, name: &str) -> (String, String) {
     let (_, d) = documents()
         .into_iter()
-        .find(|(_, d)| d["kind"] == kind)
+        .find(|(_, d)| d["kind"] == kind && d["metadata"]["name"] == name)
         .unwrap();
     (
         d["metadata"]["namespace"].as_str().unwrap().to_string(),
@@ -207,21 +230,38 @@ fn service_account(kind: &str) -> (String, String) {
 
 #[test]
 fn rbac_is_exactly_what_the_code_watches() {
-    let (ns, sa) = service_account("DaemonSet");
+    let (ns, sa) = service_account("DaemonSet", "flatnet-agent");
     assert_eq!(
         granted(&ns, &sa),
         wanted(&agent::KINDS),
         "the agent's ClusterRole"
     );
-    let (ns, sa) = service_account("Deployment");
+    let (ns, sa) = service_account("Deployment", "flatnet-dns");
     assert_eq!(
         granted(&ns, &sa),
         wanted(&dns::KINDS),
         "the DNS server's ClusterRole"
+    );
+    let (ns, sa) = service_account("Deployment", "flatnet-ingress");
+    assert_eq!(
+        granted(&ns, &sa),
+        wanted(&ingress::daemon::KINDS),
+        "the edge's ClusterRole"
     );
     // The watches are built from the same lists.
     let watched: BTreeSet<Kind> = agent::watches().iter().map(|w| w.kind).collect();
     assert_eq!(watched, agent::KINDS.into_iter().collect());
     let watched: BTreeSet<Kind> = dns::watches().iter().map(|w| w.kind).collect();
     assert_eq!(watched, dns::KINDS.into_iter().collect());
+    let watched: BTreeSet<Kind> = (ingress::daemon::watches().iter()).map(|w| w.kind).collect();
+    assert_eq!(watched, ingress::daemon::KINDS.into_iter().collect());
+}
+
+#[test]
+fn the_gateway_class_names_the_edge() {
+    let text = std::fs::read_to_string(deploy_dir().join("gateway-api/gatewayclass.yaml")).unwrap();
+    let doc: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(doc["apiVersion"], "gateway.networking.k8s.io/v1");
+    let class: cluster::gateway::GatewayClass = serde_json::from_value(doc).unwrap();
+    assert_eq!(class.spec.controller_name, ingress::ingress::CONTROLLER);
 }

@@ -284,10 +284,17 @@ pub fn run(opts: Options) -> Result<(), String> {
         out
     })
     .map_err(|e| format!("binding {}: {e}", opts.status))?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = opts.workers {
-        rt.worker_threads(n.max(1));
-    }
+    // One worker: tokio's current-thread scheduler, without the work-stealing one's
+    // cross-thread queues (as one nginx or haproxy worker).
+    let mut rt = match opts.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = rt
         .enable_all()
         .build()

@@ -62,11 +62,21 @@ pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-/// A process a bench started, killed when dropped (a bench ends only what it started).
+/// A process a bench started, ended when dropped (a bench ends only what it started): SIGTERM
+/// first, so a server with worker processes (nginx) takes them down with it; SIGKILL after 2 s.
 pub struct Pinned(pub std::process::Child);
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -124,6 +124,23 @@ pub async fn run(client: Client, watches: Vec<Watch>, tx: Sender<Vec<Update>>) {
                     }
                 }
                 Ok(Event::Delete(o)) => out.push(Update::Delete(kind, key(kind, &o))),
+                // A kind the API server does not serve (the Gateway API's CRDs not installed):
+                // listed and empty, so the rest is served; the watcher keeps retrying, and
+                // installing the CRDs later is picked up.
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(st)))
+                    if st.is_not_found() && unlisted.contains(&kind) =>
+                {
+                    out.push(Update::Relist(kind));
+                    out.push(Update::Listed(kind));
+                    unlisted.remove(&kind);
+                    if unlisted.is_empty() {
+                        out.push(Update::Synced);
+                    }
+                    out.push(Update::Error(format!(
+                        "{}: not served by the API server (is its CRD installed?); empty until it is",
+                        kind.api_resource().1
+                    )));
+                }
                 Err(e) => out.push(Update::Error(format!(
                     "watching {} (the last state stays): {e}",
                     kind.api_resource().1
@@ -261,6 +278,41 @@ mod tests {
     fn port(store: &Store, name: &str) -> Option<i32> {
         let s: &k8s_openapi::api::core::v1::Service = store.get("default", name)?;
         Some(s.spec.as_ref()?.ports.as_ref()?[0].port)
+    }
+
+    #[tokio::test]
+    async fn a_kind_the_server_does_not_serve_counts_as_listed_and_empty() {
+        let not_found = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+        // The first list is the Gateways' (404), the second the Services'.
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            let mut parked = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let uri = req.uri().to_string();
+                let (code, body) = if uri.contains("watch=true") {
+                    parked.push(send);
+                    continue;
+                } else if uri.contains("/gateways") {
+                    (404, not_found.to_string())
+                } else {
+                    list(3, vec![svc("a", 2, 80)], None)
+                };
+                let resp = Response::builder().status(code).body(Body::from(body.into_bytes()));
+                send.send_response(resp.unwrap());
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watches = vec![Watch::all(Kind::Gateway), Watch::all(Kind::Service)];
+        tokio::spawn(run(Client::new(mock, "default"), watches, tx));
+        let mut store = Store::new();
+        let seen = until(&rx, &mut store, |s| s.synced()).await;
+        assert_eq!(store.count(Kind::Service), 1);
+        assert_eq!(store.count(Kind::Gateway), 0);
+        assert!(
+            seen.iter().any(|u| matches!(u, Update::Error(e) if e.contains("gateways: not served"))),
+            "{seen:?}"
+        );
     }
 
     #[tokio::test]
