@@ -253,7 +253,9 @@ fn rbac_is_exactly_what_the_code_watches() {
     assert_eq!(watched, agent::KINDS.into_iter().collect());
     let watched: BTreeSet<Kind> = dns::watches().iter().map(|w| w.kind).collect();
     assert_eq!(watched, dns::KINDS.into_iter().collect());
-    let watched: BTreeSet<Kind> = (ingress::daemon::watches().iter()).map(|w| w.kind).collect();
+    let watched: BTreeSet<Kind> = (ingress::daemon::watches().iter())
+        .map(|w| w.kind)
+        .collect();
     assert_eq!(watched, ingress::daemon::KINDS.into_iter().collect());
 }
 

@@ -46,7 +46,11 @@ fn request(c: &mut BufReader<TcpStream>, host: &str, path: &str) -> std::io::Res
     )?;
     let mut line = String::new();
     c.read_line(&mut line)?;
-    let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let mut len = 0usize;
     loop {
         line.clear();
@@ -72,7 +76,13 @@ fn connect(port: u16) -> std::io::Result<BufReader<TcpStream>> {
 }
 
 /// Waits until `host``path` on `port` answers 200; the error carries the end of `log`.
-fn wait_serving(port: u16, host: &str, path: &str, what: &str, log: &Path) -> Result<Duration, String> {
+fn wait_serving(
+    port: u16,
+    host: &str,
+    path: &str,
+    what: &str,
+    log: &Path,
+) -> Result<Duration, String> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
         if let Ok(200) = connect(port).and_then(|mut c| request(&mut c, host, path)) {
@@ -95,30 +105,48 @@ fn flatnet_manifests(dir: &Path, origin: u16, routes: usize, cert: &(String, Str
     let write = |name: &str, v: serde_json::Value| {
         std::fs::write(dir.join(format!("{name}.json")), v.to_string()).expect("bench dir");
     };
-    write("class", json!({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+    write(
+        "class",
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
         "metadata": {"name": "flatnet", "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}},
-        "spec": {"controller": crate::ingress::CONTROLLER}}));
-    write("origin-svc", json!({"apiVersion": "v1", "kind": "Service",
+        "spec": {"controller": crate::ingress::CONTROLLER}}),
+    );
+    write(
+        "origin-svc",
+        json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "origin", "namespace": "default"},
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": origin}]}}));
-    write("origin-eps", json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": origin}]}}),
+    );
+    write(
+        "origin-eps",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "origin-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "origin"}},
         "addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
-        "ports": [{"name": "http", "port": origin, "protocol": "TCP"}]}));
+        "ports": [{"name": "http", "port": origin, "protocol": "TCP"}]}),
+    );
     let b64 = |s: &str| {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(s)
     };
-    write("tls", json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+    write(
+        "tls",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
         "metadata": {"name": "bench-tls", "namespace": "default"},
-        "data": {"tls.crt": b64(&cert.0), "tls.key": b64(&cert.1)}}));
+        "data": {"tls.crt": b64(&cert.0), "tls.key": b64(&cert.1)}}),
+    );
     let backend = json!({"service": {"name": "origin", "port": {"name": "http"}}});
-    write("shop", json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+    write(
+        "shop",
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
         "metadata": {"name": "shop", "namespace": "default"},
         "spec": {"tls": [{"hosts": [HOST], "secretName": "bench-tls"}],
-                 "rules": [{"host": HOST, "http": {"paths": [{"path": "/shop", "pathType": "Prefix", "backend": backend}]}}]}}));
+                 "rules": [{"host": HOST, "http": {"paths": [{"path": "/shop", "pathType": "Prefix", "backend": backend}]}}]}}),
+    );
     for i in 0..routes {
-        write(&format!("app-{i}"), route_ingress(&format!("app-{i}"), &format!("app-{i}.bench")));
+        write(
+            &format!("app-{i}"),
+            route_ingress(&format!("app-{i}"), &format!("app-{i}.bench")),
+        );
     }
 }
 
@@ -230,7 +258,10 @@ fn wrk(o: &BenchOptions, url: &str, host: &str) -> Result<Figures, String> {
         }
     }
     if f.rate == 0.0 {
-        return Err(format!("wrk {url}: no rate in its output:\n{text}{}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "wrk {url}: no rate in its output:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(f)
 }
@@ -246,7 +277,12 @@ fn median(mut v: Vec<Figures>) -> Figures {
 }
 
 pub fn run(o: &BenchOptions) -> Result<String, String> {
-    for (cmd, pkg) in [("wrk", "wrk"), ("nginx", "nginx-light"), ("haproxy", "haproxy"), ("taskset", "util-linux")] {
+    for (cmd, pkg) in [
+        ("wrk", "wrk"),
+        ("nginx", "nginx-light"),
+        ("haproxy", "haproxy"),
+        ("taskset", "util-linux"),
+    ] {
         need(cmd, pkg)?;
     }
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -254,12 +290,17 @@ pub fn run(o: &BenchOptions) -> Result<String, String> {
     for d in ["body", "proxy", "flatnet", "big"] {
         std::fs::create_dir_all(dir.join(d)).map_err(|e| e.to_string())?;
     }
-    let cert = rcgen::generate_simple_self_signed(vec![HOST.to_string()]).map_err(|e| e.to_string())?;
+    let cert =
+        rcgen::generate_simple_self_signed(vec![HOST.to_string()]).map_err(|e| e.to_string())?;
     let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
     std::fs::write(dir.join("cert.pem"), &cert_pem).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("key.pem"), &key_pem).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("combined.pem"), format!("{cert_pem}{key_pem}")).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?.display().to_string();
+    std::fs::write(dir.join("combined.pem"), format!("{cert_pem}{key_pem}"))
+        .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
     let p = |f: &str| dir.join(f);
     let conf = |name: &str, text: String| -> Result<PathBuf, String> {
         let path = dir.join(name);
@@ -270,26 +311,78 @@ pub fn run(o: &BenchOptions) -> Result<String, String> {
     // The origin: nginx answering every request itself, on the client's CPU.
     let origin = free_port()?;
     let origin_conf = conf("origin.conf", nginx_conf(dir, None, origin, 0))?;
-    let _origin = spawn_pinned(o.client_cpu, &["nginx".into(), "-c".into(), origin_conf.display().to_string()], &p("origin.log"))?;
+    let _origin = spawn_pinned(
+        o.client_cpu,
+        &[
+            "nginx".into(),
+            "-c".into(),
+            origin_conf.display().to_string(),
+        ],
+        &p("origin.log"),
+    )?;
     wait_serving(origin, "origin", "/", "the origin", &p("origin.log"))?;
 
     let mut proxies: Vec<(&str, u16, u16, Pinned)> = Vec::new();
     let (fh, fs, fstatus) = (free_port()?, free_port()?, free_port()?);
-    flatnet_manifests(&dir.join("flatnet"), origin, o.routes, &(cert_pem.clone(), key_pem.clone()));
+    flatnet_manifests(
+        &dir.join("flatnet"),
+        origin,
+        o.routes,
+        &(cert_pem.clone(), key_pem.clone()),
+    );
     let flatnet_argv = |d: &str, http: u16, https: u16, status: u16| -> Vec<String> {
         vec![
-            exe.clone(), "ingress".into(), "--dir".into(), dir.join(d).display().to_string(),
-            "--http".into(), format!("127.0.0.1:{http}"), "--https".into(), format!("127.0.0.1:{https}"),
-            "--status".into(), format!("127.0.0.1:{status}"), "--workers".into(), "1".into(),
+            exe.clone(),
+            "ingress".into(),
+            "--dir".into(),
+            dir.join(d).display().to_string(),
+            "--http".into(),
+            format!("127.0.0.1:{http}"),
+            "--https".into(),
+            format!("127.0.0.1:{https}"),
+            "--status".into(),
+            format!("127.0.0.1:{status}"),
+            "--workers".into(),
+            "1".into(),
         ]
     };
-    proxies.push(("flatnet", fh, fs, spawn_pinned(o.proxy_cpu, &flatnet_argv("flatnet", fh, fs, fstatus), &p("flatnet.log"))?));
+    proxies.push((
+        "flatnet",
+        fh,
+        fs,
+        spawn_pinned(
+            o.proxy_cpu,
+            &flatnet_argv("flatnet", fh, fs, fstatus),
+            &p("flatnet.log"),
+        )?,
+    ));
     let (nh, ns) = (free_port()?, free_port()?);
-    let nconf = conf("nginx.conf", nginx_conf(dir, Some((nh, ns)), origin, o.routes))?;
-    proxies.push(("nginx", nh, ns, spawn_pinned(o.proxy_cpu, &["nginx".into(), "-c".into(), nconf.display().to_string()], &p("nginx.log"))?));
+    let nconf = conf(
+        "nginx.conf",
+        nginx_conf(dir, Some((nh, ns)), origin, o.routes),
+    )?;
+    proxies.push((
+        "nginx",
+        nh,
+        ns,
+        spawn_pinned(
+            o.proxy_cpu,
+            &["nginx".into(), "-c".into(), nconf.display().to_string()],
+            &p("nginx.log"),
+        )?,
+    ));
     let (hh, hs) = (free_port()?, free_port()?);
     let hconf = conf("haproxy.cfg", haproxy_conf(dir, hh, hs, origin, o.routes))?;
-    proxies.push(("haproxy", hh, hs, spawn_pinned(o.proxy_cpu, &["haproxy".into(), "-f".into(), hconf.display().to_string()], &p("haproxy.log"))?));
+    proxies.push((
+        "haproxy",
+        hh,
+        hs,
+        spawn_pinned(
+            o.proxy_cpu,
+            &["haproxy".into(), "-f".into(), hconf.display().to_string()],
+            &p("haproxy.log"),
+        )?,
+    ));
     for (name, http, _, _) in &proxies {
         let log = p(&format!("{name}.log"));
         wait_serving(*http, HOST, PATH, name, &log)?;
@@ -300,7 +393,11 @@ pub fn run(o: &BenchOptions) -> Result<String, String> {
         "flatnet ingress bench: wrk -t1 -c{} -d{}s, {} rounds interleaved (median); each proxy one worker on CPU {}, wrk and the origin (nginx) on CPU {}; {} routes besides the measured one\n\n",
         o.connections, o.seconds, o.rounds, o.proxy_cpu, o.client_cpu, o.routes
     );
-    let _ = writeln!(report, "{:<8} {:<9} {:>12} {:>10} {:>8} {:>16}", "MODE", "PROXY", "REQUESTS/S", "P99", "ERRORS", "RATE VS HAPROXY");
+    let _ = writeln!(
+        report,
+        "{:<8} {:<9} {:>12} {:>10} {:>8} {:>16}",
+        "MODE", "PROXY", "REQUESTS/S", "P99", "ERRORS", "RATE VS HAPROXY"
+    );
     for tls in [false, true] {
         let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); proxies.len()];
         for _ in 0..o.rounds.max(1) {
@@ -334,7 +431,11 @@ pub fn run(o: &BenchOptions) -> Result<String, String> {
     // 5,000 Ingresses: a change served, and the controller's memory.
     let (bh, bs, bstatus) = (free_port()?, free_port()?, free_port()?);
     flatnet_manifests(&dir.join("big"), origin, o.big_routes, &(cert_pem, key_pem));
-    let big = spawn_pinned(o.proxy_cpu, &flatnet_argv("big", bh, bs, bstatus), &p("big.log"))?;
+    let big = spawn_pinned(
+        o.proxy_cpu,
+        &flatnet_argv("big", bh, bs, bstatus),
+        &p("big.log"),
+    )?;
     let last = format!("app-{}.bench", o.big_routes.saturating_sub(1));
     let cold = wait_serving(bh, &last, "/", "flatnet with many routes", &p("big.log"))?;
     netns::measure::pin_to_cpu(o.client_cpu);
@@ -348,7 +449,8 @@ pub fn run(o: &BenchOptions) -> Result<String, String> {
         let started = Instant::now();
         std::fs::rename(&tmp, dir.join("big/changing.json")).map_err(|e| e.to_string())?;
         loop {
-            let code = request(&mut conn, &host, "/").map_err(|e| format!("polling the change: {e}"))?;
+            let code =
+                request(&mut conn, &host, "/").map_err(|e| format!("polling the change: {e}"))?;
             if code == 200 {
                 took.push(started.elapsed());
                 break;

@@ -396,6 +396,10 @@ fn follow(
                     tracing::warn!("{}: {e}", path.display());
                 }
             }
+            if first {
+                // The parsed listing was several times the table's size.
+                cluster::release_freed_memory();
+            }
             metrics.reloads.inc();
             metrics
                 .reload_seconds

@@ -121,4 +121,3 @@ pub fn need(cmd: &str, package: &str) -> Result<(), String> {
         Err(format!("{cmd} not found: apt-get install {package}"))
     }
 }
-

@@ -383,4 +383,27 @@ mod tests {
         assert_eq!(store.count(Kind::Service), 2);
         assert!(store.synced());
     }
+
+    #[test]
+    fn watched_text_follows_replaces_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "1.2.3.4 a.example\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        watch_text(path.clone(), move |t| tx.send(t.to_string()).unwrap()).unwrap();
+        let next = || rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(next(), "1.2.3.4 a.example\n");
+        // Replaced atomically, as the lab writes it.
+        let tmp = dir.path().join("hosts.tmp");
+        std::fs::write(&tmp, "5.6.7.8 b.example\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(next(), "5.6.7.8 b.example\n");
+        assert_eq!(
+            text_mark("5.6.7.8 b.example\n"),
+            text_mark("5.6.7.8 b.example\n")
+        );
+        assert_ne!(text_mark("x"), text_mark("y"));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(next(), "");
+    }
 }

@@ -298,7 +298,9 @@ mod tests {
                 } else {
                     list(3, vec![svc("a", 2, 80)], None)
                 };
-                let resp = Response::builder().status(code).body(Body::from(body.into_bytes()));
+                let resp = Response::builder()
+                    .status(code)
+                    .body(Body::from(body.into_bytes()));
                 send.send_response(resp.unwrap());
             }
         });
@@ -310,7 +312,8 @@ mod tests {
         assert_eq!(store.count(Kind::Service), 1);
         assert_eq!(store.count(Kind::Gateway), 0);
         assert!(
-            seen.iter().any(|u| matches!(u, Update::Error(e) if e.contains("gateways: not served"))),
+            seen.iter()
+                .any(|u| matches!(u, Update::Error(e) if e.contains("gateways: not served"))),
             "{seen:?}"
         );
     }
