@@ -258,6 +258,37 @@ fn weighted_split_holds_and_route_flips_drop_no_request() {
     for b in ["shop", "video"] {
         assert!(got.iter().any(|(_, x)| x == b), "{b} never answered");
     }
+
+    // `lab delete` takes the route away, and its hostname with it (curl: 6, not resolved).
+    let out = lab.flatnet(&["delete", "httproute", "flip"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let routes = lab.status()["ingress"]["httpRoutes"].clone();
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["name"] != "flip"),
+        "{routes}"
+    );
+    let gone = lab.flatnet(&[
+        "exec",
+        "--internet",
+        "--",
+        "curl",
+        "-s",
+        "http://flip.example.com/",
+    ]);
+    assert_eq!(
+        gone.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&gone.stdout)
+    );
 }
 
 /// The looping client; it is told to stop (and waited for) also when the test fails early.
