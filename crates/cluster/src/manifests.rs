@@ -159,15 +159,13 @@ impl Manifests {
             "NetworkPolicy" => self
                 .network_policies
                 .push(serde_json::from_value(doc).map_err(typed)?),
-            "Ingress" | "IngressClass" | "Secret" | "GatewayClass" | "Gateway" | "HTTPRoute"
-            | "ReferenceGrant" => {
-                let kind = crate::store::Kind::ALL
-                    .into_iter()
-                    .find(|k| k.name() == kind)
-                    .expect("a store kind");
-                self.edge.push(Object::from_value(kind, doc)?)
-            }
-            _ => self.other.push(doc),
+            _ => match crate::store::Kind::EDGE
+                .into_iter()
+                .find(|k| k.name() == kind)
+            {
+                Some(kind) => self.edge.push(Object::from_value(kind, doc)?),
+                None => self.other.push(doc),
+            },
         }
         Ok(())
     }

@@ -59,6 +59,18 @@ impl Kind {
         Kind::ReferenceGrant,
     ];
 
+    /// The edge's own kinds (what `Manifests::edge` holds): Ingress, IngressClass, Secret and
+    /// the Gateway API's.
+    pub const EDGE: [Kind; 7] = [
+        Kind::Ingress,
+        Kind::IngressClass,
+        Kind::Secret,
+        Kind::GatewayClass,
+        Kind::Gateway,
+        Kind::HttpRoute,
+        Kind::ReferenceGrant,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Node => "Node",

@@ -123,9 +123,8 @@ pub fn objects(m: &Manifests) -> BTreeMap<String, String> {
             _ => o.to_value(),
         }
         .expect("json");
-        let (mut ns, name) = o.key();
-        if kind.namespaced() && ns.is_empty() {
-            ns = "default".into();
+        let (ns, name) = key(o);
+        if kind.namespaced() {
             v["metadata"]["namespace"] = ns.clone().into();
         }
         let file = if ns.is_empty() {
@@ -140,18 +139,19 @@ pub fn objects(m: &Manifests) -> BTreeMap<String, String> {
 
 /// The `cluster/` subdirectories [`objects`] writes.
 pub fn object_dirs() -> Vec<String> {
-    [
-        Kind::Ingress,
-        Kind::IngressClass,
-        Kind::Secret,
-        Kind::GatewayClass,
-        Kind::Gateway,
-        Kind::HttpRoute,
-        Kind::ReferenceGrant,
-    ]
-    .into_iter()
-    .map(|k| format!("cluster/{}", k.api_resource().1))
-    .collect()
+    (Kind::EDGE.iter())
+        .map(|k| format!("cluster/{}", k.api_resource().1))
+        .collect()
+}
+
+/// An edge object's namespace (defaulted to `default`, as the API server does) and name.
+pub fn key(o: &Object) -> (String, String) {
+    let (ns, name) = o.key();
+    if o.kind().namespaced() && ns.is_empty() {
+        ("default".into(), name)
+    } else {
+        (ns, name)
+    }
 }
 
 fn addresses(v: &Value, pointer: &str, field: &str) -> Vec<String> {
@@ -172,7 +172,7 @@ fn exact(host: &str) -> bool {
 /// for a route without hostnames, its Gateway's listener hostnames), with the address the
 /// controller published for it. Wildcard hostnames have no record.
 pub fn hosts(m: &Manifests, status: &Value) -> String {
-    let key = |v: &Value| {
+    let status_key = |v: &Value| {
         let s = |f: &str| {
             v.get(f)
                 .and_then(Value::as_str)
@@ -182,10 +182,7 @@ pub fn hosts(m: &Manifests, status: &Value) -> String {
         (s("namespace"), s("name"))
     };
     let find = |kind: Kind, k: &(String, String)| {
-        m.edge.iter().find(|o| {
-            let (ns, n) = o.key();
-            o.kind() == kind && (if ns.is_empty() { "default".into() } else { ns }, n) == *k
-        })
+        (m.edge.iter()).find(|o| o.kind() == kind && key(o) == *k)
     };
     let mut records: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut add = |ips: &[String], host: &str| {
@@ -205,7 +202,7 @@ pub fn hosts(m: &Manifests, status: &Value) -> String {
         .flatten()
     {
         let ips = addresses(i, "/loadBalancer/ingress", "ip");
-        let Some(Object::Ingress(ing)) = find(Kind::Ingress, &key(i)) else {
+        let Some(Object::Ingress(ing)) = find(Kind::Ingress, &status_key(i)) else {
             continue;
         };
         let spec = Ingress::clone(ing).spec.unwrap_or_default();
@@ -222,7 +219,7 @@ pub fn hosts(m: &Manifests, status: &Value) -> String {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .map(|g| (key(g), addresses(g, "/addresses", "value")))
+        .map(|g| (status_key(g), addresses(g, "/addresses", "value")))
         .collect();
     for r in status
         .get("httpRoutes")
@@ -230,7 +227,7 @@ pub fn hosts(m: &Manifests, status: &Value) -> String {
         .into_iter()
         .flatten()
     {
-        let (route_ns, name) = key(r);
+        let (route_ns, name) = status_key(r);
         let Some(Object::HttpRoute(route)) = find(Kind::HttpRoute, &(route_ns.clone(), name))
         else {
             continue;

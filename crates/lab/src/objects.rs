@@ -1,9 +1,9 @@
 //! `lab apply` and `lab delete`: the stored manifests changed by kind, namespace and name (as the
 //! API server keys objects), checked before anything is written, then reconciled.
 
-use crate::{io, plan, policies, read_files, write_atomic, Lab};
+use crate::{edge, io, plan, policies, read_files, write_atomic, Lab};
 use cluster::manifests::namespaced;
-use cluster::store::{Kind, Object};
+use cluster::store::Kind;
 use cluster::Manifests;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
@@ -87,9 +87,9 @@ impl Lab {
         // Refused before anything changes: errors name the policy and field.
         policies::check(&all)?;
         // The edge's objects: replaced by kind, namespace and name.
-        let incoming_edge: Vec<_> = m.edge.iter().map(|o| (o.kind(), edge_key(o))).collect();
+        let incoming_edge: Vec<_> = m.edge.iter().map(|o| (o.kind(), edge::key(o))).collect();
         all.edge
-            .retain(|o| !incoming_edge.contains(&(o.kind(), edge_key(o))));
+            .retain(|o| !incoming_edge.contains(&(o.kind(), edge::key(o))));
         all.edge.extend(m.edge);
         all.other.extend(m.other);
         self.write_manifests(&all)?;
@@ -166,7 +166,7 @@ impl Lab {
                 Some(kind) => {
                     let ns = if kind.namespaced() { namespace } else { "" };
                     let key = (ns.to_string(), name.to_string());
-                    all.edge.retain(|o| o.kind() != kind || edge_key(o) != key)
+                    all.edge.retain(|o| o.kind() != kind || edge::key(o) != key)
                 }
                 None => {
                     return Err(format!(
@@ -183,34 +183,14 @@ impl Lab {
     }
 }
 
-/// An edge object's namespace (defaulted, as the API server does) and name.
-fn edge_key(o: &Object) -> (String, String) {
-    let (ns, name) = o.key();
-    if o.kind().namespaced() && ns.is_empty() {
-        ("default".into(), name)
-    } else {
-        (ns, name)
-    }
-}
-
 /// The edge's kind `kubectl delete` would take by this name (kind, plural or short name).
 fn edge_kind(name: &str) -> Option<Kind> {
-    Kind::ALL.into_iter().find(|k| {
-        let plural = k.api_resource().1;
+    Kind::EDGE.into_iter().find(|k| {
         let short = match k {
             Kind::Ingress => "ing",
             Kind::Gateway => "gtw",
             _ => "",
         };
-        matches!(
-            k,
-            Kind::Ingress
-                | Kind::IngressClass
-                | Kind::Secret
-                | Kind::GatewayClass
-                | Kind::Gateway
-                | Kind::HttpRoute
-                | Kind::ReferenceGrant
-        ) && (name == k.name().to_ascii_lowercase() || name == plural || name == short)
+        name == k.name().to_ascii_lowercase() || name == k.api_resource().1 || name == short
     })
 }

@@ -274,17 +274,8 @@ impl Lab {
             .env("POD_NAME", &p.name)
             .env("NODE_NAME", &p.node);
         let resolv = self.resolv_conf_path(&p.namespace, &p.name);
-        infra::enter(
-            &mut cmd,
-            &ns,
-            Lab::pod_hostname(p),
-            false,
-            resolv.exists().then_some(resolv.as_path()),
-        );
-        let status = cmd
-            .status()
-            .map_err(|e| io(format!("running {}", argv[0]), e))?;
-        Ok(status.code().unwrap_or(1))
+        let resolv = resolv.exists().then_some(resolv.as_path());
+        run_entered(cmd, &ns, Lab::pod_hostname(p), resolv)
     }
 
     /// Runs a command on the lab internet's host: its network namespace, its DNS.
@@ -296,10 +287,21 @@ impl Lab {
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         let resolv = self.dir.join("internet/resolv.conf");
-        infra::enter(&mut cmd, &ns, "internet", false, Some(&resolv));
-        let status = cmd
-            .status()
-            .map_err(|e| io(format!("running {}", argv[0]), e))?;
-        Ok(status.code().unwrap_or(1))
+        run_entered(cmd, &ns, "internet", Some(&resolv))
     }
+}
+
+/// Runs `cmd` in the foreground inside `ns` (its hostname, its resolv.conf); its exit code.
+fn run_entered(
+    mut cmd: std::process::Command,
+    ns: &netns::NetNs,
+    hostname: &str,
+    resolv: Option<&std::path::Path>,
+) -> Result<i32, String> {
+    infra::enter(&mut cmd, ns, hostname, false, resolv);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let status = cmd
+        .status()
+        .map_err(|e| io(format!("running {program}"), e))?;
+    Ok(status.code().unwrap_or(1))
 }
